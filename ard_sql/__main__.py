@@ -1,0 +1,3 @@
+from ard_sql.cli import main
+
+main()

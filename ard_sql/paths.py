@@ -1,0 +1,112 @@
+"""Every path rule of an ARD folder lives here; nothing else builds one by hand.
+
+Layout of an ARD folder (``ARD_DIR``)::
+
+    ard.duckdb                      views, macros, types and the ard_meta table
+    build-report.json               what the last build skipped and why
+    staging/core/                   HATS catalog of the core table (one row per target)
+        hats.properties
+        partition_info.csv
+        dataset/_metadata
+        dataset/_common_metadata
+        dataset/Norder=K/Dir=D/Npix=N.parquet
+    staging/<layer>/                the same HATS layout, one catalog per layer
+        _schema.parquet             zero-row file with the layer's schema, so views always open
+    spectra/Norder=K/Dir=D/Npix=N.h5            flux/ivar/mask on the brz grid
+    models/<layer>/Norder=K/Dir=D/Npix=N.h5     best-fit model spectra of a layer
+    indexes/<embedding>.usearch                 USearch HNSW index per embedding
+    artifacts/<layer>/                          layer-wide products (templates, weights, skeleton)
+    state/<layer>.json                          fingerprints of finished partitions
+
+Partition pixels are HEALPix NESTED at order ``K``; ``Dir = (N // 10000) * 10000``
+as in the HATS standard.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DB_FILENAME = "ard.duckdb"
+REPORT_FILENAME = "build-report.json"
+CORE = "core"
+
+
+def ard_home() -> Path:
+    """Return the default ARD folder: ``$ARD_HOME``, else the per-user data folder."""
+    env = os.environ.get("ARD_HOME")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "ard_sql" / "ard"
+
+
+def db_path(ard_dir: Path | str) -> Path:
+    """The DuckDB file of an ARD folder."""
+    return Path(ard_dir) / DB_FILENAME
+
+
+def report_path(ard_dir: Path | str) -> Path:
+    """The build report (JSON) of an ARD folder."""
+    return Path(ard_dir) / REPORT_FILENAME
+
+
+def staging_dir(ard_dir: Path | str, layer: str = CORE) -> Path:
+    """The HATS catalog folder of one staging table (``core`` or a layer name)."""
+    return Path(ard_dir) / "staging" / layer
+
+
+def schema_file(ard_dir: Path | str, layer: str) -> Path:
+    """Zero-row Parquet file holding a layer's schema (keeps its view typed before it runs)."""
+    return staging_dir(ard_dir, layer) / "_schema.parquet"
+
+
+def pixel_dir_number(pixel: int) -> int:
+    """HATS ``Dir`` number of a pixel: ``(N // 10000) * 10000``."""
+    return (int(pixel) // 10000) * 10000
+
+
+def pixel_relpath(order: int, pixel: int, suffix: str = ".parquet") -> Path:
+    """Relative path ``Norder=K/Dir=D/Npix=N<suffix>`` of one partition."""
+    return Path(f"Norder={int(order)}") / f"Dir={pixel_dir_number(pixel)}" / f"Npix={int(pixel)}{suffix}"
+
+
+def partition_file(ard_dir: Path | str, order: int, pixel: int, layer: str = CORE) -> Path:
+    """Parquet file of one partition of a staging table."""
+    return staging_dir(ard_dir, layer) / "dataset" / pixel_relpath(order, pixel)
+
+
+def spectra_file(ard_dir: Path | str, order: int, pixel: int) -> Path:
+    """HDF5 spectra file of one partition."""
+    return Path(ard_dir) / "spectra" / pixel_relpath(order, pixel, ".h5")
+
+
+def spectra_relpath(order: int, pixel: int) -> str:
+    """Path of a partition's spectra file relative to the ARD folder (stored in the core table)."""
+    return (Path("spectra") / pixel_relpath(order, pixel, ".h5")).as_posix()
+
+
+def model_file(ard_dir: Path | str, layer: str, order: int, pixel: int) -> Path:
+    """HDF5 file of a layer's best-fit model spectra for one partition."""
+    return Path(ard_dir) / "models" / layer / pixel_relpath(order, pixel, ".h5")
+
+
+def index_file(ard_dir: Path | str, embedding: str) -> Path:
+    """USearch index file of one embedding column (e.g. ``emb_astro``)."""
+    return Path(ard_dir) / "indexes" / f"{embedding}.usearch"
+
+
+def artifact_dir(ard_dir: Path | str, layer: str) -> Path:
+    """Folder for a layer's survey-wide products (templates, weights, skeleton tables)."""
+    return Path(ard_dir) / "artifacts" / layer
+
+
+def state_file(ard_dir: Path | str, layer: str) -> Path:
+    """JSON file recording the input fingerprint of each finished partition of a layer."""
+    return Path(ard_dir) / "state" / f"{layer}.json"
+
+
+def temporary_sibling(path: Path) -> Path:
+    """A temporary name beside ``path`` for atomic writes (write there, then ``os.replace``)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
