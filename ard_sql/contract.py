@@ -138,7 +138,9 @@ BAGPIPES_COLUMNS: list[Column] = [
 ]
 
 # ---------------------------------------------------------------- embeddings
-EMB_ASTRO_DIM = 512
+# emb_astro: the SpecFormer (AstroCLIP) mean-pooled token embedding, 768 = its width;
+# a narrower CPU-trained SpecFormer is zero-padded (ard_sql/science/specformer.py).
+EMB_ASTRO_DIM = 768
 EMB_SHEN_DIM = 768
 EMBED_COLUMNS: list[Column] = [
     _c("TargetID", "BIGINT"),

@@ -110,3 +110,22 @@ def temporary_sibling(path: Path) -> Path:
     """A temporary name beside ``path`` for atomic writes (write there, then ``os.replace``)."""
     path = Path(path)
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def bagpipes_fits_file(ard_dir: Path | str, order: int, pixel: int) -> Path:
+    """Parquet of the Bagpipes daemon's finished fits (rows of BAGPIPES_COLUMNS) for one partition.
+
+    Kept under ``artifacts/`` (not globbed by the views); the daemon merges
+    these rows into ``staging/bagpipes`` after every batch.
+    """
+    return artifact_dir(ard_dir, "bagpipes") / "fits" / pixel_relpath(order, pixel)
+
+
+def bagpipes_draws_file(ard_dir: Path | str, order: int, pixel: int) -> Path:
+    """Parquet side table of 200 posterior draws per Bagpipes-fitted target of one partition."""
+    return artifact_dir(ard_dir, "bagpipes") / "draws" / pixel_relpath(order, pixel)
+
+
+def bagpipes_workdir(ard_dir: Path | str) -> Path:
+    """Working folder of bagpipes itself (its ``pipes/`` tree lands here, never in the cwd)."""
+    return artifact_dir(ard_dir, "bagpipes") / "work"

@@ -1,0 +1,62 @@
+"""``ard build``: ingest DESI files and run the layers into an ARD folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from ard_sql.commands._common import console, fail
+
+
+def build(
+    source: Path = typer.Argument(None, help="Folder of DESI coadd/redrock files (searched recursively). "
+                                            "Leave out to run layers on an existing ARD."),
+    out: Path = typer.Option(..., "--out", help="ARD folder to create or update."),
+    layers: str = typer.Option(None, "--layers", help="Comma-separated layers to run (e.g. lick,ppxf); "
+                                                     "default: every available layer; 'core' for the ingest only."),
+    workers: int = typer.Option(None, "--workers", help="Local worker processes (default: CPU count)."),
+    scheduler: str = typer.Option("processes", "--scheduler",
+                                  help="'processes', 'threads', 'sync', or a dask scheduler address (tcp://host:8786)."),
+    keep_going: bool = typer.Option(False, "--keep-going", help="Exit 0 even when inputs were skipped (they are in build-report.json)."),
+    zcat: Path = typer.Option(None, "--zcat", help="zpix/zall catalog whose ZCAT_PRIMARY picks each target's primary spectrum."),
+    order: int = typer.Option(None, "--order", help="HEALPix order of the partitions (0-6); default: chosen from the counts."),
+    force: bool = typer.Option(False, "--force", help="Rebuild every partition, even unchanged ones."),
+    set_: list[str] = typer.Option([], "--set", help="Layer option layer.key=value (repeatable), e.g. --set ppxf.mode=fast."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+) -> None:
+    """Build (or update) an ARD: ingest, layers, then ard.duckdb and build-report.json.
+
+    Re-running skips partitions whose inputs did not change. A bad input file
+    is skipped with a message naming it and why; the exit code is then 1
+    unless --keep-going.
+    """
+    from ard_sql.build.options import BuildOptions, OptionError
+    from ard_sql.build.orchestrator import BuildFailed
+    from ard_sql.build.orchestrator import build as run_build
+
+    wanted = None if layers is None else [x.strip() for x in layers.split(",") if x.strip()]
+    try:
+        opts = BuildOptions(out=str(out), source=str(source) if source else None, layers=wanted, workers=workers,
+                            scheduler=scheduler, keep_going=keep_going, zcat=str(zcat) if zcat else None,
+                            order=order, force=force, progress=progress)
+        for assignment in set_:
+            opts.set(assignment)
+    except OptionError as exc:
+        raise fail(str(exc)) from None
+    try:
+        report = run_build(opts)
+    except (BuildFailed, FileNotFoundError, ConnectionError) as exc:
+        raise fail(str(exc)) from None
+    for problem in report.problems:
+        console.print(str(problem), style="red" if problem.severity == "error" else "yellow", highlight=False)
+    for name, info in report.layers.items():
+        console.print(f"{name}: {info}", highlight=False)
+    console.print(f"ARD written to {out} ({len(report.errors)} errors; see {out}/build-report.json)")
+    if report.errors and not keep_going:
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``ard build`` to the app."""
+    app.command("build")(build)

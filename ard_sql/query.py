@@ -1,0 +1,439 @@
+"""``db.query``: the blueprint's filter syntax, checked and translated to SQL.
+
+A researcher writes the filter the way the blueprint does::
+
+    db.query("LogMass_p50 > 11.0 & Web_Class == 'Void' & SNR_Median > 10",
+             columns=["TargetID", "LogMass_p50", "Dist_Filament"])
+
+or as a plain SQL expression (``AND``/``OR``/``NOT``, ``BETWEEN``, ``IN``,
+``LIKE``, ``IS NULL``, arithmetic, allowed functions). ``&``, ``|`` and ``~``
+are the logical and/or/not of pandas (with their low precedence), and ``==``
+is ``=``. Bitmask tests therefore use shifts: ``(DESI_TARGET >> 1) % 2 = 1``.
+
+The filter is parsed with ``sqlglot`` and checked node by node: only known
+columns (``ard_sql.contract.all_columns()``), literals, operators and an
+allow-list of functions pass. Statements, ``;``, subqueries, ``*`` and unknown
+names are rejected with a :class:`QueryError` saying what and where.
+
+Only the staging tables a query names are joined (core LEFT JOIN the layers
+that own its columns, the same rows as the ``ard`` view), so a query on core
+and topology columns never opens the embedding files.
+
+Sky regions in a filter read only the partitions they overlap:
+``cone(ra0, dec0, radius_deg)`` and ``in_region('POLYGON ...' | 'MOC ...' |
+'CIRCLE ...')`` as a top-level AND term narrow every joined table to the
+partition files that overlap the region (file list computed in Python with
+healpy/mocpy, see :mod:`ard_sql.regions`) and add an exact test on RA/DEC.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+import duckdb
+import pyarrow as pa
+import sqlglot
+from sqlglot import exp
+from sqlglot.dialects.duckdb import DuckDB
+from sqlglot.tokens import TokenType
+
+from ard_sql import contract, paths, regions
+
+Output = Literal["pandas", "arrow", "astropy", "batches"]
+OUTPUTS: tuple[str, ...] = ("pandas", "arrow", "astropy", "batches")
+
+#: Columns a filter may use beyond the contract: the HATS spatial index of the core table.
+PARTITION_COLUMNS: tuple[str, ...] = ("_healpix_29",)
+
+#: Functions a filter may call (lower case). Pure, row-wise, no I/O.
+ALLOWED_FUNCTIONS: frozenset[str] = frozenset(
+    {
+        "abs", "sqrt", "cbrt", "exp", "ln", "log", "log10", "log2", "pow", "power", "sign",
+        "floor", "ceil", "ceiling", "round", "greatest", "least", "coalesce", "ifnull", "nullif",
+        "isnan", "isinf", "isfinite", "sin", "cos", "tan", "asin", "acos", "atan", "atan2",
+        "radians", "degrees", "pi", "lower", "upper", "length", "starts_with", "ends_with",
+        "contains", "cast", "try_cast", "if", "array_length", "len",
+        # sky regions (rewritten to a pruning predicate plus an exact test)
+        "cone", "in_region",
+    }
+)
+
+_ALLOWED_NODES: tuple[type[exp.Expression], ...] = (
+    exp.Column, exp.Identifier, exp.Literal, exp.Boolean, exp.Null, exp.And, exp.Or, exp.Not,
+    exp.Paren, exp.EQ, exp.NEQ, exp.GT, exp.GTE, exp.LT, exp.LTE, exp.Is, exp.In, exp.Between,
+    exp.Like, exp.ILike, exp.Add, exp.Sub, exp.Mul, exp.Div, exp.IntDiv, exp.Mod, exp.Neg,
+    exp.BitwiseRightShift, exp.BitwiseLeftShift, exp.DataType, exp.Case, exp.If, exp.Tuple,
+)
+
+_STATEMENTS: tuple[type[exp.Expression], ...] = (
+    exp.Select, exp.Subquery, exp.Union, exp.Insert, exp.Update, exp.Delete, exp.Create,
+    exp.Drop, exp.Command, exp.Pragma, exp.Set, exp.Use, exp.Describe, exp.Copy, exp.Alter,
+)
+
+
+class QueryError(ValueError):
+    """A filter or column list that ``db.query`` refuses, with what and where."""
+
+
+def known_columns() -> dict[str, str]:
+    """Lower-case name -> canonical name of every column a filter may use."""
+    names = [c.name for c in contract.all_columns()] + list(PARTITION_COLUMNS)
+    return {n.lower(): n for n in names}
+
+
+def _where(text: str, start: int, end: int | None = None) -> str:
+    """A caret line pointing at ``text[start:end]`` (for error messages)."""
+    end = start if end is None else end
+    return f"\n  {text}\n  {' ' * start}{'^' * max(1, end - start + 1)}"
+
+
+def _pandas_to_sql(text: str) -> str:
+    """Replace the pandas operators ``& | ~ ==`` by ``AND OR NOT =`` (token-exact)."""
+    try:
+        tokens = DuckDB().tokenize(text)
+    except sqlglot.errors.TokenError as err:
+        raise QueryError(f"cannot read the filter: {err}") from None
+    replace = {TokenType.AMP: " AND ", TokenType.PIPE: " OR ", TokenType.TILDE: " NOT ", TokenType.EQ: " = "}
+    out, pos = [], 0
+    for tok in tokens:
+        if tok.token_type == TokenType.SEMICOLON:
+            raise QueryError("';' is not allowed: a filter is one expression, not statements" + _where(text, tok.start))
+        if tok.token_type in _STATEMENT_TOKENS:
+            raise QueryError(f"{tok.text.upper()!r} is not allowed in a filter (statements and subqueries are refused)" + _where(text, tok.start, tok.end))
+        if tok.token_type in replace:
+            out.append(text[pos : tok.start])
+            out.append(replace[tok.token_type])
+            pos = tok.end + 1
+    out.append(text[pos:])
+    return "".join(out)
+
+
+_STATEMENT_TOKENS = {
+    TokenType.SELECT, TokenType.INSERT, TokenType.UPDATE, TokenType.DELETE, TokenType.CREATE,
+    TokenType.DROP, TokenType.FROM, TokenType.WITH, TokenType.UNION, TokenType.PRAGMA,
+    TokenType.ALTER, TokenType.COPY, TokenType.ATTACH, TokenType.DETACH, TokenType.INTO,
+}
+
+
+def _function_name(node: exp.Func) -> str:
+    if isinstance(node, exp.Anonymous):
+        return str(node.name).lower()
+    return node.sql_name().lower()
+
+
+def _check_node(node: exp.Expression, sql: str, columns: dict[str, str]) -> None:
+    meta = getattr(node, "meta", None) or {}
+    here = _where(sql, meta["start"], meta.get("end")) if "start" in meta else f"\n  in: {node.sql(dialect='duckdb')}"
+    if isinstance(node, _STATEMENTS):
+        raise QueryError(f"{type(node).__name__.lower()} is not allowed in a filter (statements and subqueries are refused): {node.sql()[:80]}")
+    if isinstance(node, exp.Star):
+        raise QueryError("'*' is not allowed in a filter; name the columns")
+    if isinstance(node, exp.Column):
+        ident = node.this
+        name = str(node.name)
+        if node.table:
+            raise QueryError(f"qualified column {node.sql()!r} is not allowed; write the bare column name" + _ident_where(sql, ident))
+        if name.lower() not in columns:
+            hint = difflib.get_close_matches(name.lower(), list(columns), n=3, cutoff=0.6)
+            did = f"; did you mean {', '.join(columns[h] for h in hint)}?" if hint else ""
+            raise QueryError(f"unknown column {name!r}{did}" + _ident_where(sql, ident))
+        return
+    if isinstance(node, _ALLOWED_NODES):
+        return
+    if isinstance(node, exp.Func):
+        fname = _function_name(node)
+        if fname not in ALLOWED_FUNCTIONS:
+            raise QueryError(
+                f"function {fname!r} is not allowed in a filter; allowed: {', '.join(sorted(ALLOWED_FUNCTIONS))}"
+                + _where_text(sql, fname)
+            )
+        return
+    if isinstance(node, (exp.Array,)):
+        return
+    if not isinstance(node, _ALLOWED_NODES):
+        raise QueryError(f"{type(node).__name__} ({node.sql(dialect='duckdb')[:60]!r}) is not allowed in a filter" + here)
+
+
+def _ident_where(sql: str, ident: exp.Expression) -> str:
+    meta = getattr(ident, "meta", None) or {}
+    if "start" in meta:
+        return _where(sql, meta["start"], meta.get("end"))
+    return ""
+
+
+def _where_text(sql: str, word: str) -> str:
+    i = sql.lower().find(word.lower())
+    return _where(sql, i, i + len(word) - 1) if i >= 0 else ""
+
+
+def parse_filter(text: str) -> exp.Expression:
+    """Parse and check a filter; return the sqlglot expression (not yet rewritten).
+
+    Raises :class:`QueryError` for statements, ``;``, subqueries, unknown
+    columns or functions, and anything that is not a row-wise expression.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise QueryError("the filter is empty; give an expression such as \"LogMass_p50 > 11 & SNR_Median > 10\"")
+    sql = _pandas_to_sql(text)
+    try:
+        parsed = sqlglot.parse(sql, read="duckdb")
+    except sqlglot.errors.ParseError as err:
+        raise QueryError(f"cannot parse the filter {text!r}: {err.errors[0]['description'] if err.errors else err}") from None
+    parsed = [p for p in parsed if p is not None]
+    if len(parsed) != 1:
+        raise QueryError(f"a filter must be exactly one expression, got {len(parsed)}")
+    tree = parsed[0]
+    columns = known_columns()
+    for node in tree.walk():
+        _check_node(node, sql, columns)
+    return tree
+
+
+def _literal_number(node: exp.Expression) -> float:
+    if isinstance(node, exp.Neg):
+        return -_literal_number(node.this)
+    if isinstance(node, exp.Paren):
+        return _literal_number(node.this)
+    if isinstance(node, exp.Literal) and not node.is_string:
+        return float(node.this)
+    raise QueryError(f"region arguments must be numbers, got {node.sql()!r}")
+
+
+def _top_level_conjuncts(tree: exp.Expression) -> list[exp.Expression]:
+    node = tree.unnest() if isinstance(tree, exp.Paren) else tree
+    if isinstance(node, exp.And):
+        return _top_level_conjuncts(node.this) + _top_level_conjuncts(node.expression)
+    return [node]
+
+
+def _region_of(node: exp.Expression) -> regions.Region | None:
+    """The region of a ``cone(ra0, dec0, r)`` / ``in_region('...')`` call, else None."""
+    if not isinstance(node, exp.Anonymous):
+        return None
+    name = str(node.name).lower()
+    if name == "cone":
+        if len(node.expressions) != 3:
+            raise QueryError(f"cone takes (ra0, dec0, radius_deg) in a filter, got {len(node.expressions)} arguments: {node.sql()}")
+        ra0, dec0, rad = (_literal_number(a) for a in node.expressions)
+        try:
+            return regions.Cone(ra0, dec0, rad)
+        except ValueError as err:
+            raise QueryError(str(err)) from None
+    if name == "in_region":
+        arg = node.expressions[0] if len(node.expressions) == 1 else None
+        if not (isinstance(arg, exp.Literal) and arg.is_string):
+            raise QueryError("in_region(...) takes one string: 'CIRCLE ra dec r', 'POLYGON ra1 dec1 ra2 dec2 ...' or 'MOC 5/12-15 ...'")
+        try:
+            return regions.parse_region(arg.this)
+        except ValueError as err:
+            raise QueryError(str(err)) from None
+    return None
+
+
+def rewrite_filter(tree: exp.Expression) -> tuple[exp.Expression, regions.Region | None]:
+    """Rewrite a checked filter into SQL over the contract columns.
+
+    Returns the expression and the region to prune partitions with: the first
+    ``cone``/``in_region`` that is a top-level AND term (a region under OR or
+    NOT cannot prune). Rewrites:
+
+    - ``cone(ra0, dec0, r)`` and ``in_region('...')`` become an exact test on RA/DEC;
+    - ``Web_Class`` compared with an integer code compares ``Web_Class_Code``.
+    """
+    prune = None
+    for node in _top_level_conjuncts(tree):
+        prune = _region_of(node)
+        if prune is not None:
+            break
+
+    def visit(node: exp.Expression) -> exp.Expression:
+        region = _region_of(node)
+        if region is not None:
+            return exp.paren(sqlglot.parse_one(region.sql_exact(), read="duckdb"))
+        if isinstance(node, (exp.EQ, exp.NEQ)):
+            left, right = node.this, node.expression
+            for col, lit in ((left, right), (right, left)):
+                if isinstance(col, exp.Column) and str(col.name).lower() == "web_class" and isinstance(lit, exp.Literal) and not lit.is_string:
+                    col.set("this", exp.to_identifier("Web_Class_Code"))
+        return node
+
+    return tree.copy().transform(visit), prune
+
+
+def filter_to_sql(text: str) -> str:
+    """Translate a filter (blueprint or SQL syntax) into a checked DuckDB WHERE clause."""
+    tree, _ = rewrite_filter(parse_filter(text))
+    return tree.sql(dialect="duckdb")
+
+
+def _check_columns(columns: Iterable[str] | None) -> list[str]:
+    known = known_columns()
+    if columns is None:
+        return [c.name for c in contract.all_columns()]
+    columns = [columns] if isinstance(columns, str) else list(columns)
+    out = []
+    for name in columns:
+        key = str(name).lower()
+        if key not in known:
+            hint = difflib.get_close_matches(key, list(known), n=3, cutoff=0.6)
+            did = f"; did you mean {', '.join(known[h] for h in hint)}?" if hint else ""
+            raise QueryError(f"unknown column {name!r} in columns={columns!r}{did}")
+        out.append(known[key])
+    if not out:
+        raise QueryError("columns=[] selects nothing; leave it out for every column")
+    return out
+
+
+def _layer_of_column() -> dict[str, str]:
+    out: dict[str, str] = {}
+    for layer, cols in contract.LAYER_COLUMNS.items():
+        for c in cols:
+            out.setdefault(c.name.lower(), layer)
+    out["_healpix_29"] = paths.CORE
+    return out
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def typed_scan(layer: str, files_sql: str) -> str:
+    """A typed scan of one staging table over ``read_parquet(<files_sql>)`` (casts as in its view)."""
+    casts = [f"CAST({_quote(c.name)} AS {c.type}) AS {_quote(c.name)}" for c in contract.columns(layer)]
+    if layer == paths.CORE:
+        casts.append(_quote("_healpix_29"))
+    return f"(SELECT {', '.join(casts)} FROM read_parquet({files_sql})) AS {_quote(layer)}"
+
+
+def join_sql(scans: dict[str, str]) -> str:
+    """``core LEFT JOIN <layer> USING (TargetID) ...`` over the given scans, in contract order."""
+    ordered = [scans[name] for name in contract.LAYER_COLUMNS if name in scans]
+    return ordered[0] + "".join(f" LEFT JOIN {s} USING (TargetID)" for s in ordered[1:])
+
+
+def source_sql(layers: Iterable[str], ard_dir: Path | str | None = None, region: regions.Region | None = None) -> str:
+    """FROM clause: core LEFT JOIN the needed layers on TargetID.
+
+    The same rows as the ``ard`` view (which joins every layer), but only the
+    staging tables a query names are read. With ``region`` (and ``ard_dir``),
+    each table is read from the partition files overlapping the region only:
+    the file list is narrowed in Python, before DuckDB plans the query.
+    """
+    wanted = set(layers) | {paths.CORE}
+    if region is not None and ard_dir is not None:
+        scans = {}
+        for name in wanted:
+            files = regions.partition_files(ard_dir, name, region)
+            listing = ", ".join("'" + Path(f).as_posix().replace("'", "''") + "'" for f in files)
+            scans[name] = typed_scan(name, f"[{listing}]")
+    else:
+        scans = {name: _quote(name) for name in wanted}
+    return join_sql(scans)
+
+
+def build_sql(
+    where: str | None,
+    columns: Iterable[str] | None = None,
+    *,
+    ard_dir: Path | str | None = None,
+    limit: int | None = None,
+    order_by: str | None = None,
+) -> str:
+    """The full SELECT that ``db.query`` runs (useful to inspect or EXPLAIN)."""
+    names = _check_columns(columns)
+    used = {n.lower() for n in names}
+    parts: list[str] = []
+    region = None
+    if where is not None and str(where).strip():
+        tree, region = rewrite_filter(parse_filter(where))
+        used |= {str(c.name).lower() for c in tree.find_all(exp.Column)}
+        parts.append(f" WHERE {tree.sql(dialect='duckdb')}")
+    if order_by:
+        tree, _ = rewrite_filter(parse_filter(order_by))
+        used |= {str(c.name).lower() for c in tree.find_all(exp.Column)}
+        parts.append(f" ORDER BY {tree.sql(dialect='duckdb')}")
+    if limit is not None:
+        if int(limit) < 0:
+            raise QueryError(f"limit must be >= 0, got {limit}")
+        parts.append(f" LIMIT {int(limit)}")
+    owner = _layer_of_column()
+    layers = {owner[u] for u in used if u in owner}
+    select = ", ".join(_quote(n) for n in names)
+    return f"SELECT {select} FROM {source_sql(layers, ard_dir, region)}" + "".join(parts)
+
+
+def _to_astropy(table: pa.Table) -> Any:
+    """Arrow table -> astropy Table, with units from the column contract."""
+    import astropy.units as u
+    import numpy as np
+    from astropy.table import Table
+
+    cols = {}
+    for name, col in zip(table.column_names, table.columns):
+        if pa.types.is_fixed_size_list(col.type):
+            flat = col.combine_chunks().flatten().to_numpy(zero_copy_only=False)
+            cols[name] = flat.reshape(len(col), col.type.list_size)
+        elif pa.types.is_list(col.type) or pa.types.is_dictionary(col.type) or pa.types.is_string(col.type):
+            cols[name] = np.asarray(col.to_pylist(), dtype=object)
+        else:
+            cols[name] = col.to_numpy(zero_copy_only=False)
+    out = Table(cols, names=table.column_names)
+    units = {c.name.lower(): c.unit for c in contract.all_columns()}
+    for name in out.colnames:
+        unit = units.get(name.lower())
+        if unit:
+            try:
+                out[name].unit = u.Unit(unit, parse_strict="silent")
+            except (ValueError, TypeError):
+                pass  # a unit astropy cannot parse stays in the column comment only
+    return out
+
+
+def run_query(
+    con: duckdb.DuckDBPyConnection,
+    where: str | None,
+    columns: Iterable[str] | None = None,
+    output: Output = "pandas",
+    *,
+    ard_dir: Path | str | None = None,
+    limit: int | None = None,
+    order_by: str | None = None,
+    batch_size: int = 1_000_000,
+) -> Any:
+    """Run a checked filter on the ``ard`` view of ``con`` and return the result.
+
+    ``output``: ``'pandas'`` (DataFrame), ``'arrow'`` (pyarrow Table),
+    ``'astropy'`` (Table with units from the contract) or ``'batches'`` (a
+    ``pyarrow.RecordBatchReader`` that streams ``batch_size`` rows at a time,
+    so a large result never sits whole in memory).
+    """
+    if output not in OUTPUTS:
+        raise QueryError(f"output={output!r} is not one of {', '.join(OUTPUTS)}")
+    sql = build_sql(where, columns, ard_dir=ard_dir, limit=limit, order_by=order_by)
+    if output == "batches":
+        return con.sql(sql).to_arrow_reader(batch_size)
+    if output == "pandas":
+        return con.sql(sql).df()
+    table = con.sql(sql).to_arrow_table(batch_size)
+    if output == "arrow":
+        return table
+    return _to_astropy(table)
+
+
+def query(db: Any, where: str | None, columns: Iterable[str] | None = None, output: Output = "pandas", **kwargs: Any) -> Any:
+    """``db.query(...)`` for an open ARD (``ard_sql.open()``) or a raw DuckDB connection.
+
+    See :func:`run_query` for the arguments. ``output='batches'`` runs on a
+    new cursor, so a half-read stream never blocks ``db`` itself.
+    """
+    if isinstance(db, duckdb.DuckDBPyConnection):
+        con, ard_dir = db, kwargs.pop("ard_dir", None)
+        if output == "batches":
+            con = db.cursor()
+    else:
+        ard_dir = kwargs.pop("ard_dir", None) or db.path
+        con = db.cursor() if output == "batches" else db.con
+    return run_query(con, where, columns, output, ard_dir=ard_dir, **kwargs)

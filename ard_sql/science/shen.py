@@ -1,0 +1,277 @@
+"""``emb_shen``: a resolution-agnostic, wavelength-aware spectrum encoder.
+
+In the spirit of Universal Spectral Tokenization (Shen et al., arXiv
+2510.17959), whose code is not public; this is our own design following its
+recipe:
+
+* **native grid**: no resampling. A spectrum is read on whatever wavelength
+  grid it comes on (DESI linear 0.8 A, SDSS log-lambda, ...).
+* **normalisation**: flux divided by its median over good pixels; the errors
+  (1/sqrt(ivar)) divided by the same number are a second channel.
+* **patches in wavelength, not pixels**: the tokens are fixed intervals of
+  ln(lambda) (``patch_dlnl``, about 30 A at 5000 A). Each patch is cut into
+  ``n_sub`` sub-bins, and the native pixels falling in a sub-bin are combined
+  by their inverse-variance weighted mean (flux) and ``1/sqrt(sum ivar)``
+  (error). A patch token is therefore the same whatever the pixel size,
+  which is what makes the encoder resolution-agnostic; patches with no good
+  pixel are left out of the attention.
+* **continuous sinusoidal wavelength encoding** of the patch centre
+  ln(lambda) is added to each token (no learned position table, so any
+  wavelength range works); **no redshift input**: the encoder sees the
+  observed frame only.
+* **pretraining**: a fraction of the present patches is replaced by a learned
+  mask token and the model reconstructs their sub-bin fluxes, each sub-bin
+  weighted by its inverse variance (a chi^2 loss, capped so that noiseless
+  bins do not dominate).
+
+The embedding is the mean over present patch tokens of the final-LayerNorm
+output, minus the mean embedding of the training spectra (stored with the
+weights; it makes cosine distance discriminative), zero-padded to
+``EMB_SHEN_DIM`` (768) when a narrower model was trained.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class ShenConfig:
+    """Hyper-parameters of the encoder."""
+
+    lam_min: float = 3400.0
+    """Blue edge of the token grid (observed frame, Angstrom)."""
+    lam_max: float = 11000.0
+    patch_dlnl: float = 0.006
+    """Width of a patch in ln(lambda) (0.006 = 1800 km/s, about 30 A at 5000 A)."""
+    n_sub: int = 8
+    """Sub-bins per patch (3.8 A at 5000 A: wider than DESI and SDSS pixels)."""
+    embed_dim: int = 768
+    num_layers: int = 6
+    num_heads: int = 8
+    dropout: float = 0.0
+    mask_fraction: float = 0.3
+    err_floor: float = 0.02
+    """Error floor (in median-flux units) in the reconstruction weights: caps 1/err^2."""
+
+    @property
+    def n_patches(self) -> int:
+        return int(math.ceil(math.log(self.lam_max / self.lam_min) / self.patch_dlnl))
+
+
+#: Full size, as the paper's ViT scale (a GPU job).
+FULL_CONFIG = ShenConfig()
+#: CPU default used by the build on the demo.
+SMALL_CONFIG = ShenConfig(embed_dim=128, num_layers=2, num_heads=4)
+
+_LOG_ERR_MIN, _LOG_ERR_MAX = -4.0, 2.0
+
+
+def bin_spectra(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, config: ShenConfig
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Normalise and tokenise spectra given on a common native grid ``wave`` (L,).
+
+    Returns ``f`` (n, P, K) sub-bin flux / median, ``e`` (n, P, K) sub-bin
+    error / median (inf where a sub-bin has no good pixel), ``present`` (n, P)
+    bool and ``scale`` (n,) the median used (NaN where a spectrum is unusable:
+    no good pixel or a non-positive median of |flux|).
+    """
+    wave = np.asarray(wave, np.float64)
+    flux = np.asarray(flux, np.float64)
+    ivar = np.where(np.isfinite(flux) & np.isfinite(ivar), np.asarray(ivar, np.float64), 0.0).clip(min=0)
+    flux = np.where(ivar > 0, flux, 0.0)
+    P, K = config.n_patches, config.n_sub
+    pos = (np.log(wave / config.lam_min) / config.patch_dlnl) * K  # fractional sub-bin index
+    col = np.floor(pos).astype(np.int64)
+    inside = (col >= 0) & (col < P * K)
+    A = sp.csr_matrix((np.ones(inside.sum()), (np.flatnonzero(inside), col[inside])), shape=(len(wave), P * K))
+    w = np.asarray(A.T @ ivar.T).T  # (n, PK) sum of ivar
+    wf = np.asarray(A.T @ (ivar * flux).T).T
+    with np.errstate(divide="ignore", invalid="ignore"):
+        fb = np.where(w > 0, wf / w, np.nan)
+        # the median over sub-bins (fixed ln-lambda cells), not over pixels: a
+        # log-lambda grid has more pixels in the blue and would shift a pixel median
+        med = np.nanmedian(fb, axis=1) if (w > 0).any() else np.full(len(w), np.nan)
+        amed = np.nanmedian(np.abs(fb), axis=1) if (w > 0).any() else med
+        # a faint spectrum can have a median <= 0; its median |flux| keeps the scale meaningful
+        scale = np.where(med > 0, med, amed)
+        scale = np.where(np.isfinite(scale) & (scale > 0), scale, np.nan)
+        f = np.where(w > 0, fb, 0.0) / scale[:, None]
+        e = np.where(w > 0, 1.0 / np.sqrt(w), np.inf) / scale[:, None]
+    f = np.nan_to_num(f, nan=0.0).reshape(-1, P, K).astype(np.float32)
+    e = np.nan_to_num(e, nan=np.inf, posinf=np.inf).reshape(-1, P, K).astype(np.float32)
+    # a patch is a token only when every sub-bin has data: a patch cut by the
+    # end of the coverage would otherwise differ from grid to grid
+    present = (w.reshape(-1, P, K) > 0).all(axis=2) & np.isfinite(scale)[:, None]
+    return f, e, present, scale
+
+
+def wavelength_encoding(lnlam: torch.Tensor, dim: int) -> torch.Tensor:
+    """Continuous sinusoidal encoding of ln(lambda): periods from 1e-4 to ~2.3 in ln(lambda)."""
+    half = dim // 2
+    periods = torch.logspace(math.log10(2.3), -4, half, dtype=torch.float32)
+    ang = 2 * math.pi * lnlam[..., None] / periods
+    enc = torch.cat([torch.sin(ang), torch.cos(ang)], dim=-1)
+    return F.pad(enc, (0, dim - 2 * half))
+
+
+class ShenEncoder(nn.Module):
+    """Transformer over wavelength patches (see the module docstring)."""
+
+    def __init__(self, config: ShenConfig = SMALL_CONFIG):
+        super().__init__()
+        self.config = c = config
+        self.token_embed = nn.Linear(2 * c.n_sub, c.embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(c.embed_dim))
+        layer = nn.TransformerEncoderLayer(c.embed_dim, c.num_heads, 4 * c.embed_dim, c.dropout,
+                                           activation="gelu", batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, c.num_layers, enable_nested_tensor=False)
+        self.final_layernorm = nn.LayerNorm(c.embed_dim)
+        self.head = nn.Linear(c.embed_dim, c.n_sub)
+        centres = math.log(c.lam_min) + (np.arange(c.n_patches) + 0.5) * c.patch_dlnl
+        self.register_buffer("wave_enc", wavelength_encoding(torch.tensor(centres - math.log(c.lam_min), dtype=torch.float32), c.embed_dim))
+        # mean training embedding, subtracted from every embedding (set by ``train``)
+        self.register_buffer("centre", torch.zeros(c.embed_dim))
+
+    def tokens(self, f: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """(n, P, K) flux and error sub-bins -> (n, P, 2K) token inputs (error as clipped log10)."""
+        loge = torch.log10(e.clamp(min=1e-12)).clamp(_LOG_ERR_MIN, _LOG_ERR_MAX)
+        return torch.cat([f.clamp(-20, 20), loge], dim=-1)
+
+    def forward(self, f: torch.Tensor, e: torch.Tensor, present: torch.Tensor,
+                masked: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Encode; ``masked`` (n, P) bool replaces those tokens by the mask token. Returns tokens, reconstructions, pooled."""
+        x = self.token_embed(self.tokens(f, e))
+        if masked is not None:
+            x = torch.where(masked[..., None], self.mask_token.expand_as(x), x)
+        x = x + self.wave_enc
+        # rows with no present patch would make attention NaN; they are NULL anyway
+        keep = present | ~present.any(1, keepdim=True)
+        x = self.final_layernorm(self.encoder(x, src_key_padding_mask=~keep))
+        w = present.to(x.dtype)[..., None]
+        pooled = (x * w).sum(1) / w.sum(1).clamp(min=1)
+        return {"tokens": x, "reconstructions": self.head(x), "pooled": pooled}
+
+
+def _to_torch(*arrays: np.ndarray) -> list[torch.Tensor]:
+    return [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
+
+
+@torch.no_grad()
+def embed(model: ShenEncoder, wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray,
+          out_dim: int | None = None, batch_size: int = 64) -> np.ndarray:
+    """Return (n, out_dim) float32 ``emb_shen`` vectors; NaN rows for spectra that cannot be normalised."""
+    model.eval()
+    d = model.config.embed_dim
+    out_dim = out_dim or d
+    if out_dim < d:
+        raise ValueError(f"encoder width {d} exceeds the emb_shen column width {out_dim}")
+    out = np.zeros((len(flux), out_dim), np.float32)
+    for i in range(0, len(flux), batch_size):
+        f, e, present, scale = bin_spectra(wave, flux[i:i + batch_size], ivar[i:i + batch_size], model.config)
+        ft, et, pt = _to_torch(f, e, present)
+        emb = (model(ft, et, pt)["pooled"] - model.centre).numpy()
+        emb[~present.any(1)] = np.nan
+        out[i:i + batch_size, :d] = emb
+        out[i:i + batch_size][~present.any(1)] = np.nan
+    return out
+
+
+def _random_crop(present: torch.Tensor, gen: torch.Generator, max_patches: int = 8) -> torch.Tensor:
+    """Drop up to ``max_patches`` present patches at each end: teaches the encoder that coverage varies."""
+    n, P = present.shape
+    rank = present.cumsum(1)
+    count = rank[:, -1:]
+    lo = torch.randint(0, max_patches + 1, (n, 1), generator=gen)
+    hi = torch.randint(0, max_patches + 1, (n, 1), generator=gen)
+    keep = (rank > lo) & (rank <= count - hi)
+    out = present & keep
+    # never crop a spectrum to nothing
+    return torch.where(out.any(1, keepdim=True), out, present)
+
+
+def _loss(model: ShenEncoder, f: torch.Tensor, e: torch.Tensor, present: torch.Tensor,
+          gen: torch.Generator) -> torch.Tensor:
+    present = _random_crop(present, gen)
+    masked = (torch.rand(present.shape, generator=gen) < model.config.mask_fraction) & present
+    recon = model(f, e, present, masked)["reconstructions"]
+    # inverse-variance weights with a floor; empty sub-bins (e = inf) weigh 0
+    w = 1.0 / (e.square() + model.config.err_floor ** 2)
+    w = torch.where(torch.isfinite(e), w, torch.zeros_like(w)) * masked[..., None]
+    # weighted mean of squared residuals: scale-free, so the learning rate does not depend on S/N
+    return (w * (recon - f).square()).sum() / w.sum().clamp(min=1e-8)
+
+
+def train(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, config: ShenConfig = SMALL_CONFIG, *,
+          epochs: int = 3, batch_size: int = 32, lr: float = 5e-4, seed: int = 0,
+          max_seconds: float | None = None) -> tuple[ShenEncoder, dict[str, Any]]:
+    """Masked, noise-weighted reconstruction pretraining on spectra on one native grid.
+
+    Sets the model's ``centre`` to the mean pooled embedding of the training
+    spectra. Deterministic for a seed and thread count; ``max_seconds`` bounds it.
+    """
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    f, e, present, _ = bin_spectra(wave, flux, ivar, config)
+    ok = present.any(1)
+    if not ok.any():
+        raise ValueError("emb_shen training: no spectrum with good pixels")
+    f, e, present = _to_torch(f[ok], e[ok], present[ok])
+    model = ShenEncoder(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    t0, losses, steps, stopped = time.perf_counter(), [], 0, False
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(f), generator=gen)
+        ep = []
+        for i in range(0, len(f), batch_size):
+            idx = perm[i:i + batch_size]
+            loss = _loss(model, f[idx], e[idx], present[idx], gen)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            ep.append(loss.item())
+            steps += 1
+            if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
+                stopped = True
+                break
+        losses.append(float(np.mean(ep)))
+        if stopped:
+            break
+    model.eval()
+    with torch.no_grad():
+        pooled = torch.cat([model(f[i:i + 256], e[i:i + 256], present[i:i + 256])["pooled"] for i in range(0, len(f), 256)])
+        model.centre.copy_(pooled.mean(0))
+    return model, {"epoch_loss": losses, "steps": steps, "seconds": time.perf_counter() - t0,
+                   "stopped_by_time": stopped, "n_train": int(len(f)), "config": asdict(config)}
+
+
+def save_checkpoint(model: ShenEncoder, path: Path | str, extra: dict[str, Any] | None = None) -> None:
+    """Save ``{"state_dict", "hyper_parameters"}`` (+ ``extra``) atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": asdict(model.config), **(extra or {})}, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: Path | str) -> ShenEncoder:
+    """Load an encoder saved by ``save_checkpoint`` (tensors only are unpickled)."""
+    try:
+        ckpt = torch.load(Path(path), map_location="cpu", weights_only=True)
+        model = ShenEncoder(ShenConfig(**ckpt["hyper_parameters"]))
+        model.load_state_dict(ckpt["state_dict"])
+    except Exception as exc:
+        raise ValueError(f"{path}: not an emb_shen checkpoint ({exc})") from exc
+    model.eval()
+    return model

@@ -1,0 +1,122 @@
+"""The truth table of the mock and the noise-free spectra that follow from it.
+
+Every spectrum of the mock is a deterministic function of its truth row
+(the noise is the only random part), so ``regenerate_truth_spectra`` rebuilds
+the noise-free spectrum of any target from ``DIR/truth.parquet``, at the
+instrument's resolution (``instrument=True``, what the noisy coadd flux
+scatters around) or intrinsic (``instrument=False``).
+
+Columns of ``truth.parquet`` (units in the Parquet field metadata):
+
+TARGETID, RA, DEC (deg); Z_COSMO (cosmological), Z (observed, with peculiar
+velocity; the spectra are built at Z); V_LOS (km/s); CX, CY, CZ comoving
+position (Mpc, box frame, observer at 0); HEALPIX (nside 64 nested), SURVEY,
+PROGRAM, SAMPLE (bright/dark), SPECTYPE (GALAXY/STAR/QSO), POPULATION
+(star_forming, quiescent, green_pea, post_starburst, frosting, agn_seyfert,
+agn_liner, star, qso); LOG_MASS (log10 surviving stellar mass, bagpipes
+``stellar_mass``), LOG_MASS_FORMED, SFR (M_sun/yr, 100 Myr), SSFR (log10 /yr),
+AGE_MW (mass-weighted age, Gyr), AV (Calzetti, stars), AV_GAS, METALLICITY
+(Z/Z_sun), TAU (Gyr), SFH_AGE (Gyr since the delayed-tau start), BURST_FRAC,
+BURST_AGE, BURST_TAU (Gyr), TRUNC_AGE (Gyr lookback, 0 = none), T_QUENCH
+(lookback Gyr, NaN if not quenched), T_QUENCH_COSMIC (age of the Universe at
+quenching, bagpipes ``tquench``), SIGMA_STAR, SIGMA_GAS (km/s; SIGMA_STAR is
+added in quadrature to the templates' own 2.5 A FWHM), OH_GAS (12+log O/H),
+FIBER_FRAC, <line>_Flux for each of ard_sql.contract.PPXF_LINES (observed,
+attenuated, 1e-17 erg/s/cm2), DELTA (true matter density contrast, Gaussian
+smoothing DELTA_SMOOTHING_MPC in the file metadata, nearest grid cell),
+WEB_CLASS (T-web of the matter field, 0 Void 1 Sheet 2 Filament 3 Knot, same
+smoothing, lambda_th in the metadata), MAG_G/R/Z/W1/W2 (AB), TEFF (stars),
+QSO_ALPHA, QSO_LINE_SCALE (QSOs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from ard_sql import grid
+
+from . import objects, spectra
+from .ssp import C_KMS, SFHParams, star_formation_histories
+
+TRUTH_UNITS: dict[str, str] = {
+    "RA": "deg", "DEC": "deg", "V_LOS": "km / s", "CX": "Mpc", "CY": "Mpc", "CZ": "Mpc",
+    "LOG_MASS": "dex(solMass)", "LOG_MASS_FORMED": "dex(solMass)", "SFR": "solMass / yr", "SSFR": "dex(1 / yr)",
+    "AGE_MW": "Gyr", "AV": "mag", "AV_GAS": "mag", "TAU": "Gyr", "SFH_AGE": "Gyr", "BURST_AGE": "Gyr",
+    "BURST_TAU": "Gyr", "TRUNC_AGE": "Gyr", "T_QUENCH": "Gyr", "T_QUENCH_COSMIC": "Gyr", "SIGMA_STAR": "km / s",
+    "SIGMA_GAS": "km / s", "TEFF": "K", **{f"{ln}_Flux": "1e-17 erg / (s cm2)" for ln in spectra.LINE_NAMES},
+    **{f"MAG_{b}": "mag(AB)" for b in objects.BANDS},
+}
+#: Wavelength (A) where the stitched brz truth spectrum switches from one arm's resolution to the next.
+ARM_SWITCH = (5780.0, 7570.0)
+
+
+def _col(t: Mapping[str, np.ndarray] | object, name: str) -> np.ndarray:
+    if hasattr(t, "column"):  # pyarrow Table
+        return np.asarray(t.column(name).to_numpy(zero_copy_only=False))
+    return np.asarray(t[name])
+
+
+def arm_resolution_data() -> dict[str, np.ndarray]:
+    """The (11, nwave) RESOLUTION data of each arm (same for every spectrum of the mock)."""
+    return {arm: spectra.resolution_diagonals(grid.arm_wavelength(arm), spectra.arm_resolving_power(arm, grid.arm_wavelength(arm)))
+            for arm in grid.ARMS}
+
+
+def intrinsic_spectra(t: Mapping[str, np.ndarray] | object, wave: np.ndarray) -> np.ndarray:
+    """(n, nwave) noise-free spectra before the instrument, 1e-17 erg/s/cm2/A, from truth columns."""
+    stype = _col(t, "SPECTYPE").astype(str)
+    z = _col(t, "Z").astype(np.float64)
+    out = np.zeros((stype.size, wave.size), dtype=np.float32)
+    gal = np.flatnonzero(stype == "GALAXY")
+    if gal.size:
+        p = SFHParams(*(_col(t, c)[gal].astype(np.float64) for c in
+                        ("LOG_MASS_FORMED", "SFH_AGE", "TAU", "METALLICITY", "BURST_FRAC", "BURST_AGE", "BURST_TAU", "TRUNC_AGE", "AGE_UNIVERSE")))
+        for chunk in np.array_split(np.arange(gal.size), max(1, gal.size // 400)):
+            sub = SFHParams(*(getattr(p, f)[chunk] for f in p.__dataclass_fields__))
+            res, _ = star_formation_histories(sub)
+            rows = gal[chunk]
+            rest = spectra.rest_continuum(res.weights, _col(t, "AV")[rows], _col(t, "SIGMA_STAR")[rows])
+            flux = spectra.observe(rest, z[rows], wave)
+            lines = np.stack([_col(t, f"{ln}_Flux")[rows] for ln in spectra.LINE_NAMES], axis=1)
+            spectra.add_emission_lines(flux, wave, z[rows], lines, _col(t, "SIGMA_GAS")[rows])
+            out[rows] = flux
+    st = np.flatnonzero(stype == "STAR")
+    if st.size:
+        out[st] = objects.star_spectra(wave, _col(t, "TEFF")[st], _col(t, "MAG_R")[st], z[st] * C_KMS)
+    qs = np.flatnonzero(stype == "QSO")
+    if qs.size:
+        out[qs] = objects.qso_spectra(wave, z[qs], _col(t, "QSO_ALPHA")[qs], _col(t, "QSO_LINE_SCALE")[qs], _col(t, "MAG_R")[qs])
+    return out
+
+
+def instrument_arms(model_brz: np.ndarray, rdata: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Apply each arm's resolution matrix to brz-grid models: {arm: (n, nwave_arm)}."""
+    rdata = rdata or arm_resolution_data()
+    return {arm: spectra.apply_resolution(model_brz[:, grid.arm_slice(arm)], rdata[arm]) for arm in grid.ARMS}
+
+
+def stitch_arms(arms: dict[str, np.ndarray]) -> np.ndarray:
+    """Arms -> brz grid, switching arm in the middle of each overlap (ARM_SWITCH)."""
+    wave = grid.brz_wavelength()
+    n = next(iter(arms.values())).shape[0]
+    out = np.zeros((n, wave.size), dtype=np.float32)
+    for arm, (lo, hi) in zip(grid.ARMS, ((0.0, ARM_SWITCH[0]), ARM_SWITCH, (ARM_SWITCH[1], 1e9))):
+        sl = grid.arm_slice(arm)
+        w = wave[sl]
+        use = (w >= lo) & (w < hi)
+        out[:, sl][:, use] = arms[arm][:, use]
+    return out
+
+
+def regenerate_truth_spectra(truth: Mapping[str, np.ndarray] | object, instrument: bool = True) -> np.ndarray:
+    """Noise-free spectra (n, 7781) on the brz grid for rows of ``truth.parquet``.
+
+    With ``instrument=True`` the per-arm resolution is applied and the arms are
+    stitched at ``ARM_SWITCH``: the exact model the noisy coadd flux scatters
+    around (up to float32 rounding). Pass a ``pyarrow.Table`` (e.g. from
+    ``pq.read_table(DIR/'truth.parquet', filters=[('TARGETID', 'in', ids)])``) or a dict of arrays.
+    """
+    model = intrinsic_spectra(truth, grid.brz_wavelength())
+    return stitch_arms(instrument_arms(model)) if instrument else model

@@ -1,0 +1,290 @@
+"""``ard build``: ingest DESI files, run the layers, write ``ard.duckdb``.
+
+The orchestrator owns everything that is not science: Dask (through
+:mod:`ard_sql.build.executor`), progress, fingerprints, atomic writes and the
+build report. Layers hold only their science (``build/layers/base.py``).
+
+Steps, each a map over partitions:
+
+1. ingest (when a source is given): scan every coadd/redrock pair, choose each
+   target's primary spectrum and the partition order, then write each
+   partition's spectra file and core file;
+2. each per-partition layer, in the registry's order, on every core partition;
+3. global layers (topology) on the whole core at once;
+4. ``ard.duckdb`` (views, macros, ``ard_meta``) and ``build-report.json``.
+
+Re-running skips a partition whose fingerprint (its inputs and the layer's
+version and options) is recorded as finished in ``state/<layer>.json``.
+Partitions that no longer exist in the source are deleted only by a build
+that had no error, so a failed rebuild never removes finished data; every
+file is written under a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ard_sql import contract, paths
+from ard_sql.build import database, hats_writer
+from ard_sql.build.executor import Executor
+from ard_sql.build.ingest import core as ingest
+from ard_sql.build.ingest import desi_io
+from ard_sql.build.layers import LAYERS, LayerNotAvailable, available_layers, load_layer_class
+from ard_sql.build.layers.base import Partition
+from ard_sql.build.options import BuildOptions
+from ard_sql.build.report import BadInput, BuildReport, Problem
+
+
+class BuildFailed(RuntimeError):
+    """The build could not start or finish (the message says why); finished data is left as it was."""
+
+
+# ---------------------------------------------------------------- state (finished partitions)
+def read_state(ard_dir: Path | str, layer: str) -> dict[str, str]:
+    """``{"<order>/<pixel>": fingerprint}`` of the finished partitions of a layer."""
+    path = paths.state_file(ard_dir, layer)
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return {}  # an unreadable state only costs a rebuild
+
+
+def write_state(ard_dir: Path | str, layer: str, state: dict[str, str]) -> None:
+    """Write a layer's state file atomically."""
+    path = paths.state_file(ard_dir, layer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = paths.temporary_sibling(path)
+    tmp.write_text(json.dumps(state, indent=0, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _key(order: int, pixel: int) -> str:
+    return f"{int(order)}/{int(pixel)}"
+
+
+def _hash(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------- tasks (run on workers)
+def ingest_task(ard_dir: str, part: ingest.PartitionInput) -> tuple[int, list[Problem]]:
+    """Worker side of the ingest of one partition."""
+    return ingest.ingest_partition(ard_dir, part)
+
+
+def layer_task(ard_dir: str, layer_name: str, order: int, pixel: int, options: dict[str, Any]) -> int:
+    """Worker side of one per-partition layer: read the core partition, run the layer, write its file."""
+    core = pq.read_table(paths.partition_file(ard_dir, order, pixel))
+    layer = load_layer_class(layer_name)()
+    part = Partition(Path(ard_dir), order, pixel, core, dict(options))
+    table = layer.run(part)
+    if table.num_rows != core.num_rows:
+        raise ValueError(f"layer {layer_name} returned {table.num_rows} rows for {core.num_rows} core rows")
+    where = f"layer {layer_name}, pixel {pixel} (order {order})"
+    conformed = hats_writer.conform_table(table, layer_name, where)
+    ra, dec = core.column("RA").to_numpy(), core.column("DEC").to_numpy()
+    hats_writer.write_partition(ard_dir, layer_name, order, pixel, hats_writer.with_positions(conformed, layer_name, ra, dec))
+    return table.num_rows
+
+
+def scan_task(group: desi_io.SourceGroup, rank: int, source: str) -> tuple[pa.Table | None, list[Problem]]:
+    """Worker side of the scan of one coadd/redrock pair."""
+    return ingest.scan_one(group, rank, source)
+
+
+# ---------------------------------------------------------------- steps
+def _existing_order(ard_dir: Path) -> int | None:
+    files = hats_writer.partition_files(ard_dir, paths.CORE)
+    return files[0][0] if files else None
+
+
+def run_ingest(opts: BuildOptions, ex: Executor, report: BuildReport) -> None:
+    """Scan the source, plan partitions, ingest the changed ones."""
+    ard_dir = Path(opts.out)
+    source = Path(opts.source).resolve()
+    groups, problems = desi_io.discover(source)
+    report.add(problems)
+    if not groups:
+        raise BuildFailed(f"no coadd/redrock file pairs found under {source}")
+    scans = ex.map(scan_task, list(enumerate(groups)), lambda ig: (ig[1], ig[0], str(source)),
+                   f"scan {len(groups)} source files", opts.progress)
+    tables: list[pa.Table | None] = []
+    for out in scans:
+        if out.error:
+            report.add([Problem(out.error, file=str(out.item[1].coadd))])
+            tables.append(None)
+            continue
+        table, probs = out.result
+        report.add(probs)
+        tables.append(table)
+    try:
+        zcat = ingest.zcatalog(opts.zcat)
+    except BadInput as exc:
+        raise BuildFailed(str(exc)) from exc
+    order = opts.order if opts.order is not None else _existing_order(ard_dir)
+    plan = ingest.make_plan(source, groups, tables, order=order, zcat=zcat, max_rows=opts.max_rows)
+    if plan.rows.num_rows == 0:
+        raise BuildFailed(f"no target could be read from {source}; see the problems above")
+    _check_order_change(ard_dir, plan.order)
+    state = {} if opts.force else read_state(ard_dir, paths.CORE)
+    parts = [plan.partition(p) for p in plan.pixels()]
+    prints = {p.pixel: p.fingerprint() for p in parts}
+    todo = [p for p in parts if state.get(_key(p.order, p.pixel)) != prints[p.pixel]
+            or not paths.partition_file(ard_dir, p.order, p.pixel).exists()]
+    outcomes = ex.map(ingest_task, todo, lambda p: (str(ard_dir), p), f"ingest {len(todo)} partitions", opts.progress)
+    new_state = {k: v for k, v in state.items() if k in {_key(p.order, p.pixel) for p in parts}}
+    for out in outcomes:
+        p = out.item
+        if out.error:
+            report.add([Problem(out.error, pixel=p.pixel, order=p.order)])
+            continue
+        _, probs = out.result
+        report.add(probs)
+        new_state[_key(p.order, p.pixel)] = prints[p.pixel]
+    report.layers[paths.CORE] = {"targets": plan.rows.num_rows, "order": plan.order, "partitions": len(parts),
+                                 "built": len(todo), "skipped_unchanged": len(parts) - len(todo),
+                                 "files": len(plan.files)}
+    if not report.errors:
+        keep = {(p.order, p.pixel) for p in parts}
+        hats_writer.remove_partitions(ard_dir, paths.CORE, keep)
+        for layer in LAYERS:
+            hats_writer.remove_partitions(ard_dir, layer, keep)
+    write_state(ard_dir, paths.CORE, new_state)
+    hats_writer.finalize_catalog(ard_dir, paths.CORE)
+
+
+def _check_order_change(ard_dir: Path, order: int) -> None:
+    existing = _existing_order(ard_dir)
+    if existing is not None and existing != order:
+        raise BuildFailed(
+            f"{ard_dir} is partitioned at order {existing}, this build asks for order {order}; "
+            "build into a new folder (or pass --order to match)"
+        )
+
+
+def run_layer(opts: BuildOptions, ex: Executor, report: BuildReport, name: str) -> str:
+    """Run one per-partition or global layer on every core partition that needs it; return its version."""
+    ard_dir = Path(opts.out)
+    cls = load_layer_class(name)
+    version = str(getattr(cls, "version", "0"))
+    options = opts.layer_options.get(name, {})
+    core_state = read_state(ard_dir, paths.CORE)
+    state = {} if opts.force else read_state(ard_dir, name)
+    parts = [(o, p) for o, p, _ in hats_writer.partition_files(ard_dir, paths.CORE)]
+    hats_writer.write_schema_file(ard_dir, name)
+    if hasattr(cls, "run_global"):
+        return _run_global(opts, report, name, cls, version, options, core_state, state, parts)
+    prints = {_key(o, p): _hash(version, options, core_state.get(_key(o, p), "")) for o, p in parts}
+    todo = [(o, p) for o, p in parts if state.get(_key(o, p)) != prints[_key(o, p)]
+            or not paths.partition_file(ard_dir, o, p, name).exists()]
+    outcomes = ex.map(layer_task, todo, lambda op: (str(ard_dir), name, op[0], op[1], options),
+                      f"{name}: {len(todo)} partitions", opts.progress)
+    new_state = {k: v for k, v in state.items() if k in prints}
+    failed = 0
+    for out in outcomes:
+        o, p = out.item
+        if out.error:
+            failed += 1
+            report.add([Problem(out.error, layer=name, pixel=p, order=o)])
+        else:
+            new_state[_key(o, p)] = prints[_key(o, p)]
+    write_state(ard_dir, name, new_state)
+    hats_writer.finalize_catalog(ard_dir, name)
+    report.layers[name] = {"version": version, "partitions": len(parts), "built": len(todo) - failed,
+                           "failed": failed, "skipped_unchanged": len(parts) - len(todo)}
+    return version
+
+
+def _run_global(opts: BuildOptions, report: BuildReport, name: str, cls: type, version: str,
+                options: dict[str, Any], core_state: dict[str, str], state: dict[str, str],
+                parts: list[tuple[int, int]]) -> str:
+    ard_dir = Path(opts.out)
+    fingerprint = _hash(version, options, sorted(core_state.items()))
+    complete = all(paths.partition_file(ard_dir, o, p, name).exists() for o, p in parts)
+    if state.get("*") == fingerprint and complete:
+        report.layers[name] = {"version": version, "partitions": len(parts), "built": 0, "skipped_unchanged": len(parts)}
+        return version
+    columns = ["TargetID", "RA", "DEC", "Z", *getattr(cls, "core_columns", ())]
+    tables = []
+    for o, p in parts:
+        t = pq.read_table(paths.partition_file(ard_dir, o, p), columns=columns)
+        tables.append(t.append_column("Npix", pa.array([p] * t.num_rows, pa.int64())))
+    core = pa.concat_tables(tables) if tables else None
+    try:
+        result = cls().run_global(ard_dir, core, dict(options))
+        order = parts[0][0] if parts else 0
+        for o, p in parts:
+            table = result.get(p)
+            if table is None:
+                raise ValueError(f"returned no table for pixel {p}")
+            core_part = pq.read_table(paths.partition_file(ard_dir, o, p), columns=["RA", "DEC"])
+            conformed = hats_writer.conform_table(table, name, f"layer {name}, pixel {p} (order {order})")
+            hats_writer.write_partition(ard_dir, name, o, p, hats_writer.with_positions(
+                conformed, name, core_part.column("RA").to_numpy(), core_part.column("DEC").to_numpy()))
+    except Exception as exc:  # noqa: BLE001 - the report names the layer and the reason
+        report.add([Problem(f"{type(exc).__name__}: {exc}", layer=name)])
+        report.layers[name] = {"version": version, "partitions": len(parts), "built": 0, "failed": len(parts)}
+        return version
+    write_state(ard_dir, name, {"*": fingerprint})
+    hats_writer.finalize_catalog(ard_dir, name)
+    report.layers[name] = {"version": version, "partitions": len(parts), "built": len(parts), "skipped_unchanged": 0}
+    return version
+
+
+def layers_to_run(opts: BuildOptions, report: BuildReport) -> list[str]:
+    """The layers this build runs: those asked for, or every available one."""
+    if opts.layers is not None:
+        for name in opts.layers:
+            try:
+                load_layer_class(name)
+            except LayerNotAvailable as exc:
+                raise BuildFailed(str(exc)) from exc
+        return list(opts.layers)
+    return available_layers()
+
+
+def build(opts: BuildOptions) -> BuildReport:
+    """Run a whole build as ``opts`` says; return the report (also written to ``build-report.json``).
+
+    Raises :class:`BuildFailed` when nothing could be built at all (no
+    source files, no readable target, an ARD with no core and no source).
+    """
+    ard_dir = Path(opts.out).resolve()
+    opts.out = str(ard_dir)
+    report = BuildReport(started=_now(), source=str(opts.source or ""))
+    layers = layers_to_run(opts, report)
+    ard_dir.mkdir(parents=True, exist_ok=True)
+    previous = database.read_provenance(ard_dir)
+    prov = previous or database.Provenance()
+    with Executor(opts.scheduler, opts.n_workers) as ex:
+        if opts.source:
+            run_ingest(opts, ex, report)
+            prov.source = str(Path(opts.source).resolve())
+        elif not hats_writer.partition_files(ard_dir, paths.CORE):
+            raise BuildFailed(f"{ard_dir} has no core table yet: give a SOURCE folder of DESI files to ingest")
+        for name in layers:
+            prov.layer_versions[name] = run_layer(opts, ex, report, name)
+    prov.build_date = _now()
+    prov.options = opts.to_dict()
+    problems = database.write_database(ard_dir, prov)
+    report.add(Problem(p, layer="database", severity="warning") for p in problems)
+    report.finished = _now()
+    report.write(ard_dir)
+    return report
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+__all__ = ["BuildFailed", "build", "read_state", "write_state", "run_ingest", "run_layer", "layers_to_run"]

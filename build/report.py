@@ -1,0 +1,96 @@
+"""Problems met during a build, and the ``build-report.json`` that lists them.
+
+A problem names what it is about as precisely as it can (layer, partition
+pixel, file, target) and why. Errors mean something was skipped (a file, a
+target, a partition); warnings mean the data was kept with a repair (e.g.
+NaN pixels masked).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from ard_sql import paths
+
+
+@dataclass
+class Problem:
+    """One thing a build skipped or repaired, and why."""
+
+    reason: str
+    layer: str = "core"
+    file: str | None = None
+    target: int | None = None
+    pixel: int | None = None
+    order: int | None = None
+    severity: str = "error"
+    """'error' (something was skipped) or 'warning' (kept, repaired)."""
+
+    def __str__(self) -> str:
+        where = [f"layer {self.layer}"]
+        if self.pixel is not None:
+            where.append(f"pixel {self.pixel}" + (f" (order {self.order})" if self.order is not None else ""))
+        if self.file:
+            where.append(f"file {self.file}")
+        if self.target is not None:
+            where.append(f"target {self.target}")
+        return f"{self.severity}: {', '.join(where)}: {self.reason}"
+
+
+class BadInput(Exception):
+    """A source file (or target) that cannot be ingested; the message names it and why."""
+
+    def __init__(self, reason: str, file: str | Path | None = None, target: int | None = None) -> None:
+        self.reason = reason
+        self.file = str(file) if file is not None else None
+        self.target = target
+        super().__init__(str(self.problem()))
+
+    def problem(self, layer: str = "core") -> Problem:
+        """This error as a report entry."""
+        return Problem(self.reason, layer=layer, file=self.file, target=self.target)
+
+
+@dataclass
+class BuildReport:
+    """What ``build-report.json`` holds."""
+
+    started: str = ""
+    finished: str = ""
+    source: str = ""
+    layers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[Problem]:
+        """The problems that skipped something."""
+        return [p for p in self.problems if p.severity == "error"]
+
+    def add(self, problems: Iterable[Problem]) -> None:
+        """Append problems."""
+        self.problems.extend(problems)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return {
+            "started": self.started,
+            "finished": self.finished,
+            "source": self.source,
+            "layers": self.layers,
+            "n_errors": len(self.errors),
+            "n_warnings": len(self.problems) - len(self.errors),
+            "problems": [{k: v for k, v in asdict(p).items() if v is not None} | {"message": str(p)} for p in self.problems],
+        }
+
+    def write(self, ard_dir: Path | str) -> Path:
+        """Write ``build-report.json`` atomically."""
+        path = paths.report_path(ard_dir)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = paths.temporary_sibling(path)
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, default=str))
+        os.replace(tmp, path)
+        return path

@@ -1,0 +1,15 @@
+-- similar_to(target_id, k, embedding := 'astro', allowed := NULL): the k nearest neighbours of a
+-- target's own embedding (the target itself left out), as (TargetID BIGINT, distance FLOAT).
+-- Same arguments and filtered form as "similar"; no rows when the target has no embedding.
+-- Pure SQL brute force (works in the DuckDB shell); ard_sql.open() shadows it with the
+-- HNSW-index TEMP macro of the same name (sql/similar_index/similar_to.sql).
+-- Example: SELECT * FROM similar_to(39627640566170902, 50, 'shen');
+CREATE OR REPLACE MACRO similar_to(target_id, k, embedding := 'astro', allowed := NULL) AS TABLE
+SELECT TargetID, distance
+FROM "similar"(
+    (SELECT CASE WHEN lower(embedding) IN ('shen', 'emb_shen') THEN emb_shen ELSE emb_astro END
+     FROM embed WHERE TargetID = target_id LIMIT 1),
+    k + 1, embedding, allowed)
+WHERE TargetID <> target_id
+ORDER BY distance, TargetID
+LIMIT k;
