@@ -10,4 +10,15 @@ from __future__ import annotations
 
 from ard_sql.connection import ARD, ARDNotFound, open
 
-__all__ = ["ARD", "ARDNotFound", "open"]
+__all__ = ["ARD", "ARDNotFound", "open", "plot_spectrum", "plot_quenching_diagram", "plot_bpt", "plot_sky"]
+
+_PLOTS = {"plot_spectrum", "plot_quenching_diagram", "plot_bpt", "plot_sky"}
+
+
+def __getattr__(name: str):
+    # Plotting imports matplotlib: only when a plot is asked for.
+    if name in _PLOTS:
+        from ard_sql import plotting
+
+        return getattr(plotting, name)
+    raise AttributeError(f"module 'ard_sql' has no attribute {name!r}")

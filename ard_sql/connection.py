@@ -106,6 +106,13 @@ class ARD:
 
         return query(self, where, columns, output, **kwargs)
 
+    def find_similar(self, targetid: int | None = None, vector: Any = None, k: int = 50,
+                     embedding: str = "astro", where: str | None = None) -> Any:
+        """The ``k`` nearest neighbours as a DataFrame joined with ``ard``; see :func:`ard_sql.similarity.find_similar`."""
+        from ard_sql.similarity import find_similar
+
+        return find_similar(self, targetid=targetid, vector=vector, k=k, embedding=embedding, where=where)
+
     def sql(self, query: str, params: Any = None) -> duckdb.DuckDBPyRelation:
         """Run ``query`` (with ``?``/``$name`` parameters) and return a DuckDB relation."""
         if params is None:

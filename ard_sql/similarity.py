@@ -122,17 +122,19 @@ def find_similar(db: Any, targetid: int | None = None, vector: Any = None, k: in
     """
     if (targetid is None) == (vector is None):
         raise ValueError("find_similar: give exactly one of targetid= or vector=")
+    from ard_sql.query import filter_to_sql
+
     con = getattr(db, "con", db)
-    col = embedding_column(embedding)
-    name = col.removeprefix("emb_")
-    pred = f"({where})" if where else "TRUE"
+    name = embedding_column(embedding).removeprefix("emb_")
+    # The filtered form: the neighbours must come from the TargetIDs that satisfy `where`
+    # (checked and translated like db.query's filters, so only known columns pass).
+    allowed = f"(SELECT list(TargetID) FROM ard WHERE {filter_to_sql(where)})" if where else "NULL"
     if targetid is not None:
-        src = f"similar_to_where(?, ?, '{name}', $$ {pred} $$)" if where else f"similar_to(?, ?, '{name}')"
+        src = f"similar_to(?, ?, '{name}', {allowed})"
         params: list[Any] = [int(targetid), int(k)]
     else:
-        vec = np.asarray(vector, dtype=np.float32).reshape(-1).tolist()
-        src = f"similar_where(?::FLOAT[], ?, '{name}', $$ {pred} $$)" if where else f"\"similar\"(?::FLOAT[], ?, '{name}')"
-        params = [vec, int(k)]
+        src = f"\"similar\"(?::FLOAT[], ?, '{name}', {allowed})"
+        params = [np.asarray(vector, dtype=np.float32).reshape(-1).tolist(), int(k)]
     sql = (f"SELECT s.distance, a.* FROM {src} AS s JOIN ard AS a ON a.TargetID = s.TargetID "
            "ORDER BY s.distance, s.TargetID")
     return con.execute(sql, params).df()

@@ -143,15 +143,44 @@ class SpectraReader:
         self.ard_dir = Path(ard_dir)
         self.max_open = max_open
         self._files: OrderedDict[str, h5py.File] = OrderedDict()
+        self._ids: dict[str, tuple[h5py.File, np.ndarray]] = {}
 
     def _file(self, spec_file: str) -> h5py.File:
         h5 = self._files.pop(spec_file, None)
         if h5 is None:
             h5 = h5py.File(self.ard_dir / spec_file, "r")
             while len(self._files) >= self.max_open:
-                self._files.popitem(last=False)[1].close()
+                name, old = self._files.popitem(last=False)
+                self._ids.pop(name, None)
+                old.close()
         self._files[spec_file] = h5
         return h5
+
+    def verified_rows(self, spec_file: str, targetids: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, found): ``rows`` checked against the file's own ``targetid`` column.
+
+        ``SPEC_ROW`` of the core table is a hint: a row that does not hold the
+        wanted target (a spectra file rewritten by a rebuild whose core file
+        was not, e.g. after a crash between the two renames) is looked up by
+        TargetID instead; a target the file does not hold is not found.
+        """
+        h5 = self._file(spec_file)
+        stored = self._ids.get(spec_file)
+        if stored is None or stored[0] is not h5:
+            stored = self._ids[spec_file] = (h5, h5["targetid"][...])
+        ids = stored[1]
+        targetids = np.asarray(targetids, dtype=np.int64)
+        rows = np.asarray(rows, dtype=np.int64).copy()
+        ok = (rows >= 0) & (rows < len(ids))
+        ok[ok] = ids[rows[ok]] == targetids[ok]
+        if not ok.all() and len(ids):
+            sorter = np.argsort(ids, kind="stable")
+            bad = np.flatnonzero(~ok)
+            pos = sorter[np.clip(np.searchsorted(ids, targetids[bad], sorter=sorter), 0, len(ids) - 1)]
+            hit = ids[pos] == targetids[bad]
+            rows[bad[hit]] = pos[hit]
+            ok[bad[hit]] = True
+        return rows, ok
 
     def read(self, spec_file: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Return (flux, ivar, mask) of ``rows`` of one file, in the given row order."""
@@ -161,6 +190,7 @@ class SpectraReader:
 
     def close(self) -> None:
         """Close every open file."""
+        self._ids.clear()
         while self._files:
             self._files.popitem()[1].close()
 

@@ -112,6 +112,8 @@ def create_views(con: duckdb.DuckDBPyConnection, ard_dir: Path | str) -> list[st
     for layer in contract.LAYER_COLUMNS:
         con.execute(staging_view_sql(layer, ard_dir))
     con.execute(ard_view_sql())
+    if (Path(ard_dir) / "artifacts" / "topology" / "filaments.parquet").exists():
+        con.execute(sql_text("templates/filaments_view.sql").format(ard_dir=quote_literal(Path(ard_dir).resolve().as_posix())))
     problems = []
     for rel in extra_sql_files():
         try:

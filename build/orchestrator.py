@@ -141,8 +141,18 @@ def run_ingest(opts: BuildOptions, ex: Executor, report: BuildReport) -> None:
     prints = {p.pixel: p.fingerprint() for p in parts}
     todo = [p for p in parts if state.get(_key(p.order, p.pixel)) != prints[p.pixel]
             or not paths.partition_file(ard_dir, p.order, p.pixel).exists()]
+    # A finished partition that holds rows of a source file that cannot be read now is kept as it
+    # is: rebuilding it would drop that file's rows (a failed rebuild never damages a finished ARD).
+    unreadable = {str(g.coadd) for g, t in zip(groups, tables) if t is None}
+    unreadable |= {_coadd_of(p.file) for p in problems if p.file}
+    kept = ingest.partitions_using(ard_dir, source, unreadable)
+    for p in [p for p in todo if (p.order, p.pixel) in kept]:
+        report.add([Problem("partition kept as previously built: one of its source files cannot be read now",
+                            pixel=p.pixel, order=p.order, severity="warning")])
+    todo = [p for p in todo if (p.order, p.pixel) not in kept]
     outcomes = ex.map(ingest_task, todo, lambda p: (str(ard_dir), p), f"ingest {len(todo)} partitions", opts.progress)
-    new_state = {k: v for k, v in state.items() if k in {_key(p.order, p.pixel) for p in parts}}
+    new_state = {k: v for k, v in state.items()
+                 if k in {_key(p.order, p.pixel) for p in parts} | {_key(o, p) for o, p in kept}}
     for out in outcomes:
         p = out.item
         if out.error:
@@ -151,9 +161,10 @@ def run_ingest(opts: BuildOptions, ex: Executor, report: BuildReport) -> None:
         _, probs = out.result
         report.add(probs)
         new_state[_key(p.order, p.pixel)] = prints[p.pixel]
+    n_kept = len(kept & {(p.order, p.pixel) for p in parts if state.get(_key(p.order, p.pixel)) != prints[p.pixel]})
     report.layers[paths.CORE] = {"targets": plan.rows.num_rows, "order": plan.order, "partitions": len(parts),
-                                 "built": len(todo), "skipped_unchanged": len(parts) - len(todo),
-                                 "files": len(plan.files)}
+                                 "built": len(todo), "skipped_unchanged": len(parts) - len(todo) - n_kept,
+                                 "kept_unreadable_source": n_kept, "files": len(plan.files)}
     if not report.errors:
         keep = {(p.order, p.pixel) for p in parts}
         hats_writer.remove_partitions(ard_dir, paths.CORE, keep)
@@ -161,6 +172,15 @@ def run_ingest(opts: BuildOptions, ex: Executor, report: BuildReport) -> None:
             hats_writer.remove_partitions(ard_dir, layer, keep)
     write_state(ard_dir, paths.CORE, new_state)
     hats_writer.finalize_catalog(ard_dir, paths.CORE)
+
+
+def _coadd_of(path: str) -> str:
+    """The coadd file a source file belongs to (itself for a coadd; coadd-<key> beside a redrock/zbest)."""
+    p = Path(path)
+    for prefix in ("redrock-", "zbest-"):
+        if p.name.startswith(prefix):
+            return str(p.with_name("coadd-" + p.name[len(prefix):]))
+    return str(p)
 
 
 def _check_order_change(ard_dir: Path, order: int) -> None:
@@ -184,7 +204,10 @@ def run_layer(opts: BuildOptions, ex: Executor, report: BuildReport, name: str) 
     hats_writer.write_schema_file(ard_dir, name)
     if hasattr(cls, "run_global"):
         return _run_global(opts, report, name, cls, version, options, core_state, state, parts)
-    prints = {_key(o, p): _hash(version, options, core_state.get(_key(o, p), "")) for o, p in parts}
+    # Survey-wide preparation (e.g. training an encoder) runs once, here; its token
+    # (a hash of what it made) is part of every partition's fingerprint.
+    token = cls().prepare(ard_dir, dict(options), opts.force) if hasattr(cls, "prepare") else ""
+    prints = {_key(o, p): _hash(version, options, token, core_state.get(_key(o, p), "")) for o, p in parts}
     todo = [(o, p) for o, p in parts if state.get(_key(o, p)) != prints[_key(o, p)]
             or not paths.partition_file(ard_dir, o, p, name).exists()]
     outcomes = ex.map(layer_task, todo, lambda op: (str(ard_dir), name, op[0], op[1], options),
@@ -274,6 +297,12 @@ def build(opts: BuildOptions) -> BuildReport:
             raise BuildFailed(f"{ard_dir} has no core table yet: give a SOURCE folder of DESI files to ingest")
         for name in layers:
             prov.layer_versions[name] = run_layer(opts, ex, report, name)
+            finalize = getattr(load_layer_class(name), "finalize", None)
+            if finalize is not None:  # layer-wide products (indexes) and figures (agreement) for ard_meta
+                try:
+                    prov.extra.update(finalize(ard_dir, dict(opts.layer_options.get(name, {}))))
+                except Exception as exc:  # noqa: BLE001 - named in the report, the rest of the ARD stands
+                    report.add([Problem(f"finalize failed: {type(exc).__name__}: {exc}", layer=name)])
     prov.build_date = _now()
     prov.options = opts.to_dict()
     problems = database.write_database(ard_dir, prov)

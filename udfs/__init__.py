@@ -28,6 +28,7 @@ UDF_MODULES: list[str] = [
     "spectrum",
     "lick",
     "regions",
+    "similar",
 ]
 
 

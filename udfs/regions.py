@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 from importlib import resources
 from typing import TYPE_CHECKING
 
@@ -46,7 +47,7 @@ def macro_sql(filename: str) -> str:
     from ard_sql.query import _quote, join_sql, typed_scan
 
     layers = list(contract.LAYER_COLUMNS)
-    region_arg = "'CIRCLE ' || ra0 || ' ' || dec0 || ' ' || radius_deg" if filename.startswith("cone") else "region"
+    region_arg = "'CIRCLE ' || ra0 || ' ' || dec0 || ' ' || radius_deg" if Path(filename).name.startswith("cone") else "region"
     scans = {name: typed_scan(name, f"region_files('{name}', {region_arg})") for name in layers}
     columns = ", ".join(_quote(c.name) for c in contract.all_columns())
     text = resources.files("ard_sql.sql").joinpath(filename).read_text()

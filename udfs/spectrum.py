@@ -120,6 +120,7 @@ class SpectrumFunction:
 
     def read(self, targetids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(found, flux, ivar, mask) for a batch; rows of unknown ids are zero and found False."""
+        targetids = np.asarray(targetids, dtype=np.int64)
         with self._lock:
             loc = self.locator.locate(targetids)
             n = len(targetids)
@@ -129,7 +130,10 @@ class SpectrumFunction:
             mask = np.zeros((n, grid.NPIX), dtype=np.uint32)
             for code in np.unique(loc.file_code[found]):
                 sel = np.flatnonzero(loc.file_code == code)
-                f, i, m = self._reader.read(loc.files[code], loc.row[sel])
+                rows, ok = self._reader.verified_rows(loc.files[code], targetids[sel], loc.row[sel])
+                found[sel[~ok]] = False
+                sel, rows = sel[ok], rows[ok]
+                f, i, m = self._reader.read(loc.files[code], rows)
                 flux[sel], ivar[sel], mask[sel] = f, i, m
             return found, flux, ivar, mask
 

@@ -203,9 +203,10 @@ def web_class_names(codes: np.ndarray) -> np.ndarray:
 
 
 # ================================================================ survey fields on a grid
-#: Default grid and T-web settings for a galaxy survey (see docs/topology.md for the choice).
-DEFAULT_CELL_MPC = 4.0
-DEFAULT_SMOOTHING_MPC = 6.0
+#: Default grid and T-web settings for a galaxy survey (the choice is argued in the
+#: docstring of ``build/layers/topology.py`` and measured in bench/RESULTS.md).
+DEFAULT_CELL_MPC = 3.0
+DEFAULT_SMOOTHING_MPC = 4.0
 DEFAULT_LAMBDA_TH = 0.2
 
 
@@ -297,12 +298,15 @@ class WebOptions:
     expectation at their distance are outside the footprint: masked, not voids."""
     nsigma: float = 3.0
     """Persistence cut of the skeleton, in Poisson sigma."""
-    core_cells: int = 160
-    """Cells per side of a sub-volume's core (sets peak memory)."""
+    core_cells: int = 224
+    """Cells per side of a sub-volume's core (sets peak memory: ~2 GB at 224 + buffers)."""
     buffer: float | None = None
-    """Buffer width around each core, Mpc; default 5 x smoothing."""
+    """Buffer width around each core, Mpc; default max(5 x smoothing, 16 cells), so that
+    the long-range tide's coarse grid (cell = buffer / 8) is at least 2 fine cells."""
     workers: int = 1
     """Threads for FFTs and KD-tree queries."""
+    subsample: int = 2
+    """Points per cell and axis where the selection function is averaged."""
 
     @classmethod
     def from_dict(cls, options: dict | None) -> WebOptions:
@@ -320,7 +324,7 @@ class WebOptions:
     @property
     def buffer_cells(self) -> int:
         """Buffer width in cells."""
-        width = 5.0 * self.smoothing if self.buffer is None else self.buffer
+        width = max(5.0 * self.smoothing, 16 * self.cell) if self.buffer is None else self.buffer
         return int(np.ceil(width / self.cell))
 
 
@@ -355,13 +359,66 @@ def _radial_density(random_points: np.ndarray, sky_fraction: float, cell: float)
     return lambda x: np.interp(x, centres, counts / shell, left=0.0, right=0.0)
 
 
-def _density_contrast(tracers, randoms, origin, cell, shape, smoothing, alpha, n_r_full, completeness_min, workers):
+class _RandomsExpectation:
+    """Expected tracer counts per cell from a random catalogue (``alpha`` x CIC of the randoms)."""
+
+    def __init__(self, randoms: np.ndarray, n_tracers: int, sky_fraction: float, cell: float):
+        self.randoms = randoms
+        self.alpha = n_tracers / len(randoms)
+        self._n_r = _radial_density(randoms, sky_fraction, cell)
+
+    def counts(self, origin: np.ndarray, cell: float, shape: Sequence[int]) -> np.ndarray:
+        hi = origin + np.asarray(shape) * cell
+        sel = np.all((self.randoms >= origin - cell) & (self.randoms <= hi + cell), axis=1)
+        return self.alpha * cic_assign(self.randoms[sel], origin, cell, shape)
+
+    def full(self, radius: np.ndarray) -> np.ndarray:
+        return self.alpha * self._n_r(radius)
+
+
+class _SelectionExpectation:
+    """Expected tracer counts per cell from a selection function (``density.SurveySelection``),
+    averaged over ``subsample^3`` points per cell: noise-free, no randoms."""
+
+    def __init__(self, selection, subsample: int = 2):
+        self.selection = selection
+        self.subsample = max(1, int(subsample))
+
+    def counts(self, origin: np.ndarray, cell: float, shape: Sequence[int]) -> np.ndarray:
+        s = self.subsample
+        sub = (np.arange(s) + 0.5) / s
+        out = np.zeros(tuple(shape), np.float32)
+        r_lo, r_hi = self.selection.edges[0], self.selection.edges[-1]
+        half_diag = 0.87 * cell
+        ys = origin[1] + np.arange(shape[1]) * cell
+        zs = origin[2] + np.arange(shape[2]) * cell
+        for i in range(shape[0]):
+            x0 = origin[0] + i * cell
+            # skip planes that cannot reach the shell
+            cx, cy, cz = x0 + 0.5 * cell, ys + 0.5 * cell, zs + 0.5 * cell
+            rc = np.sqrt(cx**2 + cy[:, None] ** 2 + cz[None, :] ** 2)
+            near = (rc >= r_lo - half_diag) & (rc <= r_hi + half_diag)
+            if not near.any():
+                continue
+            jj, kk = np.nonzero(near)
+            acc = np.zeros(jj.size)
+            for a, b, c in product(sub, sub, sub):
+                pts = np.stack([np.full(jj.size, x0 + a * cell), ys[jj] + b * cell, zs[kk] + c * cell], axis=-1)
+                acc += self.selection.density(pts)
+            out[i, jj, kk] = acc * (cell**3 / s**3)
+        return out
+
+    def full(self, radius: np.ndarray) -> np.ndarray:
+        return self.selection.radial(radius)
+
+
+def _density_contrast(tracers, expectation, origin, cell, shape, smoothing, completeness_min, workers):
     """Smoothed overdensity on one grid; returns ``(delta, valid, expected)`` (delta = 0 where masked)."""
     d_s = gaussian_smooth(cic_assign(tracers, origin, cell, shape), cell, smoothing, workers)
-    expected = alpha * gaussian_smooth(cic_assign(randoms, origin, cell, shape), cell, smoothing, workers)
+    expected = gaussian_smooth(expectation.counts(origin, cell, shape), cell, smoothing, workers)
     axes = [origin[a] + (np.arange(shape[a]) + 0.5) * cell for a in range(3)]
     radius = np.sqrt(axes[0][:, None, None] ** 2 + axes[1][None, :, None] ** 2 + axes[2][None, None, :] ** 2)
-    full = alpha * n_r_full(radius) * cell**3
+    full = expectation.full(radius) * cell**3
     del radius
     valid = (full > 0) & (expected >= completeness_min * full) & (expected > 0)
     del full
@@ -371,7 +428,7 @@ def _density_contrast(tracers, randoms, origin, cell, shape, smoothing, alpha, n
     return delta, valid, expected
 
 
-def _long_range_tide(tracers, randoms, points, fine_origin, fine_hi, options, alpha, n_r_full, split):
+def _long_range_tide(tracers, expectation, points, fine_origin, fine_hi, options, split):
     """Tidal tensor smoothed by ``split`` on a coarse survey-wide grid, at ``points`` (6, n).
 
     The coarse cell is an integer multiple of the fine one and the grids are
@@ -385,9 +442,18 @@ def _long_range_tide(tracers, randoms, points, fine_origin, fine_hi, options, al
     origin = fine_origin - pad
     shape = tuple(int(v) for v in np.ceil((fine_hi + pad - origin) / coarse))
     delta, _, _ = _density_contrast(
-        tracers, randoms, origin, coarse, shape, max(options.smoothing, coarse / 2.0), alpha, n_r_full,
+        tracers, expectation, origin, coarse, shape, max(options.smoothing, coarse / 2.0),
         options.completeness_min, options.workers,
     )
+    if coarse > options.cell:
+        # exchange the coarse CIC window for the fine one, as the single-volume run has it
+        lengths = np.asarray(shape) * coarse
+        k = _wavenumbers(shape, lengths)
+        ratio = np.ones((1, 1, 1), np.float32)
+        for a in range(3):
+            ratio = ratio * (np.sinc(k[a] * options.cell / (2 * np.pi)) / np.sinc(k[a] * coarse / (2 * np.pi))) ** 2
+        dk = sfft.rfftn(delta, workers=options.workers) * ratio.astype(np.float32)
+        delta = sfft.irfftn(dk, s=shape, workers=options.workers).astype(np.float32)
     tensor = tidal_tensor(delta, np.asarray(shape) * coarse, split, workers=options.workers)
     coords = ((points - origin) / coarse - 0.5).T
     return np.stack([map_coordinates(tensor[c], coords, order=1, mode="nearest") for c in range(6)])
@@ -396,9 +462,10 @@ def _long_range_tide(tracers, randoms, points, fine_origin, fine_hi, options, al
 def survey_web(
     points: np.ndarray,
     tracer_points: np.ndarray,
-    random_points: np.ndarray,
-    sky_fraction: float,
+    random_points: np.ndarray | None = None,
+    sky_fraction: float | None = None,
     options: WebOptions | None = None,
+    selection=None,
 ) -> SurveyWeb:
     """T-web classes at ``points`` and the filament skeleton of a survey, by sub-volumes.
 
@@ -409,11 +476,15 @@ def survey_web(
     tracer_points
         (n_t, 3) positions of the density-defining population (the density field).
     random_points
-        (n_r, 3) randoms with the survey's footprint and radial selection.
+        (n_r, 3) randoms with the survey's footprint and radial selection; or None
+        when ``selection`` is given.
     sky_fraction
-        Footprint area / full sky, for the expected random density.
+        Footprint area / full sky, for the expected random density (randoms only).
     options
         Grid, smoothing, threshold and decomposition settings.
+    selection
+        A ``density.SurveySelection`` (expected tracer density ``n(r) x footprint``):
+        the noise-free alternative to randoms, and what the layer uses.
 
     Each sub-volume (core + buffer) is processed alone; classes of points and
     skeleton segments starting in its core are kept. The tide is non-local
@@ -428,24 +499,31 @@ def survey_web(
     cell, R = float(opt.cell), float(opt.smoothing)
     points = np.asarray(points, float)
     tracer_points = np.asarray(tracer_points, float)
-    random_points = np.asarray(random_points, float)
-    if len(random_points) == 0 or len(tracer_points) == 0:
-        raise ValueError("survey_web needs tracers and randoms (got zero of one)")
-    alpha = len(tracer_points) / len(random_points)
-    n_r_full = _radial_density(random_points, sky_fraction, cell)
+    if len(tracer_points) == 0:
+        raise ValueError("survey_web needs tracers (got zero)")
+    if selection is not None:
+        expectation = _SelectionExpectation(selection, opt.subsample)
+        bound_sets = [tracer_points]
+    else:
+        if random_points is None or len(random_points) == 0 or sky_fraction is None:
+            raise ValueError("survey_web needs randoms and their sky fraction, or a selection function")
+        random_points = np.asarray(random_points, float)
+        expectation = _RandomsExpectation(random_points, len(tracer_points), sky_fraction, cell)
+        bound_sets = [tracer_points, random_points]
     finite = np.all(np.isfinite(points), axis=1)
-    lo_all = np.minimum(tracer_points.min(axis=0), random_points.min(axis=0))
-    hi_all = np.maximum(tracer_points.max(axis=0), random_points.max(axis=0))
     if finite.any():
-        lo_all = np.minimum(lo_all, points[finite].min(axis=0))
-        hi_all = np.maximum(hi_all, points[finite].max(axis=0))
+        bound_sets.append(points[finite])
+    lo_all = np.min([b.min(axis=0) for b in bound_sets], axis=0)
+    hi_all = np.max([b.max(axis=0) for b in bound_sets], axis=0)
     origin = lo_all - cell
     n_cells = np.ceil((hi_all + cell - origin) / cell).astype(int)
     subs = decompose(n_cells, opt.core_cells, opt.buffer_cells)
     split = opt.buffer_cells * cell / 4.0 if len(subs) > 1 else 0.0
     safe_points = np.where(finite[:, None], points, origin)
+    # the long-range tide is wanted where the short-range one is read: at the points' cell centres
+    centres = origin + (np.floor((safe_points - origin) / cell) + 0.5) * cell
     long_tide = (
-        _long_range_tide(tracer_points, random_points, safe_points, origin, origin + n_cells * cell, opt, alpha, n_r_full, split)
+        _long_range_tide(tracer_points, expectation, centres, origin, origin + n_cells * cell, opt, split)
         if split > 0
         else None
     )
@@ -453,7 +531,7 @@ def survey_web(
     def cells_of(p):
         return np.floor((p - origin) / cell).astype(np.int32)
 
-    t_cells, r_cells = cells_of(tracer_points), cells_of(random_points)
+    t_cells = cells_of(tracer_points)
     p_cells = np.where(finite[:, None], cells_of(safe_points), -(2**30))
     n = len(points)
     codes = np.full(n, MASKED_CODE, np.int8)
@@ -465,17 +543,18 @@ def survey_web(
     for sv in subs:
         lo, hi = np.asarray(sv.lo), np.asarray(sv.hi)
         shape = sv.shape
-        sel_r = np.all((r_cells >= lo - 1) & (r_cells <= hi), axis=1)
-        if not sel_r.any():
-            continue
-        biggest = max(biggest, shape, key=lambda s: int(np.prod(s)))
         ext_origin = origin + lo * cell
         sel_t = np.all((t_cells >= lo - 1) & (t_cells <= hi), axis=1)
-        delta, valid, expected = _density_contrast(
-            tracer_points[sel_t], random_points[sel_r], ext_origin, cell, shape, R, alpha, n_r_full,
-            opt.completeness_min, opt.workers,
-        )
         mine = np.flatnonzero(sv.in_core(p_cells))
+        core_has_tracers = bool(np.any(sv.in_core(t_cells[sel_t]))) if sel_t.any() else False
+        if not mine.size and not core_has_tracers:
+            continue  # nothing to classify and no skeleton to find here
+        biggest = max(biggest, shape, key=lambda s: int(np.prod(s)))
+        delta, valid, expected = _density_contrast(
+            tracer_points[sel_t], expectation, ext_origin, cell, shape, R, opt.completeness_min, opt.workers,
+        )
+        if not valid.any():
+            continue
         if mine.size:
             tensor = tidal_tensor(delta, np.asarray(shape) * cell, 0.0, workers=opt.workers, short_range=split)
             flat = np.ravel_multi_index(tuple((p_cells[mine] - lo).T), shape)
@@ -503,3 +582,4 @@ def survey_web(
             seg_p.append(sk.persistence[keep])
     cat = lambda xs, d: np.concatenate(xs) if xs else np.empty((0, 3) if d else (0,))  # noqa: E731
     return SurveyWeb(codes, eig, dlt, cat(seg_a, 1), cat(seg_b, 1), cat(seg_p, 0), len(subs), biggest)
+

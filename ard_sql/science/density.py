@@ -79,6 +79,16 @@ class Footprint:
         """True where (RA, DEC) in degrees falls in a covered pixel."""
         return self.covered[hp.ang2pix(self.nside, np.asarray(ra, float), np.asarray(dec, float), nest=True, lonlat=True)]
 
+    def contains_vec(self, vec: np.ndarray) -> np.ndarray:
+        """True where the direction of ``vec`` (n, 3), any length > 0, falls in a covered pixel."""
+        vec = np.asarray(vec, dtype=np.float64)
+        return self.covered[hp.vec2pix(self.nside, vec[:, 0], vec[:, 1], vec[:, 2], nest=True)]
+
+    @property
+    def sky_fraction(self) -> float:
+        """Covered area over the full sky."""
+        return float(self.covered.mean())
+
     @property
     def area_deg2(self) -> float:
         """Covered area in square degrees."""
@@ -123,6 +133,79 @@ class Footprint:
         dec = np.degrees(np.arcsin(np.clip(vec[:, 2], -1, 1)))
         ra = np.degrees(np.arctan2(vec[:, 1], vec[:, 0])) % 360.0
         return ra, dec
+
+
+# ---------------------------------------------------------------- selection function
+@dataclass
+class SurveySelection:
+    """Expected number density of the tracers, ``n(r) x footprint(direction)``, in Mpc^-3.
+
+    The random catalogue of a survey, without the randoms: the radial part
+    ``n(r)`` is the tracers' own comoving-distance distribution divided by the
+    shell volume of the footprint and **smoothed** with a Gaussian of
+    ``radial_smoothing`` Mpc (the usual ``n(z)`` fit). Smoothing matters: randoms
+    whose redshifts are copied from the tracers ("shuffled") inherit the radial
+    clustering, which in a narrow field cancels a large part of the signal
+    (``tests/test_topology_layer.py`` and bench/RESULTS.md show the effect). The
+    angular part is the HEALPix coverage map. No shot noise, and no 10x random
+    catalogue to hold in memory.
+    """
+
+    footprint: Footprint
+    edges: np.ndarray
+    """Comoving-distance bin edges, Mpc."""
+    nbar: np.ndarray
+    """Smoothed number density per bin, Mpc^-3 (zero outside ``edges``)."""
+
+    @classmethod
+    def from_tracers(
+        cls, footprint: Footprint, distance: np.ndarray, radial_smoothing: float = 50.0, bin_mpc: float = 2.0
+    ) -> SurveySelection:
+        """Fit ``n(r)`` to the tracers' comoving distances ``distance`` (Mpc)."""
+        from scipy.ndimage import gaussian_filter1d
+
+        r = np.asarray(distance, float)
+        r = r[np.isfinite(r)]
+        if r.size == 0:
+            raise ValueError("cannot fit a selection function to zero tracers")
+        lo, hi = float(r.min()), float(r.max())
+        nbin = max(1, int(np.ceil((hi - lo) / bin_mpc)))
+        edges = np.linspace(lo, hi, nbin + 1)
+        if hi <= lo:
+            edges = np.array([lo, lo + bin_mpc])
+        counts, _ = np.histogram(r, bins=edges)
+        shell = 4.0 / 3.0 * np.pi * np.diff(edges**3) * footprint.sky_fraction
+        dens = counts / shell
+        if radial_smoothing > 0 and nbin > 1:
+            # smooth the number of tracers at fixed total (so the mean density is kept)
+            dens = gaussian_filter1d(dens, radial_smoothing / (edges[1] - edges[0]), mode="nearest")
+            dens *= r.size / max(float(np.sum(dens * shell)), 1e-300)
+        return cls(footprint, edges, dens)
+
+    def radial(self, r: np.ndarray) -> np.ndarray:
+        """``n(r)`` in Mpc^-3 (zero outside the tracers' range)."""
+        r = np.asarray(r, float)
+        i = np.searchsorted(self.edges, r, side="right") - 1
+        inside = (i >= 0) & (i < self.nbar.size) | (r == self.edges[-1])
+        return np.where(inside, self.nbar[np.clip(i, 0, self.nbar.size - 1)], 0.0)
+
+    def density(self, xyz: np.ndarray) -> np.ndarray:
+        """Expected tracer density at comoving positions ``(n, 3)`` (observer at the origin)."""
+        xyz = np.asarray(xyz, float)
+        n = self.radial(np.linalg.norm(xyz, axis=1))
+        pos = n > 0
+        if pos.any():
+            n[pos] *= self.footprint.contains_vec(xyz[pos])
+        return n
+
+    def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """``n`` random positions ``(n, 3)`` following the selection (for those who want randoms)."""
+        shell = 4.0 / 3.0 * np.pi * np.diff(self.edges**3)
+        cdf = np.cumsum(self.nbar * shell)
+        b = np.minimum(np.searchsorted(cdf / cdf[-1], rng.random(n)), self.nbar.size - 1)
+        r3 = self.edges[b] ** 3 + rng.random(n) * (self.edges[b + 1] ** 3 - self.edges[b] ** 3)
+        ra, dec = self.footprint.sample(n, rng)
+        return unit_vectors(ra, dec) * np.cbrt(r3)[:, None]
 
 
 # ---------------------------------------------------------------- Sigma_N
@@ -250,3 +333,116 @@ def knn_density_3d(
     with np.errstate(divide="ignore"):
         out[good] = k / (4.0 / 3.0 * np.pi * r_k**3)
     return out
+
+
+# ---------------------------------------------------------------- fingers of God
+@dataclass
+class FogGroups:
+    """Result of :func:`compress_fingers_of_god`."""
+
+    positions: np.ndarray
+    """(n, 3) positions with the groups' radial extent compressed (Mpc)."""
+    group: np.ndarray
+    """(n,) group id (every galaxy has one; singletons are their own group)."""
+    size: np.ndarray
+    """(n,) number of members of each galaxy's group."""
+
+
+def compress_fingers_of_god(
+    xyz: np.ndarray,
+    nbar_of_r,
+    b_perp: float = 0.2,
+    los_ratio: float = 10.0,
+    min_members: int = 3,
+    workers: int = 1,
+) -> FogGroups:
+    """Find friends-of-friends groups in redshift space and undo their fingers of God.
+
+    Galaxies are linked when their transverse separation is below
+    ``b_perp * nbar(r)^(-1/3)`` and their line-of-sight separation below
+    ``los_ratio`` times that (Eke et al. 2004 use b_perp = 0.13, ratio 11; Tempel
+    et al. 2014 link with a length growing with distance as here, through the
+    local mean density ``nbar_of_r``). In each group of at least ``min_members`` the
+    radial offsets from the group centre are scaled so that their rms equals
+    the rms of one transverse component (Tempel et al. 2014, sect. 2.3): the
+    virial motions that stretch a group along the line of sight are removed,
+    while the group's centre keeps its measured redshift.
+
+    Pairs are found in slabs of comoving distance one line-of-sight linking
+    length thick (a tree of unit vectors per three slabs), so memory stays that
+    of a few slabs.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    xyz = np.asarray(xyz, dtype=np.float64)
+    n = len(xyz)
+    r = np.linalg.norm(xyz, axis=1)
+    good = np.isfinite(r) & (r > 0)
+    nb = np.where(good, nbar_of_r(np.where(good, r, 0.0)), 0.0)
+    link_perp = np.where(nb > 0, b_perp * np.maximum(nb, 1e-30) ** (-1.0 / 3.0), 0.0)
+    link_par = los_ratio * link_perp
+    out = xyz.copy()
+    if not good.any():
+        ids = np.arange(n)
+        return FogGroups(out, ids, np.ones(n, np.int64))
+    u = np.zeros_like(xyz)
+    u[good] = xyz[good] / r[good, None]
+    width = float(np.max(link_par[good]))
+    if width <= 0:
+        ids = np.arange(n)
+        return FogGroups(out, ids, np.ones(n, np.int64))
+    r0 = float(r[good].min())
+    slab = np.full(n, -1, np.int64)
+    slab[good] = np.floor((r[good] - r0) / width).astype(np.int64)
+    order = np.flatnonzero(good)
+    order = order[np.argsort(slab[order], kind="stable")]
+    n_slabs = int(slab.max()) + 1
+    bounds = np.searchsorted(slab[order], np.arange(n_slabs + 2))
+    rows, cols = [], []
+    for s in range(n_slabs):
+        mine = order[bounds[s] : bounds[s + 1]]
+        if mine.size == 0:
+            continue
+        cand = order[bounds[s] : bounds[min(s + 2, n_slabs)]]  # this slab and the next: each pair once
+        r_min = max(float(r[mine].min()), 1e-6)
+        max_angle = float(link_perp[cand].max()) / r_min
+        tree_c = cKDTree(u[cand])
+        tree_m = cKDTree(u[mine])
+        pairs = tree_m.sparse_distance_matrix(tree_c, 2.0 * np.sin(0.5 * min(max_angle, np.pi)), output_type="coo_matrix")
+        i, j = mine[pairs.row], cand[pairs.col]
+        keep = i < j
+        i, j = i[keep], j[keep]
+        if i.size == 0:
+            continue
+        d_par = np.abs(r[i] - r[j])
+        rm = 0.5 * (r[i] + r[j])
+        cosang = np.clip(np.sum(u[i] * u[j], axis=1), -1.0, 1.0)
+        d_perp = rm * np.sqrt(np.maximum(2.0 * (1.0 - cosang), 0.0))
+        lp = 0.5 * (link_perp[i] + link_perp[j])
+        ok = (d_perp <= lp) & (d_par <= los_ratio * lp)
+        rows.append(i[ok])
+        cols.append(j[ok])
+    if rows:
+        ri, ci = np.concatenate(rows), np.concatenate(cols)
+    else:
+        ri = ci = np.empty(0, np.int64)
+    graph = coo_matrix((np.ones(ri.size, np.int8), (ri, ci)), shape=(n, n))
+    _, group = connected_components(graph, directed=False)
+    size = np.bincount(group)[group]
+    big = np.flatnonzero((size >= min_members) & good)
+    if big.size:
+        g = group[big]
+        uniq, inv = np.unique(g, return_inverse=True)
+        cnt = np.bincount(inv).astype(float)
+        centre = np.stack([np.bincount(inv, weights=xyz[big, a]) for a in range(3)], axis=1) / cnt[:, None]
+        r_c = np.linalg.norm(centre, axis=1)
+        los = centre / r_c[:, None]
+        off = xyz[big] - centre[inv]
+        par = np.sum(off * los[inv], axis=1)
+        perp = off - par[:, None] * los[inv]
+        var_par = np.bincount(inv, weights=par**2) / cnt
+        var_perp = np.bincount(inv, weights=np.sum(perp**2, axis=1)) / (2.0 * cnt)  # per component
+        scale = np.where(var_par > var_perp, np.sqrt(var_perp / np.maximum(var_par, 1e-300)), 1.0)
+        out[big] = centre[inv] + perp + (scale[inv] * par)[:, None] * los[inv]
+    return FogGroups(out, group, size)

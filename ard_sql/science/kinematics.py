@@ -130,16 +130,32 @@ def log_grid(wave: np.ndarray, velscale: float) -> np.ndarray:
     return lo + step * (0.5 + np.arange(int((hi - lo) / step)))
 
 
+def _conv_rows(a: np.ndarray, ker: np.ndarray) -> np.ndarray:
+    """sum_k ker[k, n, i] a[n, i + k - half] with edge padding: a per-pixel kernel (taps first) on every row."""
+    half = (ker.shape[0] - 1) // 2
+    pad = np.pad(a, [(0, 0), (half, half)], mode="edge")
+    npix = a.shape[1]
+    out = ker[0] * pad[:, :npix]
+    for k in range(1, ker.shape[0]):
+        out += ker[k] * pad[:, k : k + npix]
+    return out
+
+
 def _smooth_rows(y: np.ndarray, sig_px: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Convolve each row of ``y`` with a Gaussian of per-pixel width ``sig_px``; also return sum(k^2)."""
+    """Convolve each row of ``y`` with a Gaussian of per-pixel width ``sig_px``; also return the kernels (taps first)."""
     half = max(1, int(np.ceil(4 * np.nanmax(sig_px, initial=0.25))))
-    off = np.arange(-half, half + 1)
-    s = np.maximum(sig_px, 1e-3)[..., None]
-    ker = np.exp(-0.5 * (off / s) ** 2)
-    ker /= ker.sum(-1, keepdims=True)
-    pad = np.pad(y, [(0, 0), (half, half)], mode="edge")
-    win = np.lib.stride_tricks.sliding_window_view(pad, 2 * half + 1, axis=1)
-    return np.einsum("nik,nik->ni", win, ker), ker
+    q = -0.5 / np.maximum(sig_px, 1e-3) ** 2
+    # exp(q k^2) by recurrence (two exponentials, then products): g_k = g_(k-1) r_k, r_k = r_(k-1) exp(2q)
+    ker = np.empty((2 * half + 1,) + np.shape(q))
+    ker[half] = 1.0
+    r = np.exp(q)
+    e2q = r * r
+    for k in range(1, half + 1):
+        ker[half + k] = ker[half + k - 1] * r
+        ker[half - k] = ker[half + k]
+        r = r * e2q
+    ker /= ker.sum(0)
+    return _conv_rows(y, ker), ker
 
 
 def prepare(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None, lsf_sigma: np.ndarray,
@@ -172,14 +188,15 @@ def prepare(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, mask: np.ndarr
     dl = np.gradient(wave)
     extra_px = np.sqrt(np.clip(fwhm_t_obs**2 - fwhm_gal_obs**2, 0, None)) / 2.3548 / dl
     y, ker = _smooth_rows(y, extra_px)
-    half = (ker.shape[-1] - 1) // 2
-    win = lambda a: np.lib.stride_tricks.sliding_window_view(np.pad(a, [(0, 0), (half, half)], mode="edge"), 2 * half + 1, axis=1)  # noqa: E731
-    var = np.einsum("nik,nik->ni", win(var), ker**2)  # diagonal approximation: covariance ignored
-    badfrac = np.einsum("nik,nik->ni", win(bad.astype(np.float64)), ker)
+    var = _conv_rows(var, ker**2)  # diagonal approximation: covariance ignored
+    badfrac = _conv_rows(bad.astype(np.float64), ker)
     fwhm_eff_obs = np.maximum(fwhm_t_obs, fwhm_gal_obs)
     # templates broadened where the galaxy is broader than them (not DESI): one velocity sigma per spectrum
     diff = np.clip(fwhm_gal_obs**2 - fwhm_t_obs**2, 0, None)
-    tpl_extra = np.median(np.sqrt(diff) / 2.3548 / wave * C_KMS, axis=1)
+    tpl_extra = np.zeros(n)
+    broad = diff.any(1)
+    if broad.any():
+        tpl_extra[broad] = np.median(np.sqrt(diff[broad]) / 2.3548 / wave * C_KMS, axis=1)
     # resample by cubic spline at the log-pixel centres: DESI fluxes are samples of an LSF-convolved
     # spectrum, and a flux-conserving (boxcar) rebin would broaden lines by the pixel width again
     ln_lam = log_grid(wave, config.velscale)
@@ -189,10 +206,10 @@ def prepare(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, mask: np.ndarr
     bad_log = _interp_rows(lam_out, wave, badfrac) > 0.05
     fwhm_log = _interp_rows(lam_out, wave, fwhm_eff_obs) / (1 + zz)[:, None]
     fwhm_gal_log = _interp_rows(lam_out, wave, fwhm_gal_obs) / (1 + zz)[:, None]
-    lam_rest = np.exp(ln_lam)[None, :] / (1 + zz)[:, None]
-    inside = (lam_rest >= config.rest_range[0]) & (lam_rest <= config.rest_range[1])
+    ln_rest = ln_lam[None, :] - np.log1p(zz)[:, None]
+    inside = (ln_rest >= np.log(config.rest_range[0])) & (ln_rest <= np.log(config.rest_range[1]))
     for wl in NUISANCE_LINES.values():
-        inside &= np.abs(np.log(lam_rest / wl)) * C_KMS > config.nuisance_mask
+        inside &= np.abs(ln_rest - np.log(wl)) > config.nuisance_mask / C_KMS
     good = inside & ~bad_log & (var_log > 0) & np.isfinite(flux_log)
     noise = np.where(good, np.sqrt(np.where(var_log > 0, var_log, 1.0)), np.inf)
     usable = zok & (good.sum(1) >= config.min_pixels)

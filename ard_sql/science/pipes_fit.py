@@ -34,6 +34,7 @@ FLAGS: dict[str, int] = {
     "NOT_CONVERGED": 8,    # effective sample size below MIN_N_EFF
     "AT_PRIOR_EDGE": 16,   # LogMass posterior median within 0.05 dex of a prior bound (values kept)
     "OUT_OF_TRAINING": 32,  # amortized: input outside the simulated range (values NULL)
+    "NOT_GALAXY": 64,      # SPECTYPE is not GALAXY: no stellar-population model (values NULL)
 }
 MIN_GOOD_BINS = 50
 MIN_N_EFF = 100
@@ -74,7 +75,7 @@ class FitResult:
     message: str = ""
 
 
-def null_row(targetid: int, flag: int, source: str = "bagpipes") -> dict:
+def null_row(targetid: int, flag: int, source: str | None = "bagpipes") -> dict:
     """A contract row with every value NULL and ``Bagpipes_flag`` = ``flag``."""
     row = {c.name: None for c in BAGPIPES_COLUMNS}
     row.update(TargetID=int(targetid), Physics_Source=source, Bagpipes_flag=int(flag))

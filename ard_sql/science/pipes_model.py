@@ -110,15 +110,16 @@ def bin_spectra(flux: np.ndarray, ivar: np.ndarray) -> tuple[np.ndarray, np.ndar
     Returns (flux, ivar) of shape (n, nbin); a bin with no good pixel has ivar 0
     and flux 0.
     """
-    flux = np.atleast_2d(np.asarray(flux, dtype=np.float64))
-    ivar = np.atleast_2d(np.asarray(ivar, dtype=np.float64))
-    ivar = np.where(np.isfinite(ivar) & np.isfinite(flux) & (ivar > 0), ivar, 0.0)
-    flux = np.where(ivar > 0, flux, 0.0)
+    # float32 arithmetic (10-pixel sums lose nothing that matters), float64 results
+    flux = np.atleast_2d(np.asarray(flux, dtype=np.float32))
+    ivar = np.atleast_2d(np.asarray(ivar, dtype=np.float32))
+    good = np.isfinite(ivar) & np.isfinite(flux) & (ivar > 0)
+    ivar = np.where(good, ivar, np.float32(0))
     n = (flux.shape[1] // FIT_BIN) * FIT_BIN
     w = ivar[:, :n].reshape(len(flux), -1, FIT_BIN)
-    f = flux[:, :n].reshape(len(flux), -1, FIT_BIN)
-    wsum = w.sum(axis=2)
-    out = np.divide((w * f).sum(axis=2), wsum, out=np.zeros_like(wsum), where=wsum > 0)
+    wf = np.where(good, flux * ivar, np.float32(0))[:, :n].reshape(len(flux), -1, FIT_BIN)
+    wsum = w.sum(axis=2, dtype=np.float64)
+    out = np.divide(wf.sum(axis=2, dtype=np.float64), wsum, out=np.zeros_like(wsum), where=wsum > 0)
     return out, wsum
 
 

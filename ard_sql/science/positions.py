@@ -12,6 +12,7 @@ The name is what the layer records in ``ard_meta``.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,17 +26,40 @@ DEFAULT_COSMOLOGY = "Planck18"
 C_KMS: float = _c.to_value(u.km / u.s)
 
 
+_PARAMETRIC = re.compile(r"^\s*(FlatLambdaCDM|LambdaCDM|FlatwCDM|wCDM)\s*\((.*)\)\s*$")
+
+
 def get_cosmology(cosmology: str | apcosmo.Cosmology | None = None) -> apcosmo.Cosmology:
-    """Return an astropy cosmology from an instance, a built-in name, or ``None`` (Planck18)."""
+    """Return an astropy cosmology from an instance, a built-in name, or ``None`` (Planck18).
+
+    A string may also name a parametric class with numeric keywords, e.g.
+    ``"FlatLambdaCDM(H0=70, Om0=0.3)"`` (the mock survey's cosmology), so that
+    the layer option ``--set topology.cosmology=...`` can take any of them.
+    """
     if cosmology is None:
         cosmology = DEFAULT_COSMOLOGY
     if isinstance(cosmology, apcosmo.Cosmology):
         return cosmology
+    text = str(cosmology)
+    match = _PARAMETRIC.match(text)
+    if match:
+        kwargs = {}
+        for item in filter(None, (part.strip() for part in match.group(2).split(","))):
+            key, _, value = item.partition("=")
+            try:
+                kwargs[key.strip()] = float(value)
+            except ValueError:
+                raise ValueError(f"cosmology {text!r}: {item!r} is not key=number") from None
+        try:
+            return getattr(apcosmo, match.group(1))(name=text.strip(), **kwargs)
+        except TypeError as exc:
+            raise ValueError(f"cosmology {text!r}: {exc}") from None
     try:
-        return getattr(apcosmo.realizations, str(cosmology))
+        return getattr(apcosmo.realizations, text)
     except AttributeError:
         known = ", ".join(apcosmo.realizations.available)
-        raise ValueError(f"unknown cosmology {cosmology!r}; astropy knows: {known}") from None
+        raise ValueError(f"unknown cosmology {cosmology!r}; astropy knows: {known}, "
+                         "or FlatLambdaCDM(H0=..., Om0=...)") from None
 
 
 def cosmology_name(cosmology: str | apcosmo.Cosmology | None = None) -> str:

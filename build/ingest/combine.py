@@ -68,6 +68,7 @@ def combine_arms(arms: dict[str, tuple[slice, np.ndarray, np.ndarray, np.ndarray
     wsum = np.zeros((n, grid.NPIX), dtype=np.float64)
     fsum = np.zeros((n, grid.NPIX), dtype=np.float64)
     mask = np.full((n, grid.NPIX), NOCOVERAGE, dtype=np.uint32)
+    mask_or = np.zeros((n, grid.NPIX), dtype=np.uint32)
     covered = np.zeros(grid.NPIX, dtype=bool)
     repaired = np.zeros(n, dtype=np.int64)
     snr_arm: dict[str, np.ndarray] = {}
@@ -81,12 +82,17 @@ def combine_arms(arms: dict[str, tuple[slice, np.ndarray, np.ndarray, np.ndarray
         # First arm over a pixel sets its mask; later arms AND into it.
         first = ~covered[index]
         mask[:, index] = np.where(first, amask, mask[:, index] & amask)
+        mask_or[:, index] |= amask
         covered[index] = True
     good = wsum > 0
     flux = np.zeros((n, grid.NPIX), dtype=np.float32)
     flux[good] = (fsum[good] / wsum[good]).astype(np.float32)
     # A pixel with some weight is usable: clear the bits of the arms that were bad there.
     mask[good] = 0
+    # Every arm bad there but with no bit in common (AND = 0): keep their bits (OR), so the
+    # pixel does not read as good.
+    lost = ~good & (mask == 0) & (mask_or != 0)
+    mask[lost] = mask_or[lost]
     return Combined(flux, wsum.astype(np.float32), mask, repaired, snr_arm)
 
 

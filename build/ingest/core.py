@@ -244,6 +244,29 @@ def _core_table(rows: pa.Table, part: PartitionInput, snr: dict[str, np.ndarray]
     return pa.table(out)
 
 
+def partitions_using(ard_dir: str | Path, source: str | Path, coadds: set[str]) -> set[tuple[int, int]]:
+    """(order, pixel) of the finished core partitions holding rows ingested from any of ``coadds``.
+
+    A rebuild must not rewrite these while one of those files cannot be read:
+    the partition would lose that file's rows (a failed rebuild never damages
+    a finished ARD).
+    """
+    if not coadds:
+        return set()
+    wanted = {_relative(c, str(source)) for c in coadds}
+    out = set()
+    import pyarrow.parquet as pq
+
+    for order, pixel, f in hats_writer.partition_files(ard_dir, paths.CORE):
+        try:
+            used = set(pq.read_table(f, columns=["SOURCE_FILE"]).column("SOURCE_FILE").to_pylist())
+        except Exception:  # noqa: BLE001 - an unreadable old partition is simply rebuilt
+            continue
+        if used & wanted:
+            out.add((order, pixel))
+    return out
+
+
 def plan_summary(plan: Plan) -> dict:
     """Small JSON-able summary of a plan (for the build report)."""
     return {
@@ -260,4 +283,5 @@ def zcatalog(path: str | Path | None) -> dict[int, tuple[str, str]] | None:
     return targets.read_zcatalog(path) if path else None
 
 
-__all__ = ["INGEST_VERSION", "Plan", "PartitionInput", "scan_one", "make_plan", "ingest_partition", "plan_summary", "zcatalog"]
+__all__ = ["INGEST_VERSION", "Plan", "PartitionInput", "scan_one", "make_plan", "ingest_partition", "partitions_using",
+           "plan_summary", "zcatalog"]

@@ -77,6 +77,18 @@ class Layer(Protocol):
         ...
 
 
+# Optional hooks of a per-partition layer class (the orchestrator looks for them):
+#
+# ``prepare(self, ard_dir: Path, options: dict, force: bool) -> str``
+#     survey-wide work before the partitions (e.g. training an encoder on a
+#     sample of every partition's spectra), in the main process. Returns a
+#     token (a hash of what it made) that joins every partition's fingerprint,
+#     so new weights re-run every partition.
+# ``finalize(ard_dir: Path, options: dict) -> dict[str, str]`` (a staticmethod)
+#     survey-wide work after the partitions (e.g. the HNSW indexes, agreement
+#     figures); the returned pairs go into ``ard_meta`` (section 'build').
+
+
 @runtime_checkable
 class GlobalLayer(Protocol):
     """A layer that needs the whole survey at once (e.g. topology)."""

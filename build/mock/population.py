@@ -10,7 +10,7 @@ Recipes (each a published scaling, with scatter):
   in voids (Peng et al. 2010-like mass + environment quenching).
 * Delayed-tau SFHs (bagpipes ``delayed``): star-forming tau 2-8 Gyr, quiescent
   tau 0.3-1.2 Gyr formed early; post-starbursts: a 10-30 % burst 0.3-1.2 Gyr ago
-  truncated 0.05-0.25 Gyr ago; frosting: 0.5-2 % of the mass in a burst < 0.3 Gyr old.
+  truncated 0.05-0.25 Gyr ago; frosting: 0.2-1 % of the mass in a burst 0.1-1 Gyr old.
 * Stellar metallicity: Gallazzi et al. (2005)-like log Z/Zsun = -0.6 + 0.3 (log M - 9).
 * Dust: A_V = 0.2 + 0.3 log10(1 + SFR) for star formers (quiescent 0-0.3), gas
   A_V = A_V / 0.44 (Calzetti 2000).
@@ -132,8 +132,10 @@ def galaxy_population(
     burst_age[psb] = rng.uniform(0.3, 1.2, psb.sum())
     burst_tau[psb] = 0.1
     trunc[psb] = rng.uniform(0.05, 0.25, psb.sum())
-    burst_frac[frost] = rng.uniform(0.005, 0.02, frost.sum())
-    burst_age[frost] = rng.uniform(0.05, 0.3, frost.sum())
+    # Frosting: ~0.2-1 % of the mass formed over the last 0.1-1 Gyr (Trager et al. 2000), which keeps
+    # the galaxy well below the main sequence (sSFR ~ 1e-11 /yr) while its young light fills in Balmer lines.
+    burst_frac[frost] = rng.uniform(0.002, 0.01, frost.sum())
+    burst_age[frost] = rng.uniform(0.1, 1.0, frost.sum())
     burst_tau[frost] = 1.0
     # Green peas: a young, intense starburst on a small old component.
     burst_frac[gp] = rng.uniform(0.2, 0.5, gp.sum())
@@ -144,9 +146,15 @@ def galaxy_population(
     metallicity = np.clip(10.0**logz, 0.02, 2.5)
     sfh = SFHParams(logm + 0.25, age, tau, metallicity, burst_frac, burst_age, burst_tau, trunc, aou)
     res, _ = star_formation_histories(sfh)
-    # Surviving mass scales linearly with mass formed: one correction hits the target mass.
-    sfh.massformed = sfh.massformed + (logm - res.stellar_mass)
-    res, _ = star_formation_histories(sfh)
+    # Surviving mass, SSP weights and SFR scale linearly with mass formed: one correction hits the
+    # target mass exactly, and rescaling the result equals recomputing it (saves a second SFH pass).
+    shift = logm - res.stellar_mass
+    sfh.massformed = sfh.massformed + shift
+    scale = 10.0**shift
+    res.weights *= scale[:, None]
+    res.sfr = res.sfr * scale
+    res.stellar_mass = res.stellar_mass + shift
+    res.formed_mass = res.formed_mass + shift
     sf = ~old
     av = np.where(sf, np.clip(0.2 + 0.3 * np.log10(1.0 + res.sfr) + rng.normal(0, 0.15, n), 0.0, 2.0), rng.uniform(0.0, 0.3, n))
     av = np.where(gp, rng.uniform(0.0, 0.3, n), av)
@@ -181,9 +189,11 @@ def emission_lines(sfr: np.ndarray, oh: np.ndarray, av_gas: np.ndarray, z: np.nd
     sey, lin = pop == "agn_seyfert", pop == "agn_liner"
     agn_ha = np.zeros(n)
     agn_ha[sey] = np.maximum(3.0 * ha[sey], 10.0 ** rng.uniform(40.5, 41.5, sey.sum()) * flux_scale[sey])
-    agn_ha[lin] = 10.0 ** rng.uniform(39.3, 40.3, lin.sum()) * flux_scale[lin]
-    a_n2 = np.where(sey, rng.uniform(-0.15, 0.25, n), rng.uniform(0.05, 0.35, n))
-    a_o3 = np.where(sey, rng.uniform(0.7, 1.1, n), rng.uniform(-0.2, 0.2, n))
+    # LINERs: the (weak) AGN still dominates the residual star formation of its quenched host, so the
+    # summed ratios sit above the Kewley et al. (2001) line, as the label promises.
+    agn_ha[lin] = np.maximum(5.0 * ha[lin], 10.0 ** rng.uniform(39.3, 40.3, lin.sum()) * flux_scale[lin])
+    a_n2 = np.where(sey, rng.uniform(-0.15, 0.25, n), rng.uniform(0.1, 0.4, n))
+    a_o3 = np.where(sey, rng.uniform(0.7, 1.1, n), rng.uniform(0.0, 0.4, n))
     a_o2 = np.where(sey, 0.45, 0.65) + rng.normal(0, 0.05, n)
     a_s2 = np.where(sey, -0.3, -0.1) + rng.normal(0, 0.05, n)
     out += _line_set(agn_ha, a_n2, a_o3, a_o2, a_s2)

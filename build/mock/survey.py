@@ -26,9 +26,11 @@ from astropy.table import Table
 from ard_sql import grid
 
 from . import desi_writer, field, objects, population, spectra, truth
-from .ssp import C_KMS, MOCK_COSMO, ssp_library
+from .ssp import C_KMS, MOCK_COSMO, REST_MIN, ssp_library
 
 NSIDE = 64
+#: Highest --zmax: DESI's blue end (3600 A) must stay inside the rest-frame SSP grid (REST_MIN).
+ZMAX_LIMIT = 0.7
 SURVEY = "main"
 RELEASE = "mock"
 TARGETID_BASE = 39_600_000_000_000_000
@@ -64,12 +66,15 @@ class MockConfig:
         """Raise ValueError with a clear message for impossible options."""
         if self.n < 1:
             raise ValueError(f"--n must be at least 1 (got {self.n})")
-        if not 0.05 <= self.zmax <= 1.5:
-            raise ValueError(f"--zmax must lie in [0.05, 1.5] (got {self.zmax})")
+        if not 0.05 <= self.zmax <= ZMAX_LIMIT:
+            raise ValueError(f"--zmax must lie in [0.05, {ZMAX_LIMIT}] (got {self.zmax}): the BC03 rest-frame grid starts at "
+                             f"{REST_MIN:.0f} A, so DESI's 3600 A blue end is covered only up to z = {ZMAX_LIMIT}")
         if self.area is not None and not 0.1 <= self.area <= 20000:
             raise ValueError(f"--area must lie in [0.1, 20000] deg^2 (got {self.area})")
         if self.seed < 0:
             raise ValueError(f"--seed must be >= 0 (got {self.seed})")
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            raise ValueError(f"--out {self.out} exists and is not a folder")
 
     @property
     def area_deg2(self) -> float:
@@ -138,8 +143,9 @@ def _wise_mags(weights: np.ndarray, av: np.ndarray, z: np.ndarray) -> dict[str, 
     return out
 
 
-def _physics(cat: dict[str, np.ndarray], rows: np.ndarray, program: str, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Truth columns of one partition (everything the spectra are built from)."""
+def _physics(cat: dict[str, np.ndarray], rows: np.ndarray, program: str, rng: np.random.Generator
+             ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Truth columns of one partition (everything the spectra are built from) and the noise-free brz-grid models."""
     n = rows.size
     t: dict[str, np.ndarray] = {k: cat[k][rows] for k in ("TARGETID", "RA", "DEC", "Z_COSMO", "V_LOS", "HEALPIX", "SPECTYPE", "DELTA", "WEB_CLASS")}
     t["Z"] = cat["Z_OBS"][rows]
@@ -154,6 +160,7 @@ def _physics(cat: dict[str, np.ndarray], rows: np.ndarray, program: str, rng: np
     t["POPULATION"] = np.where(t["SPECTYPE"] == "STAR", "star", "qso").astype("<U16")
     gal = np.flatnonzero(t["SPECTYPE"] == "GALAXY")
     phot_wave = objects.PHOT_WAVE
+    gal_weights = None
     if gal.size:
         g = population.galaxy_population(t["Z"][gal], t["WEB_CLASS"][gal], t["DELTA"][gal], program, rng)
         t["POPULATION"][gal] = g.population
@@ -166,6 +173,7 @@ def _physics(cat: dict[str, np.ndarray], rows: np.ndarray, program: str, rng: np
             t[k][gal] = v
         for j, ln in enumerate(spectra.LINE_NAMES):
             t[f"{ln}_Flux"][gal] = g.line_flux[:, j]
+        gal_weights = g.weights
         wise = _wise_mags(g.weights, g.av, t["Z"][gal])
         t["MAG_W1"][gal], t["MAG_W2"][gal] = wise["W1"], wise["W2"]
     st = np.flatnonzero(t["SPECTYPE"] == "STAR")
@@ -175,14 +183,15 @@ def _physics(cat: dict[str, np.ndarray], rows: np.ndarray, program: str, rng: np
     t["QSO_ALPHA"][qs] = rng.normal(-0.5, 0.3, qs.size)
     t["QSO_LINE_SCALE"][qs] = rng.lognormal(0.0, 0.3, qs.size)
     t["MAG_R"][qs] = rng.uniform(19.0, 21.5, qs.size)
-    # Optical photometry of every object from its own noise-free spectrum on a wider grid.
-    phot = truth.intrinsic_spectra(t, phot_wave)
+    # Optical photometry of every object from its own noise-free spectrum on a wider grid; the
+    # brz-grid model comes from the same rest-frame continuum (computed once per galaxy).
+    phot, model = truth.intrinsic_spectra_grids(t, [phot_wave, grid.brz_wavelength()], weights=gal_weights)
     for b in ("G", "R", "Z"):
         t[f"MAG_{b}"] = objects.ab_mag(phot_wave, phot, b)
     for b in ("W1", "W2"):  # stars and QSOs: Rayleigh-Jeans / power-law extrapolation from z
         miss = ~np.isfinite(t[f"MAG_{b}"])
         t[f"MAG_{b}"][miss] = t["MAG_Z"][miss] + np.where(t["SPECTYPE"][miss] == "QSO", -1.0, 0.6)
-    return t
+    return t, model
 
 
 def _target_bits(t: dict[str, np.ndarray], program: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -260,11 +269,10 @@ def generate_partition(cat: dict[str, np.ndarray], program: str, pixel: int, row
                        rdata: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Physics, spectra and files of one partition; returns its truth columns."""
     rng = np.random.default_rng([cfg.seed, 1 if program == "bright" else 2, pixel])
-    t = _physics(cat, rows, program, rng)
+    t, model = _physics(cat, rows, program, rng)
     t["SURVEY"] = np.full(rows.size, SURVEY)
     t["PROGRAM"] = np.full(rows.size, program)
     t["SAMPLE"] = np.full(rows.size, program)
-    model = truth.intrinsic_spectra(t, grid.brz_wavelength())
     arms_model = truth.instrument_arms(model, rdata)
     arms = {}
     for arm, m in arms_model.items():

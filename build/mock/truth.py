@@ -66,29 +66,46 @@ def arm_resolution_data() -> dict[str, np.ndarray]:
 
 def intrinsic_spectra(t: Mapping[str, np.ndarray] | object, wave: np.ndarray) -> np.ndarray:
     """(n, nwave) noise-free spectra before the instrument, 1e-17 erg/s/cm2/A, from truth columns."""
+    return intrinsic_spectra_grids(t, [wave])[0]
+
+
+def intrinsic_spectra_grids(
+    t: Mapping[str, np.ndarray] | object, waves: list[np.ndarray], weights: np.ndarray | None = None
+) -> list[np.ndarray]:
+    """Noise-free spectra on several uniform observed grids at once (one rest continuum per galaxy).
+
+    ``weights`` (galaxies x SSPs), when given, are the SSP weights of the galaxy rows in order
+    (``star_formation_histories`` of the same truth columns); otherwise they are recomputed.
+    """
     stype = _col(t, "SPECTYPE").astype(str)
     z = _col(t, "Z").astype(np.float64)
-    out = np.zeros((stype.size, wave.size), dtype=np.float32)
+    outs = [np.zeros((stype.size, w.size), dtype=np.float32) for w in waves]
     gal = np.flatnonzero(stype == "GALAXY")
     if gal.size:
         p = SFHParams(*(_col(t, c)[gal].astype(np.float64) for c in
                         ("LOG_MASS_FORMED", "SFH_AGE", "TAU", "METALLICITY", "BURST_FRAC", "BURST_AGE", "BURST_TAU", "TRUNC_AGE", "AGE_UNIVERSE")))
         for chunk in np.array_split(np.arange(gal.size), max(1, gal.size // 400)):
-            sub = SFHParams(*(getattr(p, f)[chunk] for f in p.__dataclass_fields__))
-            res, _ = star_formation_histories(sub)
+            if weights is None:
+                sub = SFHParams(*(getattr(p, f)[chunk] for f in p.__dataclass_fields__))
+                w_chunk = star_formation_histories(sub)[0].weights
+            else:
+                w_chunk = weights[chunk]
             rows = gal[chunk]
-            rest = spectra.rest_continuum(res.weights, _col(t, "AV")[rows], _col(t, "SIGMA_STAR")[rows])
-            flux = spectra.observe(rest, z[rows], wave)
+            rest = spectra.rest_continuum(w_chunk, _col(t, "AV")[rows], _col(t, "SIGMA_STAR")[rows])
             lines = np.stack([_col(t, f"{ln}_Flux")[rows] for ln in spectra.LINE_NAMES], axis=1)
-            spectra.add_emission_lines(flux, wave, z[rows], lines, _col(t, "SIGMA_GAS")[rows])
-            out[rows] = flux
+            for wave, out in zip(waves, outs):
+                flux = spectra.observe(rest, z[rows], wave)
+                spectra.add_emission_lines(flux, wave, z[rows], lines, _col(t, "SIGMA_GAS")[rows])
+                out[rows] = flux
+            del rest
     st = np.flatnonzero(stype == "STAR")
-    if st.size:
-        out[st] = objects.star_spectra(wave, _col(t, "TEFF")[st], _col(t, "MAG_R")[st], z[st] * C_KMS)
     qs = np.flatnonzero(stype == "QSO")
-    if qs.size:
-        out[qs] = objects.qso_spectra(wave, z[qs], _col(t, "QSO_ALPHA")[qs], _col(t, "QSO_LINE_SCALE")[qs], _col(t, "MAG_R")[qs])
-    return out
+    for wave, out in zip(waves, outs):
+        if st.size:
+            out[st] = objects.star_spectra(wave, _col(t, "TEFF")[st], _col(t, "MAG_R")[st], z[st] * C_KMS)
+        if qs.size:
+            out[qs] = objects.qso_spectra(wave, z[qs], _col(t, "QSO_ALPHA")[qs], _col(t, "QSO_LINE_SCALE")[qs], _col(t, "MAG_R")[qs])
+    return outs
 
 
 def instrument_arms(model_brz: np.ndarray, rdata: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:

@@ -1,0 +1,363 @@
+"""Build layer ``bagpipes``: stellar-population posteriors (p16/p50/p84) for every galaxy.
+
+Two sources fill the same columns (:data:`ard_sql.contract.BAGPIPES_COLUMNS`):
+
+``amortized`` (every galaxy, at build time)
+    a mixture-density network (:mod:`ard_sql.science.amortized`) trained on
+    simulations of the Swiss Army model (:mod:`ard_sql.science.pipes_model`):
+    bagpipes' own ``model_galaxy`` with the BC03 grids, Calzetti dust, nebular
+    emission, velocity broadening and the calibration polynomial, on the 8 A
+    fitting bins, with DESI-like noise.
+``bagpipes`` (where the daemon has finished a nested-sampling fit)
+    rows of ``artifacts/bagpipes/fits/...parquet`` written by ``ard daemon
+    bagpipes`` (:mod:`ard_sql.commands.daemon`); such a row replaces the
+    amortized one. A fit that failed leaves the amortized values in place and
+    adds its flag bit (``FIT_FAILED`` / ``NOT_CONVERGED``) to ``Bagpipes_flag``.
+
+Rows that are not ``SPECTYPE = 'GALAXY'`` get NULL values, a NULL
+``Physics_Source`` and the ``NOT_GALAXY`` flag; galaxies the estimator cannot
+handle (no usable bins, redshift missing or outside the trained range) get
+NULL values with ``Physics_Source = 'amortized'`` and the reason's flag.
+
+Hooks:
+
+``prepare`` (once, main process)
+    simulates the training set (``n_sims``, default 6000, about 2 min on one
+    core) and a held-out test set (``n_test``, default 500), trains the network
+    (``epochs``, default 60), measures the 68 % interval coverage on the test
+    set, and writes ``artifacts/bagpipes/estimator.pt`` + ``training.json``.
+    Simulations and weights are cached by content key in ``cache_dir`` (an
+    option; default ``artifacts/bagpipes/cache``), so a re-run (or another ARD
+    or test sharing ``cache_dir``) trains nothing.
+``run`` (per partition)
+    amortized rows for the partition, then the daemon's fits merged over them.
+``finalize``
+    training provenance, held-out coverage and the number of Bagpipes fits
+    into ``ard_meta``.
+
+Options (``--set bagpipes.key=value``): ``n_sims``, ``n_test``, ``epochs``,
+``seed``, ``n_pca``, ``hidden``, ``cache_dir``, ``batch_size`` (rows per
+inference batch, default 4096).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ard_sql import contract, paths
+from ard_sql.build import hats_writer
+from ard_sql.build.layers.base import Partition
+
+_OPTIONS = {"n_sims": int, "n_test": int, "epochs": int, "seed": int, "n_pca": int, "hidden": int,
+            "cache_dir": str, "batch_size": int}
+DEFAULTS = {"n_sims": 6000, "n_test": 500, "epochs": 60, "seed": 0, "batch_size": 4096}
+ESTIMATOR, TRAIN_LOG = "estimator.pt", "training.json"
+#: Layer name, also the models/ and artifacts/ folder name.
+NAME = "bagpipes"
+_CACHE: dict[str, Any] = {}
+
+
+def options(raw: dict[str, Any]) -> dict[str, Any]:
+    """Typed options with defaults; an unknown key is an error naming the known ones."""
+    unknown = set(raw) - set(_OPTIONS)
+    if unknown:
+        raise ValueError(f"bagpipes layer: unknown option(s) {sorted(unknown)}; known: {sorted(_OPTIONS)}")
+    return {**DEFAULTS, **{k: _OPTIONS[k](v) for k, v in raw.items()}}
+
+
+def amortized_config(opts: dict[str, Any]):
+    """The :class:`AmortizedConfig` these options ask for."""
+    from ard_sql.science.amortized import AmortizedConfig
+
+    cfg = AmortizedConfig(n_sims=opts["n_sims"], epochs=opts["epochs"], seed=opts["seed"])
+    for key in ("n_pca", "hidden"):
+        if key in opts:
+            cfg = replace(cfg, **{key: opts[key]})
+    return cfg
+
+
+def simulation_key(n: int, seed: int) -> str:
+    """Content key of a simulated set: its size and seed and everything the forward model depends on."""
+    from importlib.metadata import version
+
+    from ard_sql.science import amortized as am
+    from ard_sql.science import pipes_env
+    from ard_sql.science import pipes_model as pm
+
+    blob = json.dumps({"n": n, "seed": seed, "priors": [asdict(p) for p in pm.PRIORS],
+                       "calib": [pm.CALIB_MU, pm.CALIB_SIGMA, pm.CALIB_BOUND, pm.CALIB_ORDER], "bin": pm.FIT_BIN,
+                       "z": [am.Z_MIN, am.Z_MAX], "snr": [am.SNR_MIN, am.SNR_MAX], "veldisp": am.VELDISP_RANGE,
+                       "logU": pm.LOGU, "R_spec": pipes_env.MODEL_R_SPEC, "bagpipes": version("bagpipes")},
+                      sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def cached_simulations(cache: Path, n: int, seed: int, log=None) -> dict[str, np.ndarray]:
+    """Simulated set of size ``n`` from ``cache`` (``sims-<key>.npz``), simulating it when absent."""
+    from ard_sql.science.amortized import simulate_training_set
+
+    path = Path(cache) / f"sims-{simulation_key(n, seed)}.npz"
+    if path.exists():
+        with np.load(path) as blob:
+            return {k: blob[k] for k in blob.files}
+    t0 = time.perf_counter()
+    sims = simulate_training_set(n, seed=seed)
+    if log:
+        log(f"simulated {n} spectra in {time.perf_counter() - t0:.0f} s")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
+    np.savez(tmp, **sims)
+    os.replace(tmp, path)
+    return sims
+
+
+def train_estimator(cache: Path, opts: dict[str, Any], log=None) -> tuple[Path, dict[str, Any]]:
+    """The trained estimator file in ``cache`` and its training log (cached by content key)."""
+    from ard_sql.science import amortized as am
+
+    cfg = amortized_config(opts)
+    train_key = simulation_key(cfg.n_sims, cfg.seed)
+    test_seed = cfg.seed + 7919  # a different stream: held-out, never seen in training
+    test_key = simulation_key(opts["n_test"], test_seed)
+    key = hashlib.sha1(f"{train_key}|{test_key}|{am.config_fingerprint(cfg)}".encode()).hexdigest()[:12]
+    est_path, log_path = Path(cache) / f"estimator-{key}.pt", Path(cache) / f"estimator-{key}.json"
+    if est_path.exists() and log_path.exists():
+        return est_path, json.loads(log_path.read_text())
+    t0 = time.perf_counter()
+    sims = cached_simulations(cache, cfg.n_sims, cfg.seed, log)
+    t_sim = time.perf_counter() - t0
+    import torch
+
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    est = am.AmortizedEstimator.train(sims, cfg, log=None)
+    t_train = time.perf_counter() - t0 - t_sim
+    info: dict[str, Any] = {"key": key, "config": asdict(cfg), "simulations": train_key,
+                            "simulate_seconds": round(t_sim, 1), "train_seconds": round(t_train, 1)}
+    if opts["n_test"] > 0:
+        test = cached_simulations(cache, opts["n_test"], test_seed, log)
+        q = est.percentiles_binned(test["flux"], test["ivar"], test["z"])
+        truth = {k[len("truth_"):]: v for k, v in test.items() if k.startswith("truth_")}
+        info["heldout_n"] = int(opts["n_test"])
+        info["heldout_coverage68"] = {k: round(v, 3) for k, v in am.coverage(q, truth).items()}
+        info["heldout_median_abs_dlogmass"] = round(float(np.median(np.abs(q[:, 0, 1] - truth["LogMass"]))), 3)
+    est.save(est_path)
+    tmp = paths.temporary_sibling(log_path)
+    tmp.write_text(json.dumps(info, indent=1))
+    os.replace(tmp, log_path)
+    return est_path, info
+
+
+def estimator_file(ard_dir: Path | str) -> Path:
+    """The estimator the ARD's amortized rows came from."""
+    return paths.artifact_dir(ard_dir, NAME) / ESTIMATOR
+
+
+def load_estimator(ard_dir: Path | str):
+    """The ARD's estimator, loaded once per process (reloaded when the file changes)."""
+    from ard_sql.science.amortized import AmortizedEstimator
+
+    path = estimator_file(ard_dir)
+    if not path.exists():
+        raise FileNotFoundError(f"bagpipes layer: no amortized estimator at {path}; run `ard build --layers bagpipes`")
+    key = f"{path.resolve()}|{path.stat().st_mtime_ns}"
+    if key not in _CACHE:
+        _CACHE.clear()
+        _CACHE[key] = AmortizedEstimator.load(path)
+    return _CACHE[key]
+
+
+# ---------------------------------------------------------------- rows
+def galaxy_mask(core: pa.Table) -> np.ndarray:
+    """True for the core rows Bagpipes and the estimator handle (SPECTYPE = 'GALAXY')."""
+    spectype = core.column("SPECTYPE").fill_null("").to_pylist()
+    return np.array([s.strip().upper() == "GALAXY" for s in spectype], dtype=bool)
+
+
+def rows_to_table(rows: list[dict]) -> pa.Table:
+    """Contract rows (dicts) -> an Arrow table with the contract's columns and types."""
+    cols = contract.columns(NAME)
+    schema = pa.schema([pa.field(c.name, hats_writer.arrow_type(c.type)) for c in cols])
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def amortized_table(estimator, core: pa.Table, flux: np.ndarray, ivar: np.ndarray,
+                    batch_size: int = 4096) -> pa.Table:
+    """Amortized rows for every core row (non-galaxies: NULL + ``NOT_GALAXY``), in core order."""
+    from ard_sql.science.pipes_fit import FLAGS, null_row
+
+    targetid = core.column("TargetID").to_numpy()
+    z = core.column("Z").to_numpy(zero_copy_only=False).astype(np.float64)
+    gal = galaxy_mask(core)
+    rows: list[dict] = [null_row(t, FLAGS["NOT_GALAXY"], None) for t in targetid]
+    idx = np.flatnonzero(gal)
+    for i0 in range(0, idx.size, batch_size):
+        sel = idx[i0:i0 + batch_size]
+        for i, row in zip(sel, estimator.predict_rows(targetid[sel], z[sel], flux[sel], ivar[sel])):
+            rows[i] = row
+    return rows_to_table(rows)
+
+
+def read_fits(ard_dir: Path | str, order: int, pixel: int) -> pa.Table | None:
+    """The daemon's finished fits of one partition (contract columns), or None."""
+    path = paths.bagpipes_fits_file(ard_dir, order, pixel)
+    if not path.exists():
+        return None
+    return pq.read_table(path).select([c.name for c in contract.columns(NAME)])
+
+
+#: Flags of a fit row that mean "no values": the amortized row stays, with the flag added.
+def _failed_fit_bits() -> int:
+    from ard_sql.science.pipes_fit import FLAGS
+
+    return FLAGS["FIT_FAILED"] | FLAGS["NOT_CONVERGED"] | FLAGS["NO_DATA"] | FLAGS["BAD_REDSHIFT"]
+
+
+def merge_fits(base: pa.Table, fits: pa.Table | None) -> pa.Table:
+    """``base`` (contract rows, any order) with the daemon's ``fits`` merged in, same row order.
+
+    A fit with values replaces its row (Physics_Source = 'bagpipes'); a fit
+    without values (failed, not converged) keeps the base values and ORs its
+    flag into ``Bagpipes_flag``. Idempotent: merging twice gives the same table.
+    """
+    names = [c.name for c in contract.columns(NAME)]
+    base = base.select(names)
+    if fits is None or fits.num_rows == 0:
+        return base
+    fits = fits.select(names)
+    tid = base.column("TargetID").to_numpy()
+    ftid = fits.column("TargetID").to_numpy()
+    pos = {int(t): i for i, t in enumerate(tid)}
+    has_values = fits.column("LogMass_p50").is_valid().to_numpy(zero_copy_only=False)
+    fflag = fits.column("Bagpipes_flag").fill_null(0).to_numpy()
+    take_from_fit = np.full(len(tid), -1, np.int64)
+    extra_flag = np.zeros(len(tid), np.int64)
+    for j, t in enumerate(ftid):
+        i = pos.get(int(t))
+        if i is None:
+            continue  # a target no longer in this partition
+        if has_values[j]:
+            take_from_fit[i] = j
+        else:
+            extra_flag[i] |= int(fflag[j]) & _failed_fit_bits()
+    out = []
+    use_fit = take_from_fit >= 0
+    src = pa.array(np.where(use_fit, take_from_fit, 0))
+    for name in names:
+        col = base.column(name).combine_chunks()
+        if use_fit.any():
+            fit_col = fits.column(name).combine_chunks().take(src)
+            col = pc.if_else(pa.array(use_fit), fit_col, col)
+        if name == "Bagpipes_flag" and extra_flag.any():
+            col = pc.bit_wise_or(col.fill_null(0), pa.array(extra_flag, col.type))
+        out.append(col)
+    return pa.Table.from_arrays(out, names=names).cast(base.schema)
+
+
+def write_staging(ard_dir: Path | str, order: int, pixel: int, table: pa.Table, core: pa.Table) -> Path:
+    """Atomically (re)write one staging partition of the layer (``table`` in core-row order)."""
+    where = f"layer {NAME}, pixel {pixel} (order {order})"
+    conformed = hats_writer.conform_table(table, NAME, where)
+    return hats_writer.write_partition(ard_dir, NAME, order, pixel, hats_writer.with_positions(
+        conformed, NAME, core.column("RA").to_numpy(), core.column("DEC").to_numpy()))
+
+
+def restage_partition(ard_dir: Path | str, order: int, pixel: int) -> int:
+    """Merge the daemon's fits into the existing staging partition (or NULL rows) and rewrite it.
+
+    Used by the daemon after every checkpoint, so readers see new fits
+    without a rebuild. Returns the number of rows with Physics_Source = 'bagpipes'.
+    """
+    from ard_sql.science.pipes_fit import null_row
+
+    core = pq.read_table(paths.partition_file(ard_dir, order, pixel))
+    tid = core.column("TargetID").to_numpy()
+    staged = paths.partition_file(ard_dir, order, pixel, NAME)
+    if staged.exists():
+        base = pq.read_table(staged)
+        order_of = {int(t): i for i, t in enumerate(base.column("TargetID").to_numpy())}
+        if set(order_of) == set(int(t) for t in tid):
+            base = base.take(pa.array([order_of[int(t)] for t in tid]))
+        else:  # core changed since the layer ran: start from NULL rows; the next build fills them
+            base = rows_to_table([null_row(t, 0, None) for t in tid])
+    else:
+        base = rows_to_table([null_row(t, 0, None) for t in tid])
+    merged = merge_fits(base, read_fits(ard_dir, order, pixel))
+    write_staging(ard_dir, order, pixel, merged, core)
+    hats_writer.finalize_catalog(ard_dir, NAME)
+    return int(pc.sum(pc.equal(merged.column("Physics_Source"), "bagpipes")).as_py() or 0)
+
+
+class BagpipesLayer:
+    """Amortized posteriors for every galaxy, with the daemon's Bagpipes fits merged over them."""
+
+    name = NAME
+    version = "1"
+
+    def prepare(self, ard_dir: Path, options_: dict[str, Any], force: bool = False) -> str:
+        """Train (or reuse) the amortized estimator; return a token naming its weights."""
+        opts = options(options_)
+        art = paths.artifact_dir(ard_dir, NAME)
+        cache = Path(opts["cache_dir"]).expanduser() if "cache_dir" in opts else art / "cache"
+        cache.mkdir(parents=True, exist_ok=True)
+        if force:
+            for f in cache.glob("estimator-*"):
+                f.unlink()
+        est_path, info = train_estimator(cache, opts)
+        art.mkdir(parents=True, exist_ok=True)
+        target = estimator_file(ard_dir)
+        if not target.exists() or _file_hash(target) != _file_hash(est_path):
+            tmp = paths.temporary_sibling(target)
+            shutil.copyfile(est_path, tmp)
+            os.replace(tmp, target)
+        log_path = art / TRAIN_LOG
+        tmp = paths.temporary_sibling(log_path)
+        tmp.write_text(json.dumps({**info, "cache": str(cache)}, indent=1))
+        os.replace(tmp, log_path)
+        return _file_hash(target)
+
+    def run(self, part: Partition) -> pa.Table:
+        """TargetID + the bagpipes columns for every core row of ``part``."""
+        opts = options(part.options)
+        targetid = part.core.column("TargetID").to_numpy()
+        if len(targetid) == 0:
+            return rows_to_table([])
+        spec = part.spectra()
+        if not np.array_equal(spec.targetid, targetid):
+            raise ValueError(f"bagpipes layer, pixel {part.pixel}: spectra rows do not match the core rows")
+        table = amortized_table(load_estimator(part.ard_dir), part.core, spec.flux, spec.ivar, opts["batch_size"])
+        return merge_fits(table, read_fits(part.ard_dir, part.order, part.pixel))
+
+    @staticmethod
+    def finalize(ard_dir: Path, options_: dict[str, Any]) -> dict[str, str]:
+        """Provenance of the estimator and the count of Bagpipes fits, for ``ard_meta``."""
+        out: dict[str, str] = {}
+        log_path = paths.artifact_dir(ard_dir, NAME) / TRAIN_LOG
+        if log_path.exists():
+            info = json.loads(log_path.read_text())
+            out["bagpipes_amortized_config"] = json.dumps(info.get("config", {}))
+            out["bagpipes_amortized_training"] = (f"{info['config']['n_sims']} simulations, "
+                                                  f"{info.get('simulate_seconds', 0)} s simulating (0 = cached), "
+                                                  f"{info.get('train_seconds', 0)} s training")
+            if "heldout_coverage68" in info:
+                out["bagpipes_amortized_heldout_coverage68"] = json.dumps(info["heldout_coverage68"])
+        n_fit = 0
+        for f in (paths.artifact_dir(ard_dir, NAME) / "fits").glob("Norder=*/Dir=*/Npix=*.parquet"):
+            n_fit += pq.read_metadata(f).num_rows
+        out["bagpipes_fits"] = str(n_fit)
+        return out
+
+
+def _file_hash(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]

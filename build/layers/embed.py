@@ -1,0 +1,187 @@
+"""Build layer ``embed``: the ``emb_astro`` and ``emb_shen`` vectors and their HNSW indexes.
+
+Three steps, in the orchestrator's hooks:
+
+``prepare`` (once, main process)
+    ``emb_astro``: with option ``astroclip_checkpoint`` (or ``ard build
+    --astroclip-checkpoint PATH``) the published AstroCLIP SpecFormer weights
+    are loaded from that local file; nothing is fetched. Without one, a
+    SpecFormer (``science.specformer.SMALL_CONFIG``: AstroCLIP's patching,
+    standardisation and masked-chunk pretraining, narrower and shallower for a
+    CPU) is trained self-supervised on a sample of the ARD's own spectra.
+    ``emb_shen``: the wavelength-aware encoder (``science.shen``) is trained
+    the same way. The sample is ``train_max`` spectra (default 4000) drawn
+    evenly from every partition (GALAXY targets with S/N > ``train_min_snr``);
+    training stops after ``epochs`` or ``max_seconds`` per encoder (default 3
+    epochs, 300 s). The checkpoints go to ``artifacts/embed/`` and are reused
+    while the options and the core are unchanged; which weights were used,
+    their sizes and training logs go to ``ard_meta``.
+``run`` (per partition, on the workers)
+    embeds every spectrum; a spectrum with no good pixel gets NULL vectors and
+    ``Embed_flag`` is not needed: a NULL vector says it.
+``finalize`` (once)
+    one USearch HNSW index per embedding (cosine, f16), keys = TargetID,
+    ``indexes/<column>.usearch``, memory-mapped by ``ard_sql.open()``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ard_sql import contract, paths, similarity, spectra_store
+from ard_sql.build import hats_writer
+from ard_sql.build.layers.base import Partition
+
+_OPTIONS = {"astroclip_checkpoint": str, "train_max": int, "train_min_snr": float, "epochs": int,
+            "max_seconds": float, "seed": int, "batch_size": int}
+ASTRO_CKPT, SHEN_CKPT, TRAIN_LOG = "specformer.ckpt", "shen.ckpt", "training.json"
+_MODELS: dict[str, Any] = {}
+
+
+def _options(options: dict[str, Any]) -> dict[str, Any]:
+    unknown = set(options) - set(_OPTIONS)
+    if unknown:
+        raise ValueError(f"embed layer: unknown option(s) {sorted(unknown)}; known: {sorted(_OPTIONS)}")
+    return {k: _OPTIONS[k](v) for k, v in options.items()}
+
+
+def _file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def training_sample(ard_dir: Path, n_max: int, min_snr: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(wave, flux, ivar) of up to ``n_max`` galaxy spectra drawn evenly from every partition."""
+    files = hats_writer.partition_files(ard_dir, paths.CORE)
+    rng = np.random.default_rng(seed)
+    per = max(1, int(np.ceil(n_max / max(1, len(files)))))
+    fluxes, ivars, wave = [], [], None
+    for order, pixel, f in files:
+        core = pq.read_table(f, columns=["TargetID", "SPECTYPE", "SNR_Median"])
+        gal = np.asarray(core.column("SPECTYPE").fill_null("").to_pylist(), dtype=object) == "GALAXY"
+        snr = core.column("SNR_Median").fill_null(0).to_numpy()
+        rows = np.flatnonzero(gal & (snr > min_snr))
+        if rows.size == 0:
+            continue
+        pick = np.sort(rng.choice(rows, size=min(per, rows.size), replace=False))
+        batch = spectra_store.read_partition(ard_dir, order, pixel, core.column("TargetID").to_numpy()[pick])
+        fluxes.append(batch.flux)
+        ivars.append(batch.ivar)
+        wave = batch.wave
+    if not fluxes:
+        raise ValueError(f"embed layer: no galaxy spectrum with SNR_Median > {min_snr} to train on in {ard_dir}")
+    return wave, np.concatenate(fluxes)[:n_max], np.concatenate(ivars)[:n_max]
+
+
+def _load_models(ard_dir: Path) -> tuple[Any, Any]:
+    from ard_sql.science import shen, specformer
+
+    folder = paths.artifact_dir(ard_dir, "embed")
+    key = f"{folder}|{_file_hash(folder / ASTRO_CKPT)}|{_file_hash(folder / SHEN_CKPT)}"
+    if key not in _MODELS:  # once per worker process
+        _MODELS.clear()
+        _MODELS[key] = (specformer.load_checkpoint(folder / ASTRO_CKPT), shen.load_checkpoint(folder / SHEN_CKPT))
+    return _MODELS[key]
+
+
+class EmbedLayer:
+    """Per-partition spectral embeddings with survey-wide training and indexes."""
+
+    name = "embed"
+    version = "1"
+
+    def prepare(self, ard_dir: Path, options: dict[str, Any], force: bool = False) -> str:
+        """Load or train the two encoders; return a token naming the weights."""
+        import torch
+
+        from ard_sql.science import shen, specformer
+
+        opts = _options(options)
+        folder = paths.artifact_dir(ard_dir, "embed")
+        folder.mkdir(parents=True, exist_ok=True)
+        log_path = folder / TRAIN_LOG
+        core_state = json.dumps(sorted(json.loads(paths.state_file(ard_dir, paths.CORE).read_text()).items())) \
+            if paths.state_file(ard_dir, paths.CORE).exists() else ""
+        wanted = hashlib.sha256(json.dumps([opts, core_state], sort_keys=True).encode()).hexdigest()[:16]
+        have = json.loads(log_path.read_text()) if log_path.exists() else {}
+        if force or have.get("inputs") != wanted or not (folder / ASTRO_CKPT).exists() or not (folder / SHEN_CKPT).exists():
+            torch.set_num_threads(max(1, torch.get_num_threads()))
+            wave, flux, ivar = training_sample(ard_dir, opts.get("train_max", 4000), opts.get("train_min_snr", 2.0),
+                                               opts.get("seed", 0))
+            log: dict[str, Any] = {"inputs": wanted}
+            kw = {"epochs": opts.get("epochs", 3), "max_seconds": opts.get("max_seconds", 300.0), "seed": opts.get("seed", 0)}
+            if "astroclip_checkpoint" in opts:
+                model = specformer.load_checkpoint(opts["astroclip_checkpoint"])
+                log["astro"] = {"source": "published AstroCLIP weights", "path": opts["astroclip_checkpoint"],
+                                "config": model.config.__dict__}
+            else:
+                model, tlog = specformer.train(flux, ivar, **kw)
+                log["astro"] = {"source": "trained self-supervised on this ARD's spectra", **tlog}
+            specformer.save_checkpoint(model, folder / ASTRO_CKPT)
+            smodel, slog = shen.train(wave, flux, ivar, **kw)
+            log["shen"] = {"source": "trained self-supervised on this ARD's spectra", **slog}
+            shen.save_checkpoint(smodel, folder / SHEN_CKPT)
+            tmp = paths.temporary_sibling(log_path)
+            tmp.write_text(json.dumps(log, indent=1, default=str))
+            tmp.replace(log_path)
+        return f"{_file_hash(folder / ASTRO_CKPT)}-{_file_hash(folder / SHEN_CKPT)}"
+
+    def run(self, part: Partition) -> pa.Table:
+        """Embed every spectrum of the partition (NULL vectors where a spectrum has no good pixel)."""
+        from ard_sql.science import shen, specformer
+
+        opts = _options(part.options)
+        astro_model, shen_model = _load_models(part.ard_dir)
+        spec = part.spectra()
+        bs = opts.get("batch_size", 64)
+        astro = specformer.embed(astro_model, spec.flux, spec.ivar, out_dim=contract.EMB_ASTRO_DIM, batch_size=bs)
+        shen_v = shen.embed(shen_model, spec.wave, spec.flux, spec.ivar, out_dim=contract.EMB_SHEN_DIM, batch_size=bs)
+        return pa.table({
+            "TargetID": pa.array(spec.targetid, pa.int64()),
+            "emb_astro": _vectors(astro, contract.EMB_ASTRO_DIM),
+            "emb_shen": _vectors(shen_v, contract.EMB_SHEN_DIM),
+        })
+
+    @staticmethod
+    def finalize(ard_dir: Path, options: dict[str, Any]) -> dict[str, str]:
+        """Build the HNSW index of each embedding; return what ``ard_meta`` records."""
+        files = [f for _, _, f in hats_writer.partition_files(ard_dir, "embed")]
+        out: dict[str, str] = {}
+        log_path = paths.artifact_dir(ard_dir, "embed") / TRAIN_LOG
+        if log_path.exists():
+            log = json.loads(log_path.read_text())
+            for name in ("astro", "shen"):
+                info = log.get(name, {})
+                out[f"embed_{name}_source"] = str(info.get("source", ""))
+                out[f"embed_{name}_config"] = json.dumps(info.get("config", {}), default=str)
+                if "seconds" in info:
+                    out[f"embed_{name}_training"] = (f"{info['seconds']:.1f} s, {info['steps']} steps, "
+                                                     f"{info['n_train']} spectra, stopped_by_time={info['stopped_by_time']}")
+        for column in similarity.EMBEDDINGS.values():
+            keys, vecs = [], []
+            for f in files:
+                t = pq.read_table(f, columns=["TargetID", column])
+                ok = t.column(column).is_valid().to_numpy(zero_copy_only=False)
+                if ok.any():
+                    t = t.filter(pa.array(ok))
+                    keys.append(t.column("TargetID").to_numpy())
+                    vecs.append(t.column(column).combine_chunks().flatten().to_numpy().reshape(t.num_rows, -1))
+            if not keys:
+                continue
+            info = similarity.build_index(np.concatenate(keys), np.concatenate(vecs), paths.index_file(ard_dir, column))
+            out[f"index_{column}"] = json.dumps(info, default=str)
+        return out
+
+
+def _vectors(values: np.ndarray, dim: int) -> pa.Array:
+    """(n, dim) float32 with NaN rows -> FixedSizeList array with NULL rows."""
+    values = np.asarray(values, np.float32)
+    bad = ~np.isfinite(values).all(axis=1)
+    flat = pa.array(np.nan_to_num(values).ravel(), pa.float32())
+    return pa.FixedSizeListArray.from_arrays(flat, dim, mask=pa.array(bad))

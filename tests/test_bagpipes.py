@@ -1,0 +1,355 @@
+"""The Bagpipes layer: bagpipes' environment, fits, the amortized estimator, the layer and the daemon.
+
+Default run: the environment, flagged failures, amortized speed, a small
+mock build through the layer, and the daemon (killed, resumed, merged) with
+a stand-in fitter. Marked slow: a real (small, fast) nautilus fit of a
+simulated galaxy, the estimator's calibration on held-out simulations with
+the default training size, and amortized vs Bagpipes on fitted galaxies.
+
+The estimators trained here are cached in ``pipes_env.cache_dir()/amortized``
+(the layer's ``cache_dir`` option), so only the first run pays for the
+simulations.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from ard_sql import grid, paths
+from ard_sql.science import pipes_env
+from ard_sql.science import pipes_fit as pf
+
+#: A small estimator for the default tests (seconds to train; not calibrated, not meant to be).
+SMALL = {"n_sims": 300, "n_test": 0, "epochs": 4}
+#: Nautilus settings of the slow fit tests: few live points, one network.
+FAST_FIT = pf.FitConfig(n_live=100, n_networks=1, n_draws=200, seed=1)
+
+
+def shared_cache() -> Path:
+    return pipes_env.cache_dir() / "amortized"
+
+
+def _tree(root: Path) -> dict[str, tuple[int, int]]:
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            st = p.lstat()
+            out[str(p.relative_to(root))] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+# ---------------------------------------------------------------- environment
+def test_env_never_writes_into_site_packages_or_cwd(tmp_path: Path) -> None:
+    """Import, build a model and enter the fit work folder: nothing lands in the package or the cwd."""
+    pkg = pipes_env._package_grid_dir().parent.parent  # site-packages/bagpipes
+    before = _tree(pkg)
+    cwd, cache, work = tmp_path / "cwd", tmp_path / "cache", tmp_path / "ard" / "work"
+    cwd.mkdir()
+    code = textwrap.dedent("""
+        import json, os, sys
+        import numpy as np
+        from ard_sql.science import pipes_env, pipes_model as pm
+        pipes = pipes_env.load_bagpipes()
+        pipes.model_galaxy(pm.model_components(np.array([10., 3., 1., 1., .3]), .1), spec_wavs=pm.fit_wavelengths())
+        with pipes_env.pipes_workdir(sys.argv[1]):
+            inside = os.getcwd()
+            pipes.utils.make_dirs(run="ard_test")
+        print(json.dumps({"grid_dir": pipes.utils.grid_dir, "inside": inside, "cwd": os.getcwd(),
+                          "R_spec": pipes.config.R_spec}))
+    """)
+    env = {**os.environ, "ARD_BAGPIPES_CACHE": str(cache), "MPLCONFIGDIR": str(tmp_path / "mpl")}
+    out = subprocess.run([sys.executable, "-c", code, str(work)], cwd=cwd, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    assert Path(info["grid_dir"]) == cache / "grids"
+    assert (cache / "grids" / pipes_env.IGM_FILE).exists()
+    assert Path(info["inside"]) == work.resolve() and Path(info["cwd"]) == cwd.resolve()
+    assert (work / "pipes" / "posterior" / "ard_test").is_dir()
+    assert list(cwd.iterdir()) == [], "bagpipes wrote into the current directory"
+    assert info["R_spec"] == pipes_env.MODEL_R_SPEC
+    assert _tree(pkg) == before, "bagpipes' package folder changed"
+
+
+def test_shadow_grids_from_a_read_only_package(tmp_path: Path) -> None:
+    """A package folder without the IGM table (read-only): the table is made in the cache, the package untouched."""
+    real = pipes_env._package_grid_dir()
+    fake = tmp_path / "bagpipes" / "models"
+    (fake / "grids").mkdir(parents=True)
+    (fake / "making").mkdir()
+    for name in ("lyman_series_coefs_inoue_2014_table2.txt",):
+        (fake / "grids" / name).write_bytes((real / name).read_bytes())
+    (fake / "making" / "igm_inoue2014.py").write_bytes((real.parent / "making" / "igm_inoue2014.py").read_bytes())
+    for p in [*fake.rglob("*"), fake]:
+        p.chmod(0o555 if p.is_dir() else 0o444)
+    before = _tree(fake)
+    try:
+        shadow = pipes_env.prepare_grid_dir(tmp_path / "cache", source=fake / "grids")
+    finally:
+        for p in [fake, *fake.rglob("*")]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+    assert pipes_env._igm_table_valid(shadow / pipes_env.IGM_FILE)
+    assert (shadow / "lyman_series_coefs_inoue_2014_table2.txt").resolve() == \
+        (fake / "grids" / "lyman_series_coefs_inoue_2014_table2.txt").resolve()
+    assert _tree(fake) == before
+
+
+# ---------------------------------------------------------------- fits that cannot run
+def test_unusable_spectrum_and_failed_fit_give_null_and_flag(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    flux = np.ones(grid.NPIX, np.float32)
+    res = pf.fit_galaxy(1, 0.1, flux, np.zeros(grid.NPIX, np.float32), workdir=tmp_path)
+    assert res.row["Bagpipes_flag"] & pf.FLAGS["NO_DATA"]
+    assert all(res.row[f"{q}_p50"] is None for q in pf.QUANTITIES) and res.model is None and not res.draws
+    res = pf.fit_galaxy(2, float("nan"), flux, np.ones(grid.NPIX, np.float32), workdir=tmp_path)
+    assert res.row["Bagpipes_flag"] & pf.FLAGS["BAD_REDSHIFT"] and res.row["LogMass_p50"] is None
+
+    class Broken:
+        def galaxy(self, *a, **k):
+            raise RuntimeError("sampler exploded")
+
+    monkeypatch.setattr(pf, "load_bagpipes", lambda: Broken())
+    monkeypatch.setattr(pf, "pipes_workdir", lambda path: __import__("contextlib").nullcontext(path))
+    res = pf.fit_galaxy(3, 0.1, flux, np.ones(grid.NPIX, np.float32), workdir=tmp_path)
+    assert res.row["Bagpipes_flag"] == pf.FLAGS["FIT_FAILED"] and res.row["Physics_Source"] == "bagpipes"
+    assert all(res.row[f"{q}_{p}"] is None for q in pf.QUANTITIES for p in ("p16", "p50", "p84"))
+    assert "sampler exploded" in res.message
+
+
+# ---------------------------------------------------------------- the amortized estimator
+@pytest.fixture(scope="module")
+def small_estimator():
+    from ard_sql.build.layers import bagpipes as layer
+    from ard_sql.science.amortized import AmortizedEstimator
+
+    path, _ = layer.train_estimator(shared_cache(), layer.options(SMALL))
+    return AmortizedEstimator.load(path)
+
+
+def model_eval_seconds() -> float:
+    """Seconds of one bagpipes model evaluation (the unit a nautilus fit pays thousands of times)."""
+    from ard_sql.science import pipes_model as pm
+    from ard_sql.science.pipes_sim import Simulator
+
+    sim = Simulator()
+    theta = np.array([[10.5, 3.0, 1.0, 1.0, 0.5]] * 10)
+    sim.spectra(theta[:2], np.full(2, 0.2))
+    t0 = time.perf_counter()
+    sim.spectra(theta, np.full(10, 0.2))
+    return (time.perf_counter() - t0) / 10 + 0 * pm.FIT_BIN
+
+
+def test_amortized_speed_per_galaxy(small_estimator) -> None:
+    """Batches of brz-grid spectra: at most 5 ms per galaxy (printed as a ratio to one bagpipes model call)."""
+    rng = np.random.default_rng(0)
+    n = 2000
+    flux = (1.0 + 0.1 * rng.standard_normal((n, grid.NPIX))).astype(np.float32)
+    ivar = np.full((n, grid.NPIX), 25.0, np.float32)
+    z = rng.uniform(0.05, 0.8, n)
+    small_estimator.predict_rows(np.arange(100), z[:100], flux[:100], ivar[:100])  # warm-up
+    t0 = time.perf_counter()
+    rows = small_estimator.predict_rows(np.arange(n), z, flux, ivar)
+    per = (time.perf_counter() - t0) / n
+    one_model = model_eval_seconds()
+    print(f"amortized {per * 1e3:.2f} ms/galaxy; one bagpipes model evaluation {one_model * 1e3:.1f} ms "
+          f"(a fit makes ~1e4 of them): one fit ~ {1e4 * one_model / per:.0f} x an amortized posterior")
+    assert len(rows) == n and all(r["Physics_Source"] == "amortized" for r in rows)
+    assert per <= 5e-3
+
+
+@pytest.mark.slow
+def test_amortized_coverage_on_heldout_simulations() -> None:
+    """Default estimator (6000 simulations): 68 % intervals cover the truth for 60-76 % of held-out galaxies."""
+    from ard_sql.build.layers import bagpipes as layer
+
+    _, info = layer.train_estimator(shared_cache(), layer.options({}))
+    cov = info["heldout_coverage68"]
+    print("held-out 68% coverage:", cov, "median |dLogMass|:", info["heldout_median_abs_dlogmass"])
+    for q in ("LogMass", "SFR", "sSFR", "Age", "Dust_Av", "Metallicity", "Tau", "t_quench"):
+        assert 0.60 <= cov[q] <= 0.76, (q, cov[q])
+
+
+# ---------------------------------------------------------------- a real Bagpipes fit
+@pytest.mark.slow
+def test_fast_bagpipes_fit_has_truth_inside_posterior(tmp_path: Path) -> None:
+    from ard_sql.science.pipes_sim import simulate_brz
+
+    rng = np.random.default_rng(5)
+    flux, ivar, truth = simulate_brz(np.array([10.8, 5.0, 1.0, 1.0, 0.4]), 0.15, 8.0, rng, veldisp=150.0)
+    res = pf.fit_galaxy(7, 0.15, flux, ivar, veldisp=150.0, workdir=tmp_path / "work", config=FAST_FIT)
+    print(f"fit {res.runtime_s:.0f} s, {res.message}; truth {truth}")
+    assert res.row["Physics_Source"] == "bagpipes" and res.row["Bagpipes_flag"] in (0,), res.message
+    for q in ("LogMass", "Age", "Dust_Av", "sSFR"):
+        lo, hi = np.percentile(res.draws[q], [1, 99])
+        assert lo <= truth[q] <= hi, (q, truth[q], lo, hi)
+    assert len(res.draws["LogMass"]) == 200
+    assert res.model is not None and np.isfinite(res.model).sum() > 1000
+    assert list((tmp_path / "work").rglob("*.h5")) == []  # bagpipes' own files removed
+    # speed ratio: one fit vs one amortized posterior
+    from ard_sql.build.layers import bagpipes as layer
+    from ard_sql.science.amortized import AmortizedEstimator
+
+    est = AmortizedEstimator.load(layer.train_estimator(shared_cache(), layer.options(SMALL))[0])
+    f = np.repeat(flux[None], 1000, 0)
+    t0 = time.perf_counter()
+    est.predict_rows(np.arange(1000), np.full(1000, 0.15), f, np.repeat(ivar[None], 1000, 0))
+    per = (time.perf_counter() - t0) / 1000
+    print(f"one Bagpipes fit {res.runtime_s:.0f} s = {res.runtime_s / per:.0f} x one amortized posterior")
+    assert per <= 5e-3 and res.runtime_s / per > 1000
+
+
+# ---------------------------------------------------------------- the layer through a build
+@pytest.fixture(scope="module")
+def built_ard(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 40-target mock survey built with the bagpipes layer (small estimator from the shared cache)."""
+    from ard_sql.build.mock.survey import MockConfig, run_mock
+    from ard_sql.build.options import BuildOptions
+    from ard_sql.build.orchestrator import build
+
+    root = tmp_path_factory.mktemp("bagpipes")
+    run_mock(MockConfig(out=root / "mock", n=40, seed=3, truth_spectra=False, resolution=False))
+    opts = BuildOptions(source=str(root / "mock"), out=str(root / "ard"), layers=["bagpipes"], scheduler="sync",
+                        progress=False, layer_options={"bagpipes": {**SMALL, "cache_dir": str(shared_cache())}})
+    report = build(opts)
+    assert not report.errors, report.errors
+    return root / "ard"
+
+
+def _bagpipes_rows(ard: Path):
+    import duckdb
+
+    con = duckdb.connect()
+    return con.sql(f"""SELECT c.TargetID, c.SPECTYPE, c.TARGET_CLASS, b.* EXCLUDE (TargetID)
+        FROM read_parquet('{ard}/staging/core/dataset/**/*.parquet') c
+        JOIN read_parquet('{ard}/staging/bagpipes/dataset/**/*.parquet') b USING (TargetID)""").df()
+
+
+def test_layer_fills_every_galaxy_with_amortized_posteriors(built_ard: Path) -> None:
+    df = _bagpipes_rows(built_ard)
+    gal = df[df.SPECTYPE == "GALAXY"]
+    assert len(gal) > 20 and len(df) == 40
+    assert (gal.Physics_Source == "amortized").all()
+    usable = gal[gal.Bagpipes_flag == 0]
+    assert len(usable) >= 0.9 * len(gal)
+    for q in pf.QUANTITIES:
+        assert usable[f"{q}_p50"].notna().all()
+        assert (usable[f"{q}_p16"] <= usable[f"{q}_p50"]).all() and (usable[f"{q}_p50"] <= usable[f"{q}_p84"]).all()
+    others = df[df.SPECTYPE != "GALAXY"]
+    assert len(others) > 0
+    assert others.Physics_Source.isna().all() and others.LogMass_p50.isna().all()
+    assert (others.Bagpipes_flag & pf.FLAGS["NOT_GALAXY"]).all()
+    assert json.loads((paths.artifact_dir(built_ard, "bagpipes") / "training.json").read_text())["config"]["n_sims"] == 300
+
+
+# ---------------------------------------------------------------- the daemon
+FAKE_FITTER = """
+import time
+import numpy as np
+from ard_sql import grid
+from ard_sql.science.pipes_fit import FitResult, QUANTITIES, summarise
+
+FAIL = {fail}
+
+def fit(targetid, z, flux, ivar, *, veldisp, workdir, config):
+    time.sleep({sleep})
+    if targetid in FAIL:
+        raise RuntimeError("synthetic sampler failure")
+    rng = np.random.default_rng(targetid % 2**32)
+    draws = {{q: rng.normal(8.0 + (targetid % 97) / 100, 0.05, 200) for q in QUANTITIES}}
+    return FitResult(targetid, summarise(targetid, draws, 0, "bagpipes"), draws, np.full(grid.NPIX, 1.5), 0.01, "fake")
+"""
+
+
+def _fits(ard: Path):
+    import pyarrow as pa
+
+    files = sorted((paths.artifact_dir(ard, "bagpipes") / "fits").rglob("Npix=*.parquet"))
+    return pa.concat_tables([pq.read_table(f) for f in files]).to_pandas() if files else None
+
+
+def test_daemon_resumes_after_kill_and_its_fits_replace_amortized_rows(built_ard: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import ard_sql
+    from ard_sql.commands import daemon
+
+    queue = daemon.build_queue(built_ard)
+    assert queue and [j.target_class in daemon.PRIORITY_CLASSES for j in queue] == \
+        sorted([j.target_class in daemon.PRIORITY_CLASSES for j in queue], reverse=True)
+    fail_id = queue[1].targetid
+    (tmp_path / "fakefit.py").write_text(FAKE_FITTER.format(fail={fail_id}, sleep=0.4))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    db = ard_sql.open(built_ard)  # a reader opened before any fit exists
+    n_bp = lambda: db.sql("SELECT count(*) FROM bagpipes WHERE Physics_Source = 'bagpipes'").fetchall()[0][0]  # noqa: E731
+    assert n_bp() == 0
+
+    # 1. run in a separate process, kill -9 after its first checkpoint
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    code = "import sys; from ard_sql.commands.daemon import daemon_app; daemon_app(sys.argv[1:])"
+    proc = subprocess.Popen([sys.executable, "-c", code, "bagpipes", str(built_ard), "--fitter", "fakefit:fit",
+                             "--batch", "2"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while time.time() < deadline and (_fits(built_ard) is None or len(_fits(built_ard)) < 2):
+        assert proc.poll() is None, proc.stderr.read().decode()
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first = _fits(built_ard)
+    assert first is not None and 2 <= len(first) < len(queue)
+    assert first.TargetID.is_unique
+    assert set(first.TargetID) == {j.targetid for j in queue[:len(first)]}  # priority order
+    assert n_bp() == int(first.LogMass_p50.notna().sum())  # the open reader sees them
+    st = daemon.daemon_status(built_ard)
+    assert not st["running"] and st["fitted"] + st["failed"] == len(first)
+    assert st["queued"] == len(queue) - len(first)
+
+    # 2. resume in-process: done targets are skipped, the next ones in priority order are fitted
+    info = daemon.run_daemon(built_ard, workers=1, max_fits=4, batch=2, fitter="fakefit:fit", log=lambda m: None)
+    assert info["state"] == "finished" and info["fitted_this_run"] + info["failed_this_run"] == 4
+    second = _fits(built_ard)
+    assert second.TargetID.is_unique and len(second) == len(first) + 4
+    assert set(second.TargetID) == {j.targetid for j in queue[:len(first) + 4]}
+    ok = second[second.LogMass_p50.notna()]
+    assert n_bp() == len(ok)  # same reader, no reopen
+
+    rows = _bagpipes_rows(built_ard).set_index("TargetID")
+    for tid, fit in ok.set_index("TargetID").iterrows():
+        assert rows.loc[tid, "Physics_Source"] == "bagpipes"
+        assert rows.loc[tid, "LogMass_p50"] == pytest.approx(fit.LogMass_p50)
+    failed = rows.loc[fail_id]
+    assert failed.Physics_Source == "amortized" and failed.Bagpipes_flag & pf.FLAGS["FIT_FAILED"]
+    assert second.set_index("TargetID").loc[fail_id].LogMass_p50 is None or \
+        np.isnan(second.set_index("TargetID").loc[fail_id].LogMass_p50)
+    draws = pq.read_table(next((paths.artifact_dir(built_ard, "bagpipes") / "draws").rglob("*.parquet"))).to_pandas()
+    assert set(draws.TargetID) == set(ok.TargetID) and (draws.groupby("TargetID").size() == 200).all()
+    from ard_sql.spectra_store import read_model
+
+    model = read_model(built_ard, "bagpipes", int(ok.TargetID.iloc[0]))
+    assert model is not None and np.allclose(model["model"], 1.5)
+
+    # 3. a rebuild of the layer keeps the fits on top of the new amortized rows
+    from ard_sql.build.options import BuildOptions
+    from ard_sql.build.orchestrator import build
+
+    report = build(BuildOptions(out=str(built_ard), layers=["bagpipes"], scheduler="sync", progress=False, force=True,
+                                layer_options={"bagpipes": {**SMALL, "cache_dir": str(shared_cache())}}))
+    assert not report.errors
+    assert n_bp() == len(ok)
+    db.close()
+
+    # 4. status from the command line
+    from typer.testing import CliRunner
+
+    out = CliRunner().invoke(daemon.daemon_app, ["status", str(built_ard), "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output)["fitted"] == len(ok)

@@ -1,0 +1,140 @@
+"""The ``ard`` command line (issue 2): build, info, sql; exit codes on bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.table import Table
+from typer.testing import CliRunner
+
+from ard_sql.cli import app
+
+from conftest import PairSpec, write_pair, write_small_survey
+
+runner = CliRunner()
+FAST = ["--layers", "core", "--scheduler", "sync", "--no-progress"]
+
+
+def ard(*args: str):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def flat(text: str) -> str:
+    """Output with rich's line wrapping undone (words joined by single spaces)."""
+    return " ".join(text.split())
+
+
+@pytest.fixture(scope="module")
+def cli_ard(tmp_path_factory):
+    base = tmp_path_factory.mktemp("cli")
+    root = base / "survey"
+    truth = write_small_survey(root)
+    out = base / "ard"
+    res = ard("build", root, "--out", out, *FAST)
+    assert res.exit_code == 0, res.output
+    return root, truth, out, res
+
+
+def test_help_of_every_command():
+    for cmd in ([], ["build"], ["info"], ["sql"], ["mock"]):
+        res = ard(*cmd, "--help")
+        assert res.exit_code == 0, res.output
+        assert "Usage" in res.output
+    assert "--keep-going" in ard("build", "--help").output and "--scheduler" in ard("build", "--help").output
+    assert "--format" in ard("sql", "--help").output
+
+
+def test_build_info_sql(cli_ard):
+    _, truth, out, res = cli_ard
+    assert "(0 errors" in flat(res.output)
+    assert (out / "ard.duckdb").is_file() and (out / "build-report.json").is_file()
+    n = len(truth["targets"])
+    info = ard("info", out)
+    assert info.exit_code == 0, info.output
+    assert "core" in info.output and str(n) in info.output
+    csv = ard("sql", out, "SELECT count(*) AS n, count(DISTINCT HEALPIX) AS p FROM ard", "--format", "csv")
+    assert csv.exit_code == 0, csv.output
+    assert csv.stdout.strip().splitlines()[-1] == f"{n},4"
+    js = ard("sql", out, "SELECT TargetID, N_SPECTRA FROM ard WHERE N_SPECTRA > 1", "--format", "json")
+    assert js.exit_code == 0, js.output
+    rows = [json.loads(line) for line in js.stdout.strip().splitlines()]
+    assert rows == [{"TargetID": truth["duplicate"], "N_SPECTRA": 2}]
+    table = ard("sql", out, "SELECT count(*) AS how_many FROM ard WHERE Web_Class = 'Void'")
+    assert table.exit_code == 0 and "how_many" in table.stdout
+    spec = ard("sql", out, f"SELECT len(spectrum({truth['duplicate']}).flux) AS npix", "--format", "csv")
+    assert spec.exit_code == 0 and spec.stdout.strip().splitlines()[-1] == "7781"
+
+
+def test_sql_errors_and_missing_ard(cli_ard, tmp_path):
+    _, _, out, _ = cli_ard
+    bad = ard("sql", out, "SELECT nope FROM ard")
+    assert bad.exit_code != 0 and "query failed" in flat(bad.output)
+    assert ard("sql", out, "SELECT 1", "--format", "xml").exit_code != 0
+    missing = ard("info", tmp_path / "none")
+    assert missing.exit_code != 0 and "ard build" in flat(missing.output)
+
+
+def test_rerun_skips_unchanged(cli_ard):
+    root, _, out, first = cli_ard
+    res = ard("build", root, "--out", out, *FAST)
+    assert res.exit_code == 0, res.output
+    assert "'built': 0," in flat(res.output) and "'skipped_unchanged': 3" in flat(res.output)
+
+
+def _survey_with(tmp_path: Path, bad: str) -> tuple[Path, Path]:
+    root = tmp_path / "survey"
+    write_small_survey(root)
+    coadd, rr = write_pair(root, "main", "dark", 30000, PairSpec(39627640566900000 + np.arange(3),
+                                                                  drop_hdus=("B_IVAR",) if bad == "missing_hdu" else ()))
+    if bad == "truncated":
+        coadd.write_bytes(coadd.read_bytes()[:50000])
+        return root, coadd
+    if bad == "orphan":
+        coadd.unlink()
+        return root, rr
+    return root, coadd
+
+
+@pytest.mark.parametrize("bad", ["truncated", "missing_hdu", "orphan"])
+def test_bad_input_exit_code_and_keep_going(tmp_path, bad):
+    root, bad_file = _survey_with(tmp_path, bad)
+    out = tmp_path / "ard"
+    res = ard("build", root, "--out", out, *FAST)
+    assert res.exit_code == 1, res.output
+    assert bad_file.name in "".join(res.output.split())
+    report = json.loads((out / "build-report.json").read_text())
+    assert any(p.get("file") == str(bad_file) for p in report["problems"])
+    # The rest was built and opens.
+    q = ard("sql", out, "SELECT count(*) FROM ard", "--format", "csv")
+    assert q.stdout.strip().splitlines()[-1] == "24"
+    res = ard("build", root, "--out", out, *FAST, "--keep-going")
+    assert res.exit_code == 0, res.output
+
+
+def test_zcat_option(cli_ard, tmp_path):
+    root, truth, _, _ = cli_ard
+    dup = truth["duplicate"]
+    t = Table({"TARGETID": np.array([dup, dup], np.int64), "SURVEY": ["main", "main"], "PROGRAM": ["dark", "bright"],
+               "ZCAT_PRIMARY": np.array([False, True])})
+    zcat = tmp_path / "zpix.fits"
+    fits.HDUList([fits.PrimaryHDU(), fits.BinTableHDU(t, name="ZCATALOG")]).writeto(zcat)
+    out = tmp_path / "ard"
+    res = ard("build", root, "--out", out, *FAST, "--zcat", zcat)
+    assert res.exit_code == 0, res.output
+    q = ard("sql", out, f"SELECT PROGRAM FROM ard WHERE TargetID = {dup}", "--format", "csv")
+    assert q.stdout.strip().splitlines()[-1].strip('"') == "bright"
+
+
+def test_build_errors_exit_cleanly(tmp_path):
+    res = ard("build", tmp_path / "no_such_folder", "--out", tmp_path / "ard", *FAST)
+    assert res.exit_code == 2 and "does not exist" in flat(res.output)
+    (tmp_path / "empty").mkdir()
+    res = ard("build", tmp_path / "empty", "--out", tmp_path / "ard", *FAST)
+    assert res.exit_code == 2 and "no coadd/redrock" in flat(res.output)
+    res = ard("build", tmp_path / "empty", "--out", tmp_path / "ard", "--layers", "nosuchlayer")
+    assert res.exit_code == 2 and "unknown layer" in flat(res.output)

@@ -1,0 +1,555 @@
+"""Ingest (issue 2): arm combination, deduplication, every bad input, re-runs.
+
+Every test writes its own tiny DESI-format files (``conftest.write_pair``)
+and builds the core only (``layers=[]``, ``scheduler='sync'``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from astropy.io import fits
+from astropy.table import Table
+
+import ard_sql
+from ard_sql import grid, paths
+from ard_sql.build.ingest import combine
+from ard_sql.build.options import BuildOptions
+from ard_sql.build.orchestrator import build
+from ard_sql.spectra_store import read_partition
+
+from conftest import PairSpec, arm_wave, write_pair, write_small_survey
+
+TID0 = 39627640566170000
+# A pixel far from the small survey's (own partition at every order): bad inputs go there.
+BAD_PIXEL = 30000
+
+
+def run_build(source: Path, out: Path, **kw):
+    return build(BuildOptions(source=str(source), out=str(out), layers=[], scheduler="sync", progress=False, **kw))
+
+
+def core_rows(ard: Path, columns: str = "*", where: str = "true") -> list[dict]:
+    with ard_sql.open(ard) as db:
+        rel = db.sql(f"SELECT {columns} FROM core WHERE {where} ORDER BY TargetID")
+        names = rel.columns
+        return [dict(zip(names, r)) for r in rel.fetchall()]
+
+
+def stored_spectrum(ard: Path, tid: int) -> dict:
+    return stored_spectra(ard, [tid])[tid]
+
+
+def stored_spectra(ard: Path, tids) -> dict[int, dict | None]:
+    """spectrum(t) of several targets, through one connection."""
+    tids = [int(t) for t in tids]
+    with ard_sql.open(ard) as db:
+        rows = db.sql("SELECT t, spectrum(t) FROM (SELECT unnest(?::BIGINT[]) AS t)", params=[tids]).fetchall()
+    return {int(t): s for t, s in rows}
+
+
+def overlap(a: str, b: str) -> tuple[slice, slice, slice]:
+    """(brz slice, index in arm a, index in arm b) of the overlap of two arms."""
+    sa, sb = grid.arm_slice(a), grid.arm_slice(b)
+    lo, hi = max(sa.start, sb.start), min(sa.stop, sb.stop)
+    return slice(lo, hi), slice(lo - sa.start, hi - sa.start), slice(lo - sb.start, hi - sb.start)
+
+
+# ------------------------------------------------------------------ arm combination
+def _flat_arms(n: int, levels: dict[str, float], ivars: dict[str, float]) -> dict:
+    out = {}
+    for arm in ("B", "R", "Z"):
+        nw = len(arm_wave(arm))
+        out[arm] = (grid.arm_slice(arm), np.full((n, nw), levels[arm], np.float32),
+                    np.full((n, nw), ivars[arm], np.float32), np.zeros((n, nw), np.uint32))
+    return out
+
+
+def test_combine_inverse_variance_weighting_in_both_overlaps():
+    arms = _flat_arms(2, {"B": 1.0, "R": 4.0, "Z": 10.0}, {"B": 1.0, "R": 3.0, "Z": 0.5})
+    comb = combine.combine_arms(arms, 2)
+    br, _, _ = overlap("B", "R")
+    rz, _, _ = overlap("R", "Z")
+    assert br.stop - br.start == 51 and rz.stop - rz.start == 126  # 5760-5800 and 7520-7620 A
+    np.testing.assert_allclose(comb.flux[:, br], (1 * 1 + 4 * 3) / 4.0, rtol=1e-6)
+    np.testing.assert_allclose(comb.ivar[:, br], 4.0, rtol=1e-6)
+    np.testing.assert_allclose(comb.flux[:, rz], (4 * 3 + 10 * 0.5) / 3.5, rtol=1e-6)
+    np.testing.assert_allclose(comb.ivar[:, rz], 3.5, rtol=1e-6)
+    # Outside the overlaps: the arm's own values.
+    assert np.all(comb.flux[:, : br.start] == 1.0) and np.all(comb.ivar[:, : br.start] == 1.0)
+    assert np.all(comb.flux[:, br.stop: rz.start] == 4.0)
+    assert np.all(comb.flux[:, rz.stop:] == 10.0) and np.all(comb.ivar[:, rz.stop:] == 0.5)
+    assert np.all(comb.mask == 0)
+    np.testing.assert_allclose(comb.snr_arm["R"], 4.0 * np.sqrt(3.0), rtol=1e-6)
+
+
+def test_combine_respects_masks_and_repairs_bad_values():
+    arms = _flat_arms(1, {"B": 1.0, "R": 4.0, "Z": 10.0}, {"B": 1.0, "R": 3.0, "Z": 0.5})
+    br, ib, ir = overlap("B", "R")
+    bmask, rmask = arms["B"][3], arms["R"][3]
+    bmask[0, ib.start: ib.start + 10] = 1          # B bad, R good: R only
+    rmask[0, ir.start + 20: ir.start + 30] = 2     # R bad, B good: B only
+    bmask[0, ib.start + 40: ib.start + 45] = 4     # both bad: no data
+    rmask[0, ir.start + 40: ir.start + 45] = 8
+    bflux, bivar = arms["B"][1], arms["B"][2]
+    bflux[0, 100] = np.nan                          # NaN flux outside the overlap
+    bivar[0, 200] = -1.0                            # negative ivar
+    bmask[0, 300] = 16                              # a masked pixel in one arm only
+    comb = combine.combine_arms(arms, 1)
+    s = br.start
+    np.testing.assert_allclose(comb.flux[0, s: s + 10], 4.0)
+    np.testing.assert_allclose(comb.ivar[0, s: s + 10], 3.0)
+    assert np.all(comb.mask[0, s: s + 10] == 0)
+    np.testing.assert_allclose(comb.flux[0, s + 20: s + 30], 1.0)
+    np.testing.assert_allclose(comb.ivar[0, s + 20: s + 30], 1.0)
+    assert np.all(comb.ivar[0, s + 40: s + 45] == 0)
+    assert np.all(comb.mask[0, s + 40: s + 45] != 0)
+    for px in (100, 200):
+        assert comb.ivar[0, px] == 0 and comb.mask[0, px] & combine.BADVALUE and np.isfinite(comb.flux[0, px])
+    assert comb.ivar[0, 300] == 0 and comb.mask[0, 300] == 16
+    assert comb.n_repaired[0] == 2
+    assert np.all(np.isfinite(comb.flux))
+
+
+def test_median_snr_uses_only_good_pixels():
+    flux = np.array([[1.0, 2.0, 3.0, 100.0, 5.0], [1.0, 1.0, 1.0, 1.0, 1.0]], np.float32)
+    ivar = np.array([[4.0, 4.0, 4.0, 4.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0]], np.float32)
+    mask = np.array([[0, 0, 0, 1, 0], [0, 0, 0, 0, 0]], np.uint32)
+    snr = combine.median_snr(flux, ivar, mask)
+    assert snr[0] == pytest.approx(4.0)  # median of 2, 4, 6 (100 masked, 5 has ivar 0)
+    assert np.isnan(snr[1])
+
+
+def test_arm_combination_end_to_end(tmp_path):
+    """Arms with known flux/ivar/mask -> the stored spectrum and SNR_Median of the core table."""
+    n = 3
+    tid = TID0 + np.arange(n)
+    levels = {"B": 1.0, "R": 4.0, "Z": 10.0}
+    ivars = {"B": 1.0, "R": 3.0, "Z": 0.5}
+    arm_flux, arm_ivar, arm_mask = {}, {}, {}
+    for arm in ("B", "R", "Z"):
+        nw = len(arm_wave(arm))
+        arm_flux[arm] = np.full((n, nw), levels[arm], np.float32) * (1 + np.arange(n))[:, None]
+        arm_ivar[arm] = np.full((n, nw), ivars[arm], np.float32)
+        arm_mask[arm] = np.zeros((n, nw), np.uint32)
+    br, ib, ir = overlap("B", "R")
+    arm_mask["B"][1, ib.start: ib.start + 10] = 1  # target 1: B masked in part of the b/r overlap
+    arm_mask["R"][1, 0:500] |= 2                   # ... and 500 R pixels masked (first 51 in the overlap)
+    write_pair(tmp_path / "src", "main", "dark", 100,
+               PairSpec(tid, arm_flux=arm_flux, arm_ivar=arm_ivar, arm_mask=arm_mask))
+    out = tmp_path / "ard"
+    report = run_build(tmp_path / "src", out)
+    assert not report.errors, report.errors
+    rows = {r["TargetID"]: r for r in core_rows(out)}
+    assert sorted(rows) == list(tid)
+    rz, _, _ = overlap("R", "Z")
+    spectra = stored_spectra(out, tid)
+    for i, t in enumerate(tid):
+        s = spectra[int(t)]
+        flux, ivar, mask = (np.asarray(s[k]) for k in ("flux", "ivar", "mask"))
+        k = 1 + i
+        assert len(flux) == grid.NPIX
+        np.testing.assert_allclose(np.asarray(s["wavelength"]), grid.brz_wavelength(), atol=1e-3)
+        np.testing.assert_allclose(flux[rz], k * (4 * 3 + 10 * 0.5) / 3.5, rtol=1e-5)
+        np.testing.assert_allclose(ivar[rz], 3.5, rtol=1e-6)
+        good = (mask == 0) & (ivar > 0)
+        expected_snr = np.median(flux[good] * np.sqrt(ivar[good]))
+        assert rows[t]["SNR_Median"] == pytest.approx(expected_snr, rel=1e-5)
+        assert rows[t]["SNR_B"] == pytest.approx(k * 1.0, rel=1e-5)
+        assert rows[t]["SNR_Z"] == pytest.approx(k * 10 * np.sqrt(0.5), rel=1e-5)
+    # Target 0: plain weighting in the b/r overlap.
+    s0 = spectra[int(tid[0])]
+    np.testing.assert_allclose(np.asarray(s0["flux"])[br], (1 + 12) / 4.0, rtol=1e-5)
+    # Target 1: B masked and R masked over the b/r overlap -> no data there; R masked beyond -> ivar 0.
+    s1 = spectra[int(tid[1])]
+    f1, v1, m1 = (np.asarray(s1[k]) for k in ("flux", "ivar", "mask"))
+    assert np.all(v1[br.start: br.start + 10] == 0) and np.all(m1[br.start: br.start + 10] != 0)
+    np.testing.assert_allclose(f1[br.start + 10: br.stop], 2 * 1.0, rtol=1e-5)  # B only (R masked)
+    np.testing.assert_allclose(v1[br.start + 10: br.stop], 1.0)
+    rs = grid.arm_slice("R").start
+    assert np.all(v1[br.stop: rs + 500] == 0)  # R alone and masked
+    np.testing.assert_allclose(v1[rs + 500: rz.start], 3.0)
+    # SNR_R of target 1 is over its unmasked R pixels only (all at 2*4*sqrt(3)).
+    assert rows[int(tid[1])]["SNR_R"] == pytest.approx(2 * 4 * np.sqrt(3.0), rel=1e-5)
+
+
+# ------------------------------------------------------------------ core table content
+def test_core_columns_from_the_files(core_ard, survey_dir):
+    _, truth = survey_dir
+    rows = core_rows(core_ard)
+    assert len(rows) == len(truth["targets"])
+    for r in rows:
+        t = truth["targets"][r["TargetID"]]
+        assert r["HEALPIX"] == t["pixel"]
+        assert r["TARGET_CLASS"] == "LRG"  # DESI_TARGET bit 0
+        assert r["SURVEY"] == "main" and r["SPECTYPE"] == "GALAXY"
+        assert r["FLUX_G"] == pytest.approx(10.0) and r["EBV"] == pytest.approx(0.02)
+        assert r["TSNR2_ELG"] == pytest.approx(50.0)
+        assert r["SPEC_FILE"].startswith("spectra/Norder=")
+        # A flat spectrum at level L with ivar 4 (noise sigma 0.5): S/N ~ 2L.
+        assert r["SNR_Median"] == pytest.approx(2 * t["level"], rel=0.05)
+        assert r["SOURCE_FILE"].startswith("healpix/main/")
+
+
+def test_older_files_without_optional_columns_give_nulls(tmp_path):
+    src = tmp_path / "src"
+    write_pair(src, "main", "dark", 100, PairSpec(TID0 + np.arange(3), drop_hdus=("TSNR2", "B_RESOLUTION")))
+    coadd = src / "healpix/main/dark/1/100/coadd-main-dark-100.fits"
+    with fits.open(coadd) as h:  # remove FIBERMAP's EBV and FLUX_W2 (older files lack some columns)
+        fm = Table(h["FIBERMAP"].data)
+        fm.remove_columns(["EBV", "FLUX_W2"])
+        hdus = [x.copy() for x in h]
+    hdus[1] = fits.BinTableHDU(fm, name="FIBERMAP")
+    fits.HDUList(hdus).writeto(coadd, overwrite=True)
+    report = run_build(src, tmp_path / "ard")
+    assert not report.errors, report.errors
+    rows = core_rows(tmp_path / "ard")
+    assert len(rows) == 3
+    assert all(r["TSNR2_LRG"] is None and r["EBV"] is None and r["FLUX_W2"] is None for r in rows)
+    assert all(r["FLUX_G"] == pytest.approx(10.0) and r["Z"] is not None for r in rows)
+
+
+def test_flat_folder_with_tile_coadds(tmp_path):
+    """Tile-based coadds (coadd-<petal>-<tile>-thru<night>.fits) in a flat folder, matched by name."""
+    tmp = tmp_path / "tmp"
+    c, r = write_pair(tmp, "main", "dark", 100, PairSpec(TID0 + np.arange(4)))
+    c2, r2 = write_pair(tmp, "main", "bright", 20000, PairSpec(TID0 + 10 + np.arange(3)))
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    shutil.copy(c, flat / "coadd-0-1000-thru20210515.fits")
+    shutil.copy(r, flat / "redrock-0-1000-thru20210515.fits")
+    shutil.copy(c2, flat / "coadd-3-1001-thru20210516.fits")
+    shutil.copy(r2, flat / "redrock-3-1001-thru20210516.fits")
+    report = run_build(flat, tmp_path / "ard")
+    assert not report.errors, report.errors
+    rows = core_rows(tmp_path / "ard")
+    assert len(rows) == 7
+    assert {r["PROGRAM"] for r in rows} == {"dark", "bright"}
+
+
+# ------------------------------------------------------------------ deduplication
+def test_duplicate_target_gives_one_row_with_n_spectra(core_ard, survey_dir):
+    _, truth = survey_dir
+    dup = truth["duplicate"]
+    rows = core_rows(core_ard)
+    assert sum(r["TargetID"] == dup for r in rows) == 1
+    row = next(r for r in rows if r["TargetID"] == dup)
+    assert row["N_SPECTRA"] == 2
+    assert all(r["N_SPECTRA"] == 1 for r in rows if r["TargetID"] != dup)
+    # ZWARN == 0 beats a larger TSNR2_LRG with ZWARN != 0: the dark spectrum (level 1) is primary.
+    assert row["PROGRAM"] == "dark" and row["ZWARN"] == 0
+    flux = np.asarray(stored_spectrum(core_ard, dup)["flux"])
+    assert abs(np.median(flux) - truth["targets"][dup]["level"]) < 0.2
+
+
+def test_dedup_rule_larger_tsnr2_lrg_wins_when_both_zwarn_zero(tmp_path):
+    src = tmp_path / "src"
+    tid = np.array([TID0, TID0 + 1])
+    write_pair(src, "main", "dark", 100, PairSpec(tid, tsnr2_lrg=np.array([10.0, 900.0]), flux_level=np.array([1.0, 1.0])), seed=1)
+    write_pair(src, "main", "bright", 100, PairSpec(tid, tsnr2_lrg=np.array([20.0, 30.0]), flux_level=np.array([7.0, 7.0])), seed=2)
+    write_pair(src, "sv3", "dark", 100, PairSpec(tid[:1], tsnr2_lrg=np.array([5000.0]), zwarn=np.array([4]),
+                                                 flux_level=np.array([20.0])), seed=3)
+    report = run_build(src, tmp_path / "ard")
+    assert not report.errors, report.errors
+    rows = {r["TargetID"]: r for r in core_rows(tmp_path / "ard")}
+    assert len(rows) == 2
+    assert rows[TID0]["N_SPECTRA"] == 3 and rows[TID0 + 1]["N_SPECTRA"] == 2
+    assert (rows[TID0]["SURVEY"], rows[TID0]["PROGRAM"]) == ("main", "bright")  # 20 > 10; sv3 has ZWARN != 0
+    assert rows[TID0]["TSNR2_LRG"] == pytest.approx(20.0)
+    assert rows[TID0 + 1]["PROGRAM"] == "dark"
+    assert abs(np.median(stored_spectrum(tmp_path / "ard", TID0)["flux"]) - 7.0) < 0.2
+
+
+def _write_zcat(path: Path, rows: list[tuple[int, str, str, bool]]) -> Path:
+    t = Table()
+    t["TARGETID"] = np.array([r[0] for r in rows], np.int64)
+    t["SURVEY"] = np.array([r[1] for r in rows])
+    t["PROGRAM"] = np.array([r[2] for r in rows])
+    t["ZCAT_PRIMARY"] = np.array([r[3] for r in rows], bool)
+    t["ZCAT_NSPEC"] = np.full(len(rows), 2, np.int16)
+    fits.HDUList([fits.PrimaryHDU(), fits.BinTableHDU(t, name="ZCATALOG")]).writeto(path)
+    return path
+
+
+def test_zcat_primary_overrides_the_rule(tmp_path, survey_dir):
+    root, truth = survey_dir
+    dup = truth["duplicate"]
+    zcat = _write_zcat(tmp_path / "zpix-main.fits", [(dup, "main", "dark", False), (dup, "main", "bright", True)])
+    out = tmp_path / "ard_zcat"
+    report = run_build(root, out, zcat=str(zcat))
+    assert not report.errors, report.errors
+    rows = {r["TargetID"]: r for r in core_rows(out)}
+    assert len(rows) == len(truth["targets"])
+    assert rows[dup]["PROGRAM"] == "bright" and rows[dup]["ZWARN"] == 4 and rows[dup]["N_SPECTRA"] == 2
+    assert rows[dup]["TSNR2_LRG"] == pytest.approx(500.0)
+    assert abs(np.median(stored_spectrum(out, dup)["flux"]) - 50.0) < 0.5
+    # Targets the catalog does not list keep the rule.
+    assert all(r["PROGRAM"] == "dark" for t, r in rows.items() if t != dup)
+
+
+def test_zcat_that_is_not_a_catalog_fails_clearly(tmp_path, survey_dir):
+    from ard_sql.build.orchestrator import BuildFailed
+
+    root, _ = survey_dir
+    bad = tmp_path / "zbad.fits"
+    fits.HDUList([fits.PrimaryHDU(), fits.BinTableHDU(Table({"TARGETID": [1]}), name="ZCATALOG")]).writeto(bad)
+    with pytest.raises(BuildFailed, match="ZCAT_PRIMARY"):
+        run_build(root, tmp_path / "ard", zcat=str(bad))
+
+
+# ------------------------------------------------------------------ bad inputs
+BAD_TID = TID0 + 900_000
+
+
+def _bad_truncated(root: Path) -> tuple[Path, int | None, str]:
+    coadd, _ = write_pair(root, "main", "dark", BAD_PIXEL, PairSpec(BAD_TID + np.arange(4)))
+    data = coadd.read_bytes()
+    coadd.write_bytes(data[: len(data) // 2])
+    return coadd, None, "truncated"
+
+
+def _bad_missing_hdu(root: Path) -> tuple[Path, int | None, str]:
+    coadd, _ = write_pair(root, "main", "dark", BAD_PIXEL, PairSpec(BAD_TID + np.arange(4), drop_hdus=("FIBERMAP",)))
+    return coadd, None, "missing HDU FIBERMAP"
+
+
+def _bad_missing_redshifts(root: Path) -> tuple[Path, int | None, str]:
+    _, rr = write_pair(root, "main", "dark", BAD_PIXEL, PairSpec(BAD_TID + np.arange(4), drop_hdus=("REDSHIFTS",)))
+    return rr, None, "missing HDU REDSHIFTS"
+
+
+def _bad_row_mismatch(root: Path) -> tuple[Path, int | None, str]:
+    coadd, _ = write_pair(root, "main", "dark", BAD_PIXEL, PairSpec(BAD_TID + np.arange(4), fibermap_extra_rows=2))
+    return coadd, None, "FIBERMAP has 6 rows but B_FLUX has 4"
+
+
+def _bad_orphan_redrock(root: Path) -> tuple[Path, int | None, str]:
+    coadd, rr = write_pair(root, "main", "dark", BAD_PIXEL, PairSpec(BAD_TID + np.arange(4)))
+    coadd.unlink()
+    return rr, None, "redrock file without its coadd"
+
+
+def _bad_target_without_redshift(root: Path) -> tuple[Path, int | None, str]:
+    tid = BAD_TID + np.arange(4)
+    _, rr = write_pair(root, "main", "dark", BAD_PIXEL, PairSpec(tid, redrock_targetid=tid[:3]))
+    return rr, int(tid[3]), "no row in the redrock file"
+
+
+#: kind -> (writer, targets of the bad file that still get in the core)
+ERROR_KINDS = {
+    "truncated": (_bad_truncated, 0),
+    "missing_hdu": (_bad_missing_hdu, 0),
+    "missing_redshifts_hdu": (_bad_missing_redshifts, 0),
+    "fibermap_rows_disagree": (_bad_row_mismatch, 0),
+    "redrock_without_coadd": (_bad_orphan_redrock, 0),
+    "target_without_redshift": (_bad_target_without_redshift, 3),
+}
+
+
+def _nan_flux_spec(tid0: int) -> tuple[PairSpec, int]:
+    tid = tid0 + np.arange(3)
+    flux = np.full((3, len(arm_wave("B"))), 2.0, np.float32)
+    flux[1, 100:110] = np.nan
+    return PairSpec(tid, arm_flux={"B": flux}), int(tid[1])
+
+
+def _negative_ivar_spec(tid0: int) -> tuple[PairSpec, int]:
+    tid = tid0 + np.arange(3)
+    ivar = np.full((3, len(arm_wave("R"))), 4.0, np.float32)
+    ivar[2, 1000:1010] = -3.0
+    return PairSpec(tid, arm_ivar={"R": ivar}), int(tid[2])
+
+
+@pytest.fixture(scope="module")
+def bad_survey(tmp_path_factory):
+    """One survey holding every bad input (each in its own pixel, own targets), built once."""
+    base = tmp_path_factory.mktemp("bad")
+    root = base / "survey"
+    truth = write_small_survey(root)
+    cases: dict[str, tuple[Path, int | None, str, int]] = {}
+    for i, (kind, (writer, kept)) in enumerate(sorted(ERROR_KINDS.items())):
+        sub = base / f"tmp_{kind}"
+        path, target, reason = writer(sub)
+        # Move the pair into the survey, in a pixel of its own.
+        rel = path.parent.relative_to(sub)
+        dest = root / rel.parent / f"{BAD_PIXEL + i}"
+        shutil.copytree(path.parent, dest)
+        shift = {}
+        for f in list(dest.iterdir()):
+            new = f.with_name(f.name.replace(str(BAD_PIXEL), str(BAD_PIXEL + i)))
+            f.rename(new)
+            shift[f.name] = new
+        cases[kind] = (shift[path.name], None if target is None else target, reason, kept)
+        # Different TargetIDs per bad file: rewrite with an offset is not needed since no row of
+        # a failing file gets in, except for target_without_redshift (kept rows are its own).
+    pixel = BAD_PIXEL + 50
+    nan_spec, nan_target = _nan_flux_spec(BAD_TID + 1000)
+    nan_coadd, _ = write_pair(root, "main", "dark", pixel, nan_spec)
+    neg_spec, neg_target = _negative_ivar_spec(BAD_TID + 2000)
+    neg_coadd, _ = write_pair(root, "main", "dark", pixel + 1, neg_spec)
+    dup_tid = np.array([BAD_TID + 3000, BAD_TID + 3001, BAD_TID + 3000, BAD_TID + 3002])
+    dup_coadd, _ = write_pair(root, "main", "dark", pixel + 2, PairSpec(dup_tid, flux_level=np.array([3.0, 1.0, 9.0, 1.0])))
+    out = base / "ard"
+    report = run_build(root, out)
+    return {
+        "root": root, "out": out, "report": report, "truth": truth, "cases": cases,
+        "pixels": {"nan_flux": (nan_coadd, nan_target, grid.arm_slice("B").start + 100),
+                   "negative_ivar": (neg_coadd, neg_target, grid.arm_slice("R").start + 1000)},
+        "dup": (dup_coadd, int(dup_tid[0])),
+        "n_good": len(truth["targets"]) + sum(c[3] for c in cases.values()) + 3 + 3 + 3,
+    }
+
+
+@pytest.mark.parametrize("kind", sorted(ERROR_KINDS))
+def test_bad_input_is_reported_and_the_rest_builds(bad_survey, kind):
+    bad_file, bad_target, reason, _ = bad_survey["cases"][kind]
+    report, out = bad_survey["report"], bad_survey["out"]
+    hits = [p for p in report.errors if p.file == str(bad_file) and reason in p.reason]
+    assert hits, [str(p) for p in report.problems]
+    if bad_target is not None:
+        assert any(p.target == bad_target for p in hits)
+    assert str(bad_file) in str(hits[0])  # the message names the file
+    # build-report.json lists it.
+    data = json.loads((out / "build-report.json").read_text())
+    listed = [p for p in data["problems"] if p.get("file") == str(bad_file) and reason in p["reason"]]
+    assert listed and listed[0]["severity"] == "error" and str(bad_file) in listed[0]["message"]
+    if bad_target is not None:
+        assert any(p.get("target") == bad_target for p in listed)
+
+
+def test_bad_inputs_do_not_stop_the_other_files(bad_survey):
+    out = bad_survey["out"]
+    rows = core_rows(out, "TargetID")
+    assert len(rows) == bad_survey["n_good"]
+    assert set(bad_survey["truth"]["targets"]) <= {r["TargetID"] for r in rows}
+    data = json.loads((out / "build-report.json").read_text())
+    assert data["n_errors"] == len(bad_survey["report"].errors) >= len(ERROR_KINDS)
+
+
+@pytest.mark.parametrize("kind", ["nan_flux", "negative_ivar"])
+def test_bad_pixels_are_masked_and_reported(bad_survey, kind):
+    coadd, target, start = bad_survey["pixels"][kind]
+    report, out = bad_survey["report"], bad_survey["out"]
+    hits = [p for p in report.problems if p.file == str(coadd) and p.target == target and "masked" in p.reason]
+    assert hits and "10 pixels" in hits[0].reason, [str(p) for p in report.problems]
+    assert not [p for p in report.errors if p.file == str(coadd)]  # the spectrum is kept (repaired), not skipped
+    data = json.loads((out / "build-report.json").read_text())
+    assert any(p.get("target") == target and p.get("file") == str(coadd) for p in data["problems"])
+    s = stored_spectrum(out, target)
+    flux, ivar, mask = (np.asarray(s[k]) for k in ("flux", "ivar", "mask"))
+    assert np.all(np.isfinite(flux))
+    assert np.all(ivar[start: start + 10] == 0)
+    assert np.all(mask[start: start + 10] & combine.BADVALUE)
+    assert ivar[start + 10] > 0
+    row = core_rows(out, "SNR_Median", f"TargetID = {target}")[0]
+    assert np.isfinite(row["SNR_Median"])
+
+
+def test_duplicate_target_inside_one_file(bad_survey):
+    coadd, tid = bad_survey["dup"]
+    report, out = bad_survey["report"], bad_survey["out"]
+    hits = [p for p in report.problems if p.file == str(coadd) and p.target == tid and "duplicate" in p.reason.lower()]
+    assert hits, [str(p) for p in report.problems]
+    data = json.loads((out / "build-report.json").read_text())
+    assert any(p.get("target") == tid and "duplicate" in p["reason"].lower() for p in data["problems"])
+    rows = core_rows(out, "TargetID, N_SPECTRA", f"TargetID BETWEEN {tid} AND {tid + 2}")
+    assert [r["TargetID"] for r in rows] == [tid, tid + 1, tid + 2]
+    assert rows[0]["N_SPECTRA"] == 1
+    assert abs(np.median(stored_spectrum(out, tid)["flux"]) - 3.0) < 0.3  # the first row is kept
+
+
+def test_failed_rebuild_keeps_the_finished_ard(tmp_path):
+    root = tmp_path / "survey"
+    truth = write_small_survey(root)
+    out = tmp_path / "ard"
+    assert not run_build(root, out).errors
+    before = core_rows(out, "TargetID, SNR_Median")
+    assert len(before) == len(truth["targets"])
+    # Corrupt one source file of a partition that also holds other files' targets.
+    coadd = root / "healpix/main/dark/1/101/coadd-main-dark-101.fits"
+    data = coadd.read_bytes()
+    coadd.write_bytes(data[: len(data) // 3])
+    report = run_build(root, out)
+    assert any(p.file == str(coadd) for p in report.errors), [str(p) for p in report.problems]
+    after = core_rows(out, "TargetID, SNR_Median")
+    assert after == before  # every previously built row is still there, unchanged
+    spectra = stored_spectra(out, [r["TargetID"] for r in before])
+    assert all(spectra[r["TargetID"]] is not None for r in before)
+    # Remove the corrupt file altogether: still an ARD that opens, with every row.
+    shutil.rmtree(coadd.parent)
+    with ard_sql.open(out) as db:
+        assert db.sql("SELECT count(*) FROM ard").fetchall()[0][0] >= len(truth["targets"]) - 6
+
+
+def test_failed_partition_write_leaves_old_files(tmp_path, monkeypatch):
+    """A crash while writing a partition's core file leaves the previous core file and working spectra."""
+    root = tmp_path / "survey"
+    truth = write_small_survey(root)
+    out = tmp_path / "ard"
+    assert not run_build(root, out).errors
+    before = core_rows(out, "TargetID, SNR_Median, SPEC_FILE, SPEC_ROW")
+    parquet = sorted((out / "staging/core/dataset").rglob("Npix=*.parquet"))
+    snapshot = {f: f.read_bytes() for f in parquet}
+    # The source changes (new targets shift the rows of partition 0), then the core write fails.
+    write_pair(root, "main", "dark", 99, PairSpec(TID0 + 5000 + np.arange(5), flux_level=np.full(5, 77.0, np.float32)), seed=5)
+    from ard_sql.build import hats_writer
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(hats_writer, "write_partition", boom)
+    report = run_build(root, out)
+    assert report.errors and all("disk full" in p.reason for p in report.errors), [str(p) for p in report.problems]
+    assert {f: f.read_bytes() for f in parquet} == snapshot
+    assert not [f for f in out.rglob("*") if ".tmp-" in f.name]
+    assert core_rows(out, "TargetID, SNR_Median, SPEC_FILE, SPEC_ROW") == before
+    # spectrum() still gives each old target its own spectrum.
+    spectra = stored_spectra(out, list(truth["targets"]))
+    for tid, info in truth["targets"].items():
+        assert abs(np.median(spectra[tid]["flux"]) - info["level"]) < 0.3, tid
+    monkeypatch.undo()
+    report = run_build(root, out)  # the next build finishes the job
+    assert not report.errors
+    assert len(core_rows(out, "TargetID")) == len(truth["targets"]) + 5
+
+
+# ------------------------------------------------------------------ re-runs
+def test_rerun_skips_unchanged_and_rebuilds_changed(tmp_path):
+    root = tmp_path / "survey"
+    truth = write_small_survey(root)
+    out = tmp_path / "ard"
+    first = run_build(root, out)
+    nparts = first.layers["core"]["partitions"]
+    assert first.layers["core"]["built"] == nparts and first.layers["core"]["skipped_unchanged"] == 0
+    second = run_build(root, out)
+    assert second.layers["core"]["built"] == 0 and second.layers["core"]["skipped_unchanged"] == nparts
+    # Change one file (pixel 40000: its own partition): only that partition is rebuilt.
+    tid = TID0 + 300 + np.arange(6)
+    write_pair(root, "main", "dark", 40000, PairSpec(tid, flux_level=np.full(6, 30.0, np.float32)), seed=3)
+    mtimes = {f: f.stat().st_mtime_ns for f in (out / "staging/core/dataset").rglob("*.parquet")}
+    third = run_build(root, out)
+    assert third.layers["core"]["built"] == 1 and third.layers["core"]["skipped_unchanged"] == nparts - 1
+    changed = [f for f in mtimes if f.stat().st_mtime_ns != mtimes[f]]
+    assert len(changed) == 1
+    assert abs(np.median(stored_spectrum(out, int(tid[0]))["flux"]) - 30.0) < 0.2
+    assert len(core_rows(out, "TargetID")) == len(truth["targets"])
+    # --force rebuilds every partition.
+    assert run_build(root, out, force=True).layers["core"]["built"] == nparts
+
+
+def test_deleted_source_partition_is_removed_by_a_clean_build(tmp_path):
+    root = tmp_path / "survey"
+    truth = write_small_survey(root)
+    out = tmp_path / "ard"
+    run_build(root, out)
+    shutil.rmtree(root / "healpix/main/dark/400")  # pixel 40000: a partition of its own
+    report = run_build(root, out)
+    assert not report.errors
+    rows = core_rows(out, "TargetID, HEALPIX")
+    assert len(rows) == len(truth["targets"]) - 6 and all(r["HEALPIX"] != 40000 for r in rows)
