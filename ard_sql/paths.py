@@ -17,6 +17,17 @@ Layout of an ARD folder (``ARD_DIR``)::
     indexes/<embedding>.usearch                 USearch HNSW index per embedding
     artifacts/<layer>/                          layer-wide products (templates, weights, skeleton)
     state/<layer>.json                          fingerprints of finished partitions
+    release.json                                the release installed by ``ard pull`` (manifest + selection)
+    .pull/                                      ``ard pull``'s download area (never globbed by the views)
+        lock                                    one pull at a time
+        switch.json                             journal of a switch in progress (rolled forward by the next pull)
+        <version>/<relpath>[.part]              verified (or partial) downloads, renamed into place
+
+A release folder (``RELEASE_DIR``, written by ``ard publish``)::
+
+    latest.json                     {"version": ..., "manifests": {version: sha256 of its manifest.json}}
+    <version>/manifest.json         files (ARD-relative paths) with sha256, size, layer, order/pixel; columns
+    <version>/<relpath>             the files, laid out as in an ARD folder (unchanged ones hard-linked)
 
 Partition pixels are HEALPix NESTED at order ``K``; ``Dir = (N // 10000) * 10000``
 as in the HATS standard.
@@ -129,3 +140,55 @@ def bagpipes_draws_file(ard_dir: Path | str, order: int, pixel: int) -> Path:
 def bagpipes_workdir(ard_dir: Path | str) -> Path:
     """Working folder of bagpipes itself (its ``pipes/`` tree lands here, never in the cwd)."""
     return artifact_dir(ard_dir, "bagpipes") / "work"
+
+
+RELEASE_FILENAME = "release.json"
+PULL_DIRNAME = ".pull"
+RELEASE_MANIFEST = "manifest.json"
+RELEASE_LATEST = "latest.json"
+
+
+def release_file(ard_dir: Path | str) -> Path:
+    """The record of the release installed in an ARD folder by ``ard pull``."""
+    return Path(ard_dir) / RELEASE_FILENAME
+
+
+def pull_dir(ard_dir: Path | str) -> Path:
+    """``ard pull``'s download area inside an ARD folder (outside ``staging/``, so no view reads it)."""
+    return Path(ard_dir) / PULL_DIRNAME
+
+
+def pull_version_dir(ard_dir: Path | str, version: str) -> Path:
+    """Where ``ard pull`` stages the verified files of one release before switching."""
+    return pull_dir(ard_dir) / str(version)
+
+
+def release_version_dir(release_dir: Path | str, version: str) -> Path:
+    """One published release: ``RELEASE_DIR/<version>/``."""
+    return Path(release_dir) / str(version)
+
+
+def release_manifest(release_dir: Path | str, version: str) -> Path:
+    """The manifest of one published release."""
+    return release_version_dir(release_dir, version) / RELEASE_MANIFEST
+
+
+def release_latest(release_dir: Path | str) -> Path:
+    """``RELEASE_DIR/latest.json``: the newest version and the sha256 of every manifest."""
+    return Path(release_dir) / RELEASE_LATEST
+
+
+def parse_pixel_relpath(relpath: str | Path) -> tuple[int, int] | None:
+    """(order, pixel) of a path ending in ``Norder=K/Dir=D/Npix=N.<ext>``; None otherwise."""
+    parts = Path(relpath).parts
+    if len(parts) < 3:
+        return None
+    n, d, f = parts[-3:]
+    if not (n.startswith("Norder=") and d.startswith("Dir=") and f.startswith("Npix=")):
+        return None
+    try:
+        order = int(n.split("=", 1)[1])
+        pixel = int(f.split("=", 1)[1].split(".", 1)[0])
+    except ValueError:
+        return None
+    return order, pixel

@@ -1,0 +1,235 @@
+"""Benchmark: quality of ``emb_astro`` and ``emb_shen`` against a PCA baseline, on a mock survey.
+
+The issue's measure (issue 7): on the mock, with its truth table,
+
+* kNN regression (k = 16, cosine distance, 5-fold cross-validated R^2) from each
+  representation to true Z, LogMass, sSFR and Dn4000 (Dn4000 measured by
+  ``science.lick`` on the noise-free truth spectra at the true redshift; sSFR
+  in log10 / yr, clipped below at -13 because quenched mock galaxies go down to -22
+  and a few outliers would otherwise decide R^2);
+* precision@k (k = 10) when each injected green pea / post-starburst queries
+  the others of its kind (nearest neighbours among all galaxies, itself left out).
+
+Representations: the ARD's ``emb_astro`` and ``emb_shen`` columns, and the
+baseline, PCA of the same dimension on normalised rest-frame spectra (each
+spectrum shifted to rest frame with the catalogue redshift, resampled on a
+log-lambda grid 2250-9800 A, divided by its median, uncovered pixels set to the
+sample mean; PCA by SVD). The PCA dimension is the embedding's effective
+width (the trained encoder's ``embed_dim``, the rest of the column is zero
+padding); PCA with more components is also reported.
+
+Usage (the ARD built from the mock with ``--layers lick,embed``)::
+
+    python bench/bench_embeddings.py --ard /tmp/a --mock /tmp/m
+
+``--retrain`` instead trains both encoders in this process with the build's
+code and the given recipe (for trying recipes without a rebuild).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+
+# --------------------------------------------------------------------------- data
+
+
+def load_ard(ard: Path) -> dict:
+    """TargetID, catalogue Z, SPECTYPE, embeddings and spectra of every target in the ARD."""
+    import pyarrow.parquet as pq
+
+    from ard_sql import spectra_store
+    from ard_sql.build import hats_writer
+    from ard_sql.paths import CORE
+
+    cores, waves, fluxes, ivars = [], None, [], []
+    for order, pixel, f in hats_writer.partition_files(ard, CORE):
+        core = pq.read_table(f, columns=["TargetID", "Z", "SPECTYPE"]).to_pandas()
+        b = spectra_store.read_partition(ard, order, pixel, core["TargetID"].to_numpy())
+        cores.append(core)
+        fluxes.append(b.flux)
+        ivars.append(b.ivar)
+        waves = b.wave
+    core = pd.concat(cores, ignore_index=True)
+    emb = {}
+    parts = [pq.read_table(f).to_pandas() for _, _, f in hats_writer.partition_files(ard, "embed")]
+    if parts:
+        e = pd.concat(parts, ignore_index=True).set_index("TargetID").reindex(core["TargetID"])
+        for col in ("emb_astro", "emb_shen"):
+            emb[col] = np.stack([np.full(768, np.nan, np.float32) if v is None or (isinstance(v, float)) else np.asarray(v, np.float32)
+                                 for v in e[col]])
+    return {"core": core, "wave": np.asarray(waves), "flux": np.concatenate(fluxes), "ivar": np.concatenate(ivars), "emb": emb}
+
+
+def truth_table(mock: Path, targetid: np.ndarray) -> pd.DataFrame:
+    """Truth rows for ``targetid`` plus Dn4000 measured on the noise-free truth spectra."""
+    import h5py
+
+    from ard_sql import grid
+    from ard_sql.science import lick
+
+    t = pd.read_parquet(mock / "truth.parquet").set_index("TARGETID").reindex(targetid)
+    flux = {}
+    for f in sorted((mock / "truth_spectra").glob("*.h5")):
+        with h5py.File(f, "r") as h:
+            for tid, fl in zip(h["targetid"][:], h["flux"][:]):
+                flux[int(tid)] = fl
+    have = np.array([int(x) in flux for x in targetid])
+    dn = np.full(len(targetid), np.nan)
+    if have.any():
+        F = np.stack([flux[int(x)] for x in targetid[have]])
+        m = lick.measure_indices(grid.brz_wavelength(), F, np.ones_like(F), t["Z"].to_numpy()[have])
+        dn[have] = m["Dn4000"]
+    t["Dn4000_true"] = dn
+    return t
+
+
+def restframe_pca_input(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, z: np.ndarray,
+                        lo: float = 2250.0, hi: float = 9800.0, npix: int = 2000) -> np.ndarray:
+    """Normalised rest-frame spectra on a log-lambda grid (NaN where uncovered or bad)."""
+    rest = np.exp(np.linspace(np.log(lo), np.log(hi), npix))
+    out = np.full((len(flux), npix), np.nan, np.float32)
+    for i in range(len(flux)):
+        good = ivar[i] > 0
+        if good.sum() < 100 or not np.isfinite(z[i]):
+            continue
+        rw = wave[good] / (1 + z[i])
+        y = np.interp(rest, rw, flux[i, good], left=np.nan, right=np.nan)
+        med = np.nanmedian(y)
+        if np.isfinite(med) and med != 0:
+            out[i] = y / abs(med)
+    return out
+
+
+def pca_features(X: np.ndarray, ncomp: int) -> np.ndarray:
+    """PCA (SVD) projections of rows of X; NaN entries set to the column mean first."""
+    X = np.array(X, np.float64)
+    ok = np.isfinite(X).any(axis=1)
+    X = X[:, np.isfinite(X[ok]).any(axis=0)]  # drop rest-frame pixels no spectrum covers
+    mu = np.nanmean(X[ok], axis=0)
+    X = np.where(np.isfinite(X), X, mu)
+    X = np.clip(X - mu, -50, 50)
+    _, _, vt = np.linalg.svd(X[ok], full_matrices=False)
+    out = np.full((len(X), ncomp), np.nan, np.float32)
+    out[ok] = X[ok] @ vt[:ncomp].T
+    return out
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-30)
+
+
+def knn_r2(X: np.ndarray, y: np.ndarray, k: int = 16, folds: int = 5, seed: int = 0) -> float:
+    """Cross-validated R^2 of kNN regression (cosine distance, uniform mean of k neighbours)."""
+    ok = np.isfinite(y) & np.isfinite(X).all(axis=1) & (np.abs(X).sum(axis=1) > 0)
+    X, y = _unit(X[ok].astype(np.float64)), y[ok]
+    fold = np.random.default_rng(seed).permutation(len(y)) % folds
+    pred = np.empty_like(y)
+    for f in range(folds):
+        te, tr = fold == f, fold != f
+        sims = X[te] @ X[tr].T
+        nn = np.argpartition(-sims, k, axis=1)[:, :k]
+        pred[te] = y[tr][nn].mean(axis=1)
+    return float(1 - np.sum((y - pred) ** 2) / np.sum((y - y.mean()) ** 2))
+
+
+def precision_at_k(X: np.ndarray, labels: np.ndarray, cls: str, k: int = 10) -> float:
+    """Mean fraction of the k nearest neighbours (cosine, self excluded) of each ``cls`` member that are ``cls``."""
+    ok = np.isfinite(X).all(axis=1) & (np.abs(X).sum(axis=1) > 0)
+    Xu, lab = _unit(X[ok].astype(np.float64)), labels[ok]
+    q = np.flatnonzero(lab == cls)
+    if len(q) < 2:
+        return float("nan")
+    sims = Xu[q] @ Xu.T
+    sims[np.arange(len(q)), q] = -np.inf
+    nn = np.argsort(-sims, axis=1)[:, :k]
+    return float((lab[nn] == cls).mean())
+
+
+def evaluate(features: dict[str, np.ndarray], truth: pd.DataFrame, k: int = 16, kp: int = 10) -> pd.DataFrame:
+    """One row per representation: R^2 per property and precision@kp per rare population."""
+    targets = {"Z": truth["Z"].to_numpy(), "LogMass": truth["LOG_MASS"].to_numpy(),
+               "sSFR": np.clip(truth["SSFR"].to_numpy(), -13, None), "Dn4000": truth["Dn4000_true"].to_numpy()}
+    labels = truth["POPULATION"].fillna("").to_numpy()
+    rows = []
+    for name, X in features.items():
+        r = {"representation": name}
+        for t, y in targets.items():
+            r[f"R2_{t}"] = knn_r2(X, y, k)
+        for cls in ("green_pea", "post_starburst"):
+            r[f"P@{kp}_{cls}"] = precision_at_k(X, labels, cls, kp)
+        rows.append(r)
+    return pd.DataFrame(rows).set_index("representation")
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ard", type=Path, required=True)
+    ap.add_argument("--mock", type=Path, required=True, help="the mock folder (truth.parquet, truth_spectra/)")
+    ap.add_argument("--retrain", action="store_true", help="train both encoders here instead of reading the ARD's columns")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="embed layer option for --retrain")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--pca-extra", type=int, nargs="*", default=[16, 768])
+    ap.add_argument("--json", type=Path, help="write the table here as JSON")
+    args = ap.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    data = load_ard(args.ard)
+    core = data["core"]
+    truth = truth_table(args.mock, core["TargetID"].to_numpy())
+    gal = ~truth["POPULATION"].isin(["star", "qso"]).to_numpy() & truth["POPULATION"].notna().to_numpy()
+    print(f"loaded {len(core)} spectra ({gal.sum()} galaxies) in {time.perf_counter() - t0:.1f} s")
+
+    train_info = {}
+    if args.retrain:
+        from ard_sql.build.layers.embed import train_encoders, embed_spectra, _options
+
+        opts = _options(dict(s.split("=", 1) for s in args.set))
+        astro_m, shen_m, train_info = train_encoders(args.ard, opts)
+        emb = embed_spectra(astro_m, shen_m, data["wave"], data["flux"], data["ivar"])
+    else:
+        emb = data["emb"]
+        log_path = args.ard / "artifacts" / "embed" / "training.json"
+        if log_path.exists():
+            train_info = json.loads(log_path.read_text())
+    widths = {}
+    for name in ("astro", "shen"):
+        info = train_info.get(name, {})
+        widths[name] = int(info.get("config", {}).get("embed_dim", 768))
+        if "seconds" in info:
+            print(f"training emb_{name}: {info['seconds']:.1f} s, {info.get('steps')} steps, {info.get('n_train')} spectra, "
+                  f"epochs {len(info.get('epoch_loss', []))}, loss {info.get('epoch_loss')}")
+
+    rest = restframe_pca_input(data["wave"], data["flux"], data["ivar"], core["Z"].to_numpy())
+    feats: dict[str, np.ndarray] = {}
+    for name, col in (("astro", "emb_astro"), ("shen", "emb_shen")):
+        if col in emb:
+            feats[col] = emb[col][gal]
+    Xg = rest[gal]
+    for d in sorted({*widths.values(), *args.pca_extra}):
+        feats[f"PCA-{d} (rest frame)"] = pca_features(Xg, d)
+    res = evaluate(feats, truth[gal].reset_index())
+    pd.set_option("display.width", 200)
+    print(res.round(3).to_string())
+    print(f"total {time.perf_counter() - t0:.1f} s")
+    if args.json:
+        args.json.write_text(res.to_json(indent=1))
+
+
+if __name__ == "__main__":
+    main()
