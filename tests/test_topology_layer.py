@@ -159,7 +159,7 @@ def small_ard(tmp_path_factory) -> tuple[Path, Path]:
 
     root = tmp_path_factory.mktemp("topo")
     mock = root / "mock"
-    run_mock(MockConfig(out=mock, n=600, seed=3, area=20.0, zmax=0.15, max_cells=2**19, truth_spectra=False))
+    run_mock(MockConfig(out=mock, n=300, seed=3, area=20.0, zmax=0.15, max_cells=2**19, truth_spectra=False))
     out = root / "ard"
     report = build(BuildOptions(source=str(mock), out=str(out), layers=["topology"], scheduler="sync", progress=False,
                                 layer_options={"topology": {"cosmology": MOCK_COSMOLOGY}}))
@@ -175,7 +175,7 @@ def test_layer_columns_flags_and_filaments_view(small_ard) -> None:
     db.execute(f"CREATE TEMP VIEW truth AS SELECT * FROM read_parquet('{mock}/truth.parquet')")
     df = db.sql("SELECT a.TargetID, a.Web_Class, a.Web_Class_Code, a.Dist_Filament, a.Sigma_5, a.Sigma_10, "
                 "a.Density_kNN3D, a.Topology_flag, t.SPECTYPE FROM ard a JOIN truth t ON a.TargetID = t.TARGETID").df()
-    assert len(df) == 600
+    assert len(df) == 300
     other = df[df.SPECTYPE != "GALAXY"]
     assert len(other) > 0
     for col in ("Web_Class", "Web_Class_Code", "Dist_Filament", "Sigma_5", "Sigma_10", "Density_kNN3D"):
@@ -195,7 +195,7 @@ def test_layer_columns_flags_and_filaments_view(small_ard) -> None:
     seg = db.sql("SELECT count(*), min(persistence_sigma) FROM filaments").fetchall()[0]
     assert seg[0] > 0 and seg[1] >= 3.0
     assert pq.read_table(topology.filaments_path(out)).num_rows == seg[0]
-    meta = dict(db.sql("SELECT key, value FROM ard_meta WHERE key LIKE 'topology%'").fetchall())
+    meta = dict(db.sql("SELECT name, value FROM ard_meta WHERE name LIKE 'topology%'").fetchall())
     assert meta.get("topology_cosmology") == MOCK_COSMOLOGY
 
 

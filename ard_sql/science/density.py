@@ -327,11 +327,14 @@ def knn_density_3d(
     if tracer_positions.shape[0] <= k or not np.any(good):
         return out
     tree = cKDTree(tracer_positions)
-    dist, _ = tree.query(positions[good], k=k + 1, workers=workers)
     is_self = np.zeros(len(positions), bool) if self_in_tracers is None else np.asarray(self_in_tracers, bool)
-    r_k = np.where(is_self[good], dist[:, k], dist[:, k - 1])
-    with np.errstate(divide="ignore"):
-        out[good] = k / (4.0 / 3.0 * np.pi * r_k**3)
+    idx = np.flatnonzero(good)
+    for start in range(0, idx.size, 1 << 20):  # blocks bound the (block, k+1) neighbour arrays
+        sel = idx[start : start + (1 << 20)]
+        dist, _ = tree.query(positions[sel], k=k + 1, workers=workers)
+        r_k = np.where(is_self[sel], dist[:, k], dist[:, k - 1])
+        with np.errstate(divide="ignore"):
+            out[sel] = k / (4.0 / 3.0 * np.pi * r_k**3)
     return out
 
 

@@ -54,6 +54,8 @@ _OFFSETS: np.ndarray = np.array(
     sorted((o for o in product((-1, 0, 1), repeat=3) if o != (0, 0, 0)), key=lambda o: (o <= (0, 0, 0), o))
 )
 _HALF: np.ndarray = _OFFSETS[:13]
+#: Points per block in :func:`distance_to_segments`.
+_CHUNK = 1 << 18
 
 
 @dataclass
@@ -244,12 +246,15 @@ def distance_to_segments(points: np.ndarray, seg_start: np.ndarray, seg_end: np.
     a, b = np.asarray(seg_start, float), np.asarray(seg_end, float)
     good = np.all(np.isfinite(points), axis=1)
     k = min(k, len(a))
-    _, j = cKDTree(0.5 * (a + b)).query(points[good], k=k, workers=workers)
-    j = j.reshape(-1, k)
-    p = points[good][:, None, :]
-    ab = (b - a)[j]
-    ap = p - a[j]
-    t = np.clip(np.sum(ap * ab, axis=-1) / np.maximum(np.sum(ab * ab, axis=-1), 1e-300), 0.0, 1.0)
-    d = np.linalg.norm(ap - t[..., None] * ab, axis=-1)
-    out[good] = d.min(axis=1)
+    tree = cKDTree(0.5 * (a + b))
+    idx = np.flatnonzero(good)
+    for start in range(0, idx.size, _CHUNK):  # chunks bound the (chunk, k, 3) temporaries
+        sel = idx[start : start + _CHUNK]
+        _, j = tree.query(points[sel], k=k, workers=workers)
+        j = j.reshape(-1, k)
+        p = points[sel][:, None, :]
+        ab = (b - a)[j]
+        ap = p - a[j]
+        t = np.clip(np.sum(ap * ab, axis=-1) / np.maximum(np.sum(ab * ab, axis=-1), 1e-300), 0.0, 1.0)
+        out[sel] = np.linalg.norm(ap - t[..., None] * ab, axis=-1).min(axis=1)
     return out
