@@ -172,8 +172,14 @@ LAYER_COLUMNS: dict[str, list[Column]] = {
 }
 
 
+#: The compacted Swiss Army table (``build/compaction.py``): every column of every layer.
+WIDE = "wide"
+
+
 def columns(layer: str) -> list[Column]:
-    """Return the declared columns of one staging table, ``TargetID`` first."""
+    """Return the declared columns of one staging table (or of ``wide``), ``TargetID`` first."""
+    if layer == WIDE:
+        return all_columns()
     try:
         return LAYER_COLUMNS[layer]
     except KeyError:

@@ -15,9 +15,11 @@ columns (``ard_sql.contract.all_columns()``), literals, operators and an
 allow-list of functions pass. Statements, ``;``, subqueries, ``*`` and unknown
 names are rejected with a :class:`QueryError` saying what and where.
 
-Only the staging tables a query names are joined (core LEFT JOIN the layers
-that own its columns, the same rows as the ``ard`` view), so a query on core
-and topology columns never opens the embedding files.
+When the build's compacted table is current (``build/compaction.py``) a query
+reads it alone, no join; otherwise only the staging tables a query names are
+joined (core LEFT JOIN the layers that own its columns, the same rows as the
+``ard`` view). Either way a query on core and topology columns never reads
+the embedding columns.
 
 Sky regions in a filter read only the partitions they overlap:
 ``cone(ra0, dec0, radius_deg)`` and ``in_region('POLYGON ...' | 'MOC ...' |
@@ -303,7 +305,7 @@ def _quote(name: str) -> str:
 def typed_scan(layer: str, files_sql: str) -> str:
     """A typed scan of one staging table over ``read_parquet(<files_sql>)`` (casts as in its view)."""
     casts = [f"CAST({_quote(c.name)} AS {c.type}) AS {_quote(c.name)}" for c in contract.columns(layer)]
-    if layer == paths.CORE:
+    if layer in (paths.CORE, contract.WIDE):
         casts.append(_quote("_healpix_29"))
     return f"(SELECT {', '.join(casts)} FROM read_parquet({files_sql})) AS {_quote(layer)}"
 
@@ -314,6 +316,12 @@ def join_sql(scans: dict[str, str]) -> str:
     return ordered[0] + "".join(f" LEFT JOIN {s} USING (TargetID)" for s in ordered[1:])
 
 
+def _compacted(ard_dir: Path | str) -> bool:
+    from ard_sql.build import compaction
+
+    return compaction.is_current(ard_dir)
+
+
 def source_sql(layers: Iterable[str], ard_dir: Path | str | None = None, region: regions.Region | None = None) -> str:
     """FROM clause: core LEFT JOIN the needed layers on TargetID.
 
@@ -322,6 +330,11 @@ def source_sql(layers: Iterable[str], ard_dir: Path | str | None = None, region:
     each table is read from the partition files overlapping the region only:
     the file list is narrowed in Python, before DuckDB plans the query.
     """
+    if ard_dir is not None and _compacted(ard_dir):
+        # One table, no joins (build/compaction.py); same rows and columns.
+        files = regions.partition_files(ard_dir, contract.WIDE, region)
+        listing = ", ".join("'" + Path(f).as_posix().replace("'", "''") + "'" for f in files)
+        return typed_scan(contract.WIDE, f"[{listing}]")
     wanted = set(layers) | {paths.CORE}
     if region is not None and ard_dir is not None:
         scans = {}

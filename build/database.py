@@ -68,23 +68,30 @@ def quote_literal(text: str) -> str:
 def staging_view_sql(layer: str, ard_dir: Path | str) -> str:
     """``CREATE OR REPLACE VIEW <layer>`` over the layer's Parquet files (typed by the contract)."""
     exprs = [f"CAST({quote_ident(c.name)} AS {c.type}) AS {quote_ident(c.name)}" for c in contract.columns(layer)]
-    if layer == paths.CORE:
+    if layer in (paths.CORE, contract.WIDE):
         exprs += PARTITION_COLUMNS
     return sql_text("templates/staging_view.sql").format(
         view=quote_ident(layer),
         columns=",\n       ".join(exprs),
         layer=layer,
         ard_dir=quote_literal(Path(ard_dir).resolve().as_posix()),
-        filename="true" if layer == paths.CORE else "false",
+        filename="true" if layer in (paths.CORE, contract.WIDE) else "false",
     )
 
 
-def ard_view_sql() -> str:
-    """``CREATE OR REPLACE VIEW ard``: every contract column, layers joined on TargetID."""
+def ard_view_sql(compacted: bool = False) -> str:
+    """``CREATE OR REPLACE VIEW ard``: every contract column, layers joined on TargetID.
+
+    With ``compacted`` (the build's ``wide`` table is current, ``build/compaction.py``)
+    the view reads that one table instead of joining the layers: the same rows and
+    columns, without the joins.
+    """
     layers = [name for name in contract.LAYER_COLUMNS if name != paths.CORE]
     cols = [quote_ident(c.name) for c in contract.all_columns()] + [quote_ident(c) for c in PARTITION_COLUMN_NAMES]
     joins = "\n".join(f"LEFT JOIN {quote_ident(layer)} USING (TargetID)" for layer in layers)
-    return sql_text("templates/ard_view.sql").format(columns=",\n       ".join(cols), joins=joins)
+    return sql_text("templates/ard_view.sql").format(
+        columns=",\n       ".join(cols), source=quote_ident(contract.WIDE) if compacted else quote_ident(paths.CORE),
+        joins="" if compacted else joins)
 
 
 def extra_sql_files() -> list[str]:
@@ -108,10 +115,15 @@ def create_views(con: duckdb.DuckDBPyConnection, ard_dir: Path | str) -> list[st
     view file that fails is skipped and its error returned ("sql/<file>: reason"),
     so one broken case-study file does not cost the whole database.
     """
+    from ard_sql.build import compaction
+
     con.execute(sql_text("types.sql"))
     for layer in contract.LAYER_COLUMNS:
         con.execute(staging_view_sql(layer, ard_dir))
-    con.execute(ard_view_sql())
+    compacted = compaction.is_current(ard_dir)
+    if compacted:
+        con.execute(staging_view_sql(contract.WIDE, ard_dir))
+    con.execute(ard_view_sql(compacted))
     if (Path(ard_dir) / "artifacts" / "topology" / "filaments.parquet").exists():
         con.execute(sql_text("templates/filaments_view.sql").format(ard_dir=quote_literal(Path(ard_dir).resolve().as_posix())))
     problems = []

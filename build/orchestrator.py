@@ -11,7 +11,9 @@ Steps, each a map over partitions:
    partition's spectra file and core file;
 2. each per-partition layer, in the registry's order, on every core partition;
 3. global layers (topology) on the whole core at once;
-4. ``ard.duckdb`` (views, macros, ``ard_meta``) and ``build-report.json``.
+4. compaction: every partition's layers joined once into ``staging/wide``
+   (``build/compaction.py``), which the ``ard`` view reads while it is current;
+5. ``ard.duckdb`` (views, macros, ``ard_meta``) and ``build-report.json``.
 
 Re-running skips a partition whose fingerprint (its inputs and the layer's
 version and options) is recorded as finished in ``state/<layer>.json``.
@@ -33,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ard_sql import contract, paths
-from ard_sql.build import database, hats_writer
+from ard_sql.build import compaction, database, hats_writer
 from ard_sql.build.executor import Executor
 from ard_sql.build.ingest import core as ingest
 from ard_sql.build.ingest import desi_io
@@ -95,6 +97,30 @@ def layer_task(ard_dir: str, layer_name: str, order: int, pixel: int, options: d
     ra, dec = core.column("RA").to_numpy(), core.column("DEC").to_numpy()
     hats_writer.write_partition(ard_dir, layer_name, order, pixel, hats_writer.with_positions(conformed, layer_name, ra, dec))
     return table.num_rows
+
+
+def compact_task(ard_dir: str, order: int, pixel: int) -> int:
+    """Worker side of the compaction of one partition."""
+    return compaction.compact_partition(ard_dir, order, pixel)
+
+
+def run_compaction(opts: BuildOptions, ex: Executor, report: BuildReport) -> None:
+    """Write the wide (compacted) file of every partition whose layers changed since it was written."""
+    ard_dir = Path(opts.out)
+    parts = [(o, p) for o, p, _ in hats_writer.partition_files(ard_dir, paths.CORE)]
+    todo = [(o, p) for o, p in parts if opts.force or not compaction.partition_is_current(ard_dir, o, p)]
+    outcomes = ex.map(compact_task, todo, lambda op: (str(ard_dir), op[0], op[1]), f"compact {len(todo)} partitions", opts.progress)
+    failed = 0
+    for out in outcomes:
+        if out.error:
+            failed += 1
+            o, p = out.item
+            # a stale wide file would hide the layers' new rows: without it the views join the layers
+            paths.partition_file(ard_dir, o, p, compaction.WIDE).unlink(missing_ok=True)
+            report.add([Problem(out.error, layer=compaction.WIDE, pixel=p, order=o, severity="warning")])
+    hats_writer.finalize_catalog(ard_dir, compaction.WIDE)
+    report.layers[compaction.WIDE] = {"partitions": len(parts), "built": len(todo) - failed, "failed": failed,
+                                      "skipped_unchanged": len(parts) - len(todo)}
 
 
 def scan_task(group: desi_io.SourceGroup, rank: int, source: str) -> tuple[pa.Table | None, list[Problem]]:
@@ -168,7 +194,7 @@ def run_ingest(opts: BuildOptions, ex: Executor, report: BuildReport) -> None:
     if not report.errors:
         keep = {(p.order, p.pixel) for p in parts}
         hats_writer.remove_partitions(ard_dir, paths.CORE, keep)
-        for layer in LAYERS:
+        for layer in (*LAYERS, compaction.WIDE):
             hats_writer.remove_partitions(ard_dir, layer, keep)
     write_state(ard_dir, paths.CORE, new_state)
     hats_writer.finalize_catalog(ard_dir, paths.CORE)
@@ -303,6 +329,7 @@ def build(opts: BuildOptions) -> BuildReport:
                     prov.extra.update(finalize(ard_dir, dict(opts.layer_options.get(name, {}))))
                 except Exception as exc:  # noqa: BLE001 - named in the report, the rest of the ARD stands
                     report.add([Problem(f"finalize failed: {type(exc).__name__}: {exc}", layer=name)])
+        run_compaction(opts, ex, report)
     prov.build_date = _now()
     prov.options = opts.to_dict()
     problems = database.write_database(ard_dir, prov)

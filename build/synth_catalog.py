@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ard_sql import contract, paths
-from ard_sql.build import database, hats_writer
+from ard_sql.build import compaction, database, hats_writer
 
 POPULATIONS = ["star_forming", "green_valley", "quiescent", "post_starburst", "green_pea", "red_misfit"]
 _TARGET_ID0 = 39_627_000_000_000_000  # synthetic ids in DESI's TARGETID range
@@ -53,6 +53,8 @@ class SynthOptions:
     """Fraction of partitions that get embedding vectors (0: no embed layer; 1: every row)."""
     layers: tuple[str, ...] = ("lick", "ppxf", "bagpipes", "embed", "topology")
     """Layers to write besides core."""
+    compact: bool = True
+    """Also write the compacted table (``build/compaction.py``), as a build does."""
 
 
 def footprint_pixels(order: int) -> np.ndarray:
@@ -338,6 +340,8 @@ def synth_catalog(ard_dir: Path | str, options: SynthOptions, progress: Callable
                     continue
                 _write(ard_dir, layer, options.order, int(pixel), _LAYER_MAKERS[layer](prng, g), g["RA"], g["DEC"])
                 rows[layer] = rows.get(layer, 0) + int(n)
+            if options.compact:
+                rows[compaction.WIDE] = rows.get(compaction.WIDE, 0) + compaction.compact_partition(ard_dir, options.order, int(pixel))
             truth = pa.table({"TargetID": g["TargetID"], "population": pa.array(np.array(POPULATIONS)[g["pop"]]),
                               "web_class": pa.array(np.array(contract.WEB_CLASSES)[g["web"]]), "age_dn4000": g["age_dn"]})
             if truth_writer is None:
@@ -348,7 +352,7 @@ def synth_catalog(ard_dir: Path | str, options: SynthOptions, progress: Callable
     finally:
         if truth_writer is not None:
             truth_writer.close()
-    for layer in ("core", *options.layers):
+    for layer in ("core", *options.layers, compaction.WIDE):
         if rows.get(layer):
             hats_writer.finalize_catalog(ard_dir, layer)
     opts = {"n": options.n, "order": options.order, "seed": options.seed, "embed_fraction": options.embed_fraction}

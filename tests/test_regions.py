@@ -19,7 +19,8 @@ from ard_sql.query import QueryError, build_sql
 @pytest.fixture(scope="module")
 def db(tmp_path_factory):
     root = tmp_path_factory.mktemp("ard") / "ard"
-    synth_catalog(root, SynthOptions(n=20_000, order=2, seed=3, embed_fraction=0.2))
+    # compact=False: these tests exercise the joined (not compacted) path; test_query the compacted one
+    synth_catalog(root, SynthOptions(n=20_000, order=2, seed=3, embed_fraction=0.2, compact=False))
     with ard_sql.open(root) as con:
         yield con
 

@@ -42,16 +42,18 @@ def _region(text: str) -> regions.Region:
     return regions.parse_region(text)
 
 
-def macro_sql(filename: str) -> str:
-    """The TEMP table macro of ``sql/<filename>`` with its scans filled in."""
+def macro_sql(filename: str, compacted: bool = False) -> str:
+    """The TEMP table macro of ``sql/<filename>`` with its scans filled in (the wide table when ``compacted``)."""
     from ard_sql.query import _quote, join_sql, typed_scan
 
-    layers = list(contract.LAYER_COLUMNS)
     region_arg = "'CIRCLE ' || ra0 || ' ' || dec0 || ' ' || radius_deg" if Path(filename).name.startswith("cone") else "region"
-    scans = {name: typed_scan(name, f"region_files('{name}', {region_arg})") for name in layers}
+    if compacted:
+        source = typed_scan(contract.WIDE, f"region_files('{contract.WIDE}', {region_arg})")
+    else:
+        source = join_sql({name: typed_scan(name, f"region_files('{name}', {region_arg})") for name in contract.LAYER_COLUMNS})
     columns = ", ".join(_quote(c.name) for c in contract.all_columns())
     text = resources.files("ard_sql.sql").joinpath(filename).read_text()
-    return text.replace("{columns}", columns).replace("{scans}", join_sql(scans))
+    return text.replace("{columns}", columns).replace("{scans}", source)
 
 
 def register(con: duckdb.DuckDBPyConnection, ard: "ARD") -> None:
@@ -59,7 +61,7 @@ def register(con: duckdb.DuckDBPyConnection, ard: "ARD") -> None:
     root = ard.path
 
     def region_files(layer: str, region: str) -> list[str]:
-        if layer not in contract.LAYER_COLUMNS:
+        if layer not in contract.LAYER_COLUMNS and layer != contract.WIDE:
             raise ValueError(f"region_files: unknown table {layer!r}; known: {', '.join(contract.LAYER_COLUMNS)}")
         if region in _CREATION_PLACEHOLDERS:  # macro creation, not a query: the typed empty table
             return [paths.schema_file(root, layer).as_posix()]
@@ -85,5 +87,8 @@ def register(con: duckdb.DuckDBPyConnection, ard: "ARD") -> None:
     if not has_cone:  # an ARD built before sql/macros/cone.sql existed: same macro, per connection
         text = resources.files("ard_sql.sql").joinpath("macros/cone.sql").read_text()
         con.execute(text.replace("CREATE OR REPLACE MACRO", "CREATE OR REPLACE TEMP MACRO"))
+    from ard_sql.build import compaction
+
+    compacted = compaction.is_current(root)
     for filename in MACRO_FILES:
-        con.execute(macro_sql(filename))
+        con.execute(macro_sql(filename, compacted))
