@@ -21,6 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import duckdb
+import pyarrow as pa
 
 from ard_sql import contract, paths
 from ard_sql.build import hats_writer
@@ -64,9 +65,7 @@ def compact_partition(ard_dir: Path | str, order: int, pixel: int) -> int:
         table = con.sql(partition_sql(ard_dir, order, pixel)).arrow().read_all()
     finally:
         con.close()
-    if not paths.schema_file(ard_dir, WIDE).exists():
-        hats_writer.write_schema_file(ard_dir, WIDE)
-    hats_writer.write_partition(ard_dir, WIDE, order, pixel, table.cast(hats_writer.stored_schema(WIDE)))
+    write(ard_dir, order, pixel, table)
     return table.num_rows
 
 
@@ -83,6 +82,32 @@ def partition_is_current(ard_dir: Path | str, order: int, pixel: int) -> bool:
     return True
 
 
+def assemble(tables: dict[str, pa.Table]) -> pa.Table:
+    """The wide table of one partition from its layers' tables already in memory, row-aligned.
+
+    For writers that hold every layer of a partition at once (``ard synth-catalog``):
+    the tables must list the same TargetIDs in the same order (checked); a layer
+    missing from ``tables`` gives NULL columns.
+    """
+    core = tables[paths.CORE]
+    tid = core.column("TargetID")
+    out = []
+    for field in hats_writer.stored_schema(WIDE):
+        owner = next((t for t in tables.values() if field.name in t.column_names), None)
+        out.append(owner.column(field.name) if owner is not None else pa.nulls(core.num_rows, field.type))
+    for layer, t in tables.items():
+        if not t.column("TargetID").equals(tid):
+            raise ValueError(f"compaction: layer {layer} rows are not aligned with core (TargetID order differs)")
+    return pa.Table.from_arrays(out, schema=hats_writer.stored_schema(WIDE))
+
+
+def write(ard_dir: Path | str, order: int, pixel: int, table: pa.Table) -> None:
+    """Write one partition's wide file (and the table's schema file once)."""
+    if not paths.schema_file(ard_dir, WIDE).exists():
+        hats_writer.write_schema_file(ard_dir, WIDE)
+    hats_writer.write_partition(ard_dir, WIDE, order, pixel, table.cast(hats_writer.stored_schema(WIDE)))
+
+
 def is_current(ard_dir: Path | str) -> bool:
     """True when every core partition, and only those, has a current wide file."""
     core = {(o, p) for o, p, _ in hats_writer.partition_files(ard_dir, paths.CORE)}
@@ -90,4 +115,4 @@ def is_current(ard_dir: Path | str) -> bool:
     return bool(core) and wide == core and all(partition_is_current(ard_dir, o, p) for o, p in core)
 
 
-__all__ = ["WIDE", "compact_partition", "is_current", "partition_is_current", "partition_sql"]
+__all__ = ["WIDE", "assemble", "compact_partition", "is_current", "partition_is_current", "partition_sql", "write"]

@@ -297,10 +297,11 @@ def _to_table(cols: dict[str, np.ndarray]) -> pa.Table:
     return pa.table(arrays)
 
 
-def _write(ard_dir: Path, layer: str, order: int, pixel: int, cols: dict[str, np.ndarray], ra: np.ndarray, dec: np.ndarray) -> None:
+def _write(ard_dir: Path, layer: str, order: int, pixel: int, cols: dict[str, np.ndarray], ra: np.ndarray, dec: np.ndarray) -> pa.Table:
     table = hats_writer.conform_table(_to_table(cols), layer, where=f"synth-catalog {layer} pixel {pixel}")
     table = hats_writer.with_positions(table, layer, ra, dec)
     hats_writer.write_partition(ard_dir, layer, order, pixel, table)
+    return table
 
 
 def synth_catalog(ard_dir: Path | str, options: SynthOptions, progress: Callable[[int, int], None] | None = None) -> dict[str, int]:
@@ -333,15 +334,16 @@ def synth_catalog(ard_dir: Path | str, options: SynthOptions, progress: Callable
             prng = np.random.default_rng([options.seed, int(pixel)])
             g = simulate_partition(prng, options.order, int(pixel), int(n), first)
             first += int(n)
-            _write(ard_dir, "core", options.order, int(pixel), _core(prng, g, options.order, int(pixel)), g["RA"], g["DEC"])
+            written = {"core": _write(ard_dir, "core", options.order, int(pixel), _core(prng, g, options.order, int(pixel)), g["RA"], g["DEC"])}
             rows["core"] += int(n)
             for layer in options.layers:
                 if layer == "embed" and int(pixel) not in embed_pixels:
                     continue
-                _write(ard_dir, layer, options.order, int(pixel), _LAYER_MAKERS[layer](prng, g), g["RA"], g["DEC"])
+                written[layer] = _write(ard_dir, layer, options.order, int(pixel), _LAYER_MAKERS[layer](prng, g), g["RA"], g["DEC"])
                 rows[layer] = rows.get(layer, 0) + int(n)
-            if options.compact:
-                rows[compaction.WIDE] = rows.get(compaction.WIDE, 0) + compaction.compact_partition(ard_dir, options.order, int(pixel))
+            if options.compact:  # the tables are in memory: no need to read them back as compact_partition would
+                compaction.write(ard_dir, options.order, int(pixel), compaction.assemble(written))
+                rows[compaction.WIDE] = rows.get(compaction.WIDE, 0) + int(n)
             truth = pa.table({"TargetID": g["TargetID"], "population": pa.array(np.array(POPULATIONS)[g["pop"]]),
                               "web_class": pa.array(np.array(contract.WEB_CLASSES)[g["web"]]), "age_dn4000": g["age_dn"]})
             if truth_writer is None:
