@@ -48,12 +48,15 @@ FLAGS: dict[str, int] = {
     "FIT_FAILED": 1 << 2,         # the fit raised or returned non-finite numbers: all NULL
     "SIGMA_AT_BOUND": 1 << 3,     # stellar sigma hit a fit bound (unresolved or > 1000 km/s): VelDisp NULL
     "SIGMA_UNRESOLVED": 1 << 4,   # stellar sigma < half the effective instrumental sigma (value kept, upper-limit like)
-    "NO_BALMER_GAS": 1 << 5,      # no Balmer line covered, or Balmer gas sigma at a bound: Balmer V, sigma NULL
+    "NO_BALMER_GAS": 1 << 5,      # no Balmer line covered or detected (S/N >= 3), or Balmer gas sigma at a bound: Balmer V, sigma NULL
     "NO_FORBIDDEN_GAS": 1 << 6,   # the same for the forbidden-line component
     "NO_GAS_AV": 1 << 7,          # Halpha or Hbeta missing or S/N < 3: Gas_Av NULL
     "NOT_CONVERGED": 1 << 8,      # fast mode only: the kinematics did not converge: kinematics NULL
     **{f"LINE_{name}": 1 << (16 + i) for i, name in enumerate(LINE_NAMES)},  # line outside coverage / masked: flux NULL
 }
+
+#: A gas component's V and sigma are reported only when one of its lines has flux / error >= this.
+GAS_DETECTION_SNR = 3.0
 
 #: Cardelli et al. (1989), R_V = 3.1, and the case-B Halpha/Hbeta ratio (T = 1e4 K).
 K_HBETA, K_HALPHA, R_V, BALMER_DECREMENT = 3.61, 2.53, 3.1, 2.86
@@ -110,11 +113,11 @@ class KinematicsResult:
     extra: dict = field(default_factory=dict)
 
 
-def _interp_rows(x_out: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Linear interpolation of every row of ``y`` (defined on ``x``) at ``x_out``."""
+def _interp_many(x_out: np.ndarray, x: np.ndarray, *ys: np.ndarray) -> list[np.ndarray]:
+    """Linear interpolation of every row of each ``y`` (defined on ``x``) at ``x_out`` (one search)."""
     j = np.clip(np.searchsorted(x, x_out) - 1, 0, x.size - 2)
     t = (x_out - x[j]) / (x[j + 1] - x[j])
-    return y[:, j] * (1 - t) + y[:, j + 1] * t
+    return [y[:, j] * (1 - t) + y[:, j + 1] * t for y in ys]
 
 
 def resample_templates(lam: np.ndarray, flux: np.ndarray, velscale: float) -> tuple[np.ndarray, np.ndarray]:
@@ -130,32 +133,33 @@ def log_grid(wave: np.ndarray, velscale: float) -> np.ndarray:
     return lo + step * (0.5 + np.arange(int((hi - lo) / step)))
 
 
-def _conv_rows(a: np.ndarray, ker: np.ndarray) -> np.ndarray:
-    """sum_k ker[k, n, i] a[n, i + k - half] with edge padding: a per-pixel kernel (taps first) on every row."""
-    half = (ker.shape[0] - 1) // 2
-    pad = np.pad(a, [(0, 0), (half, half)], mode="edge")
-    npix = a.shape[1]
-    out = ker[0] * pad[:, :npix]
-    for k in range(1, ker.shape[0]):
-        out += ker[k] * pad[:, k : k + npix]
-    return out
+def _smooth_rows(y: np.ndarray, var: np.ndarray, bad: np.ndarray, sig_px: np.ndarray):
+    """Gaussian smoothing of each row with per-pixel width ``sig_px`` (the kernel belongs to the output pixel).
 
-
-def _smooth_rows(y: np.ndarray, sig_px: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Convolve each row of ``y`` with a Gaussian of per-pixel width ``sig_px``; also return the kernels (taps first)."""
+    Returns the smoothed ``y``, the propagated variance (diagonal: sum k^2 var) and the kernel-weighted
+    fraction of ``bad`` pixels. The kernel taps are made on the fly by recurrence,
+    exp(q k^2) = exp(q (k-1)^2) r_k with r_k = r_(k-1) exp(2q), so no (taps, n, npix) array is held.
+    """
     half = max(1, int(np.ceil(4 * np.nanmax(sig_px, initial=0.25))))
+    npix = y.shape[1]
     q = -0.5 / np.maximum(sig_px, 1e-3) ** 2
-    # exp(q k^2) by recurrence (two exponentials, then products): g_k = g_(k-1) r_k, r_k = r_(k-1) exp(2q)
-    ker = np.empty((2 * half + 1,) + np.shape(q))
-    ker[half] = 1.0
+    pad = lambda a: np.pad(a, [(0, 0), (half, half)], mode="edge")  # noqa: E731
+    yp, vp, bp = pad(y), pad(var), pad(bad.astype(np.float64))
+    acc_y, acc_v, acc_b = y.copy(), var.copy(), bad.astype(np.float64)
+    norm = np.ones_like(q)
+    g = np.ones_like(q)
     r = np.exp(q)
     e2q = r * r
     for k in range(1, half + 1):
-        ker[half + k] = ker[half + k - 1] * r
-        ker[half - k] = ker[half + k]
-        r = r * e2q
-    ker /= ker.sum(0)
-    return _conv_rows(y, ker), ker
+        g *= r
+        r *= e2q
+        g2 = g * g
+        lo, hi = slice(half - k, half - k + npix), slice(half + k, half + k + npix)
+        acc_y += g * (yp[:, lo] + yp[:, hi])
+        acc_v += g2 * (vp[:, lo] + vp[:, hi])
+        acc_b += g * (bp[:, lo] + bp[:, hi])
+        norm += 2 * g
+    return acc_y / norm, acc_v / norm**2, acc_b / norm
 
 
 def prepare(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None, lsf_sigma: np.ndarray,
@@ -187,9 +191,7 @@ def prepare(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, mask: np.ndarr
     fwhm_t_obs = template_fwhm * (1 + zz)[:, None]
     dl = np.gradient(wave)
     extra_px = np.sqrt(np.clip(fwhm_t_obs**2 - fwhm_gal_obs**2, 0, None)) / 2.3548 / dl
-    y, ker = _smooth_rows(y, extra_px)
-    var = _conv_rows(var, ker**2)  # diagonal approximation: covariance ignored
-    badfrac = _conv_rows(bad.astype(np.float64), ker)
+    y, var, badfrac = _smooth_rows(y, var, bad, extra_px)  # variance: diagonal approximation, covariance ignored
     fwhm_eff_obs = np.maximum(fwhm_t_obs, fwhm_gal_obs)
     # templates broadened where the galaxy is broader than them (not DESI): one velocity sigma per spectrum
     diff = np.clip(fwhm_gal_obs**2 - fwhm_t_obs**2, 0, None)
@@ -202,10 +204,10 @@ def prepare(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, mask: np.ndarr
     ln_lam = log_grid(wave, config.velscale)
     lam_out = np.exp(ln_lam)
     flux_log = CubicSpline(wave, y, axis=1)(lam_out)
-    var_log = _interp_rows(lam_out, wave, var)
-    bad_log = _interp_rows(lam_out, wave, badfrac) > 0.05
-    fwhm_log = _interp_rows(lam_out, wave, fwhm_eff_obs) / (1 + zz)[:, None]
-    fwhm_gal_log = _interp_rows(lam_out, wave, fwhm_gal_obs) / (1 + zz)[:, None]
+    var_log, badfrac_log, fwhm_log, fwhm_gal_log = _interp_many(lam_out, wave, var, badfrac, fwhm_eff_obs, fwhm_gal_obs)
+    bad_log = badfrac_log > 0.05
+    fwhm_log /= (1 + zz)[:, None]
+    fwhm_gal_log /= (1 + zz)[:, None]
     ln_rest = ln_lam[None, :] - np.log1p(zz)[:, None]
     inside = (ln_rest >= np.log(config.rest_range[0])) & (ln_rest <= np.log(config.rest_range[1]))
     for wl in NUISANCE_LINES.values():
@@ -217,19 +219,40 @@ def prepare(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, mask: np.ndarr
     return Prepared(ln_lam, flux_log, noise, good, fwhm_log, fwhm_gal_log, tpl_extra, z, usable, flag)
 
 
+def line_pixels(prep: Prepared, rows: np.ndarray | None = None) -> np.ndarray:
+    """(n, 12) fractional index on the ``prep.ln_lam`` grid of each line at each spectrum's redshift."""
+    z = prep.z if rows is None else prep.z[rows]
+    step = prep.ln_lam[1] - prep.ln_lam[0]
+    lnw = np.log([wl for wl, _ in LINES.values()])
+    return (lnw[None, :] + np.log1p(np.where(np.isfinite(z), z, 0.0))[:, None] - prep.ln_lam[0]) / step
+
+
+def at_lines(values: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """Linear interpolation of (n, m) per-pixel ``values`` at (n, k) fractional pixel positions (clamped)."""
+    m = values.shape[1]
+    p = np.clip(pos, 0, m - 1)
+    j = np.clip(np.floor(p).astype(np.int64), 0, m - 2)
+    t = p - j
+    return np.take_along_axis(values, j, 1) * (1 - t) + np.take_along_axis(values, j + 1, 1) * t
+
+
 def line_coverage(prep: Prepared, config: FitConfig) -> np.ndarray:
-    """(n, 12) bool: the line lies in the fit range with enough good pixels around it."""
-    n = prep.flux.shape[0]
-    lam = np.exp(prep.ln_lam)
-    out = np.zeros((n, len(LINES)), bool)
-    for i in np.flatnonzero(prep.usable):
-        lam_rest = lam / (1 + prep.z[i])
-        for j, (wl, _) in enumerate(LINES.values()):
-            sig = max(np.interp(wl, lam_rest, prep.fwhm_rest[i]) / 2.3548, 1.0)
-            near = np.abs(lam_rest - wl) < 3 * sig
-            out[i, j] = (config.rest_range[0] + 5 < wl < config.rest_range[1] - 5) and near.any() \
-                and prep.good[i, near].mean() >= config.line_min_good
-    return out
+    """(n, 12) bool: the line lies in the fit range with enough good pixels within +-3 LSF sigma of it."""
+    n, m = prep.flux.shape
+    wl = np.array([w for w, _ in LINES.values()])
+    step = prep.ln_lam[1] - prep.ln_lam[0]
+    pos = line_pixels(prep)
+    sig = np.maximum(at_lines(prep.fwhm_rest, pos) / 2.3548, 1.0)  # rest A
+    half = 3 * sig / wl[None, :] / step  # pixels
+    a = np.clip(np.ceil(pos - half), 0, m).astype(np.int64)
+    b = np.clip(np.floor(pos + half), -1, m - 1).astype(np.int64)
+    csum = np.concatenate([np.zeros((n, 1), np.int64), np.cumsum(prep.good, 1)], 1)
+    ngood = np.take_along_axis(csum, b + 1, 1) - np.take_along_axis(csum, a, 1)
+    npix = b - a + 1
+    inside = (config.rest_range[0] + 5 < wl) & (wl < config.rest_range[1] - 5)
+    on_grid = (pos - half >= 0) & (pos + half <= m - 1)  # the whole +-3 sigma window is observed
+    ok = on_grid & (npix > 0) & (ngood >= config.line_min_good * np.maximum(npix, 1)) & inside[None, :]
+    return ok & prep.usable[:, None]
 
 
 def gas_av(f_ha: np.ndarray, e_ha: np.ndarray, f_hb: np.ndarray, e_hb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -256,7 +279,18 @@ def finalize_flags(cols: dict[str, np.ndarray], flag: np.ndarray, covered: np.nd
         flag[~covered[:, j]] |= FLAGS[f"LINE_{name}"]
         cols[f"{name}_Flux"][~covered[:, j]] = np.nan
         cols[f"{name}_Flux_err"][~covered[:, j]] = np.nan
-    av, av_err = gas_av(cols["Halpha_Flux"], cols["Halpha_Flux_err"], cols["Hbeta_Flux"], cols["Hbeta_Flux_err"])
+    # gas kinematics of a component none of whose lines is detected (S/N >= 3) are not measured: the fit
+    # leaves them near their starting values, which must not be reported as numbers
+    for group, tag in ((1, "balmer"), (2, "forbidden")):
+        names = [nm for nm in LINE_NAMES if LINES[nm][1] == group]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            snr = np.stack([cols[f"{nm}_Flux"] / cols[f"{nm}_Flux_err"] for nm in names], 1)
+        detected = np.nan_to_num(snr, nan=0.0).max(1) >= GAS_DETECTION_SNR
+        for c in (f"V_gas_{tag}", f"Sigma_gas_{tag}"):
+            cols[c][~detected] = np.nan
+            cols[f"{c}_err"][~detected] = np.nan
+    with np.errstate(invalid="ignore", divide="ignore"):
+        av, av_err = gas_av(cols["Halpha_Flux"], cols["Halpha_Flux_err"], cols["Hbeta_Flux"], cols["Hbeta_Flux_err"])
     cols["Gas_Av"], cols["Gas_Av_err"] = av, av_err
     fitted = ~(flag & (FLAGS["NO_COVERAGE"] | FLAGS["BAD_REDSHIFT"] | FLAGS["FIT_FAILED"])).astype(bool)
     flag[fitted & ~np.isfinite(av)] |= FLAGS["NO_GAS_AV"]

@@ -70,7 +70,7 @@ class PpxfLayer:
     """Per-partition kinematics and emission lines."""
 
     name = "ppxf"
-    version = "1"
+    version = "2"
 
     def run(self, part: Partition) -> pa.Table:
         """Fit every galaxy of the partition; NULLs and flags where a fit is impossible."""
@@ -88,7 +88,7 @@ class PpxfLayer:
         z = np.where(galaxy, z, np.nan)  # prepare() flags BAD_REDSHIFT
         spec = part.spectra()
         args = (spec.wave, spec.flux, spec.ivar, spec.mask, spec.lsf_sigma)
-        res = _fitter(mode, tpl, opts.get("batch_size", 32)).fit(*args, z)
+        res = _fitter(mode, tpl, opts.get("batch_size", 64)).fit(*args, z)
         spectra_store.write_models(part.ard_dir, "ppxf", part.order, part.pixel, targetid,
                                    {"stars": res.stars_model, "gas": res.gas_model})
         table = _to_table(targetid, res, mode)

@@ -1,0 +1,327 @@
+"""pPXF layer: reference mode (real pPXF), the batched fast fitter, flags, and the build layer.
+
+Default run: real-data reference check (NGC 3522), fast vs reference and fast vs truth on
+synthetic spectra, coverage and failure flags, the layer through a small build. Slow
+(``-m slow``): fast vs reference and both vs the mock survey's truth.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from ard_sql.science import kinematics as K
+from ard_sql.science.fastfit import FastFitter
+from ard_sql.science.templates import template_file
+
+LINE_COLS = [f"{nm}_Flux" for nm in K.LINE_NAMES]
+
+
+@pytest.fixture(scope="module")
+def tpl() -> Path:
+    return template_file(None)
+
+
+@pytest.fixture(scope="module")
+def fast(tpl: Path) -> FastFitter:
+    return FastFitter(tpl)
+
+
+@pytest.fixture(scope="module")
+def ref(tpl: Path) -> K.ReferenceFitter:
+    return K.ReferenceFitter(tpl)
+
+
+def _line_flux(n: int, rng: np.random.Generator, scale: float = 40.0) -> np.ndarray:
+    """Strong-ish star-forming line fluxes (observed units of ``synthetic_batch``)."""
+    base = np.array([0.6, 0.8, 0.26, 0.47, 1.0, 0.5, 1.5, 0.35, 2.86, 1.0, 0.45, 0.35])
+    return scale * base[None, :] * rng.uniform(0.5, 1.5, (n, 1))
+
+
+# ---------------------------------------------------------------- reference on real data
+def _ngc3522():
+    import ppxf
+    from astropy.io import fits
+
+    path = Path(ppxf.__file__).parent / "spectra" / "NGC3522_SDSS_DR18.fits"
+    with fits.open(path) as h:
+        t = h["COADD"].data
+        z = float(h["SPECOBJ"].data["Z"][0])
+        wave = 10 ** np.asarray(t["loglam"], float)
+        flux = np.asarray(t["flux"], float)
+        ivar = np.asarray(t["ivar"], float)
+        mask = np.asarray(t["and_mask"])
+        # SDSS WDISP: LSF sigma in units of the 1e-4 dex pixel
+        lsf = np.asarray(t["wdisp"], float) * 1e-4 * np.log(10) * wave
+    return wave, flux[None], ivar[None], mask[None], lsf, np.array([z])
+
+
+@pytest.mark.xfail(strict=False, reason="open (issue 5): with the SDSS WDISP resolution and the stated 2.51 A template "
+                   "FWHM the reference fit gives 104.0 +- 1.4 km/s (98.0 if the LSF is scaled by 1.1): the BC03 "
+                   "template resolution and the resolution matching need checking")
+def test_reference_ngc3522_recovers_sdss_sigma(ref, fast):
+    """SDSS DR18 pipeline: sigma = 97.4 +- 2.4 km/s; ours within 5 km/s, in both modes."""
+    args = _ngc3522()
+    r = ref.fit(*args)
+    assert r.flag[0] & (K.FLAGS["FIT_FAILED"] | K.FLAGS["NO_COVERAGE"]) == 0
+    assert abs(r.columns["VelDisp"][0] - 97.4) < 5.0, r.columns["VelDisp"][0]
+    assert 0 < r.columns["VelDisp_err"][0] < 10
+    f = fast.fit(*args)
+    assert abs(f.columns["VelDisp"][0] - 97.4) < 5.0, f.columns["VelDisp"][0]
+    assert abs(f.columns["VelDisp"][0] - r.columns["VelDisp"][0]) / r.columns["VelDisp"][0] < 0.05
+
+
+# ---------------------------------------------------------------- fast vs reference, fast vs truth (synthetic)
+def test_fast_agrees_with_reference_on_synthetic_spectra(tpl, fast, ref):
+    rng = np.random.default_rng(3)
+    n = 6
+    z = rng.uniform(0.05, 0.4, n)
+    sigma = rng.uniform(80, 260, n)
+    wave, flux, ivar, lsf, truth = K.synthetic_batch(tpl, z, sigma, np.full(n, 25.0), _line_flux(n, rng), seed=3)
+    rf = ref.fit(wave, flux, ivar, None, lsf, z)
+    ff = fast.fit(wave, flux, ivar, None, lsf, z)
+    s_r, s_f = rf.columns["VelDisp"], ff.columns["VelDisp"]
+    assert np.isfinite(s_f).sum() >= np.isfinite(s_r).sum()  # fast fails no more often
+    ok = np.isfinite(s_r) & np.isfinite(s_f)
+    assert ok.sum() >= n - 1
+    assert np.median(np.abs(s_f[ok] - s_r[ok]) / s_r[ok]) < 0.05
+    d = []
+    for c in LINE_COLS:
+        f, r, e = ff.columns[c], rf.columns[c], ff.columns[c + "_err"]
+        good = np.isfinite(f) & np.isfinite(r) & (f / e > 10)
+        d.extend(np.abs(f[good] - r[good]) / np.abs(r[good]))
+    assert len(d) > 20
+    assert np.median(d) < 0.05
+    assert np.percentile(d, 90) < 0.05
+
+
+def test_fast_recovers_synthetic_truth(tpl, fast):
+    rng = np.random.default_rng(5)
+    n = 32
+    z = rng.uniform(0.02, 0.45, n)
+    sigma = rng.uniform(70, 300, n)
+    lf = _line_flux(n, rng)
+    wave, flux, ivar, lsf, truth = K.synthetic_batch(tpl, z, sigma, np.full(n, 20.0), lf, gas_sigma=70.0, seed=5)
+    r = fast.fit(wave, flux, ivar, None, lsf, z)
+    s = r.columns["VelDisp"]
+    assert np.isfinite(s).all()
+    assert abs(np.median(s / sigma - 1)) < 0.03
+    for j, c in enumerate(LINE_COLS):
+        f, e = r.columns[c], r.columns[c + "_err"]
+        good = np.isfinite(f) & (f / e > 10)
+        if good.sum() >= 5:
+            assert abs(np.median(f[good] / lf[good, j] - 1)) < 0.05, c
+    g = r.columns["Sigma_gas_forbidden"]
+    assert abs(np.nanmedian(g / 70.0 - 1)) < 0.1
+
+
+# ---------------------------------------------------------------- coverage and failures
+def test_lines_outside_coverage_are_null_and_flagged(tpl, fast, ref):
+    rng = np.random.default_rng(7)
+    z = np.array([0.5, 0.01])
+    wave, flux, ivar, lsf, _ = K.synthetic_batch(tpl, z, np.array([150.0, 150.0]), np.full(2, 20.0),
+                                                  _line_flux(2, rng), seed=7)
+    for fitter in (fast, ref):
+        r = fitter.fit(wave, flux, ivar, None, lsf, z)
+        # z = 0.5: Halpha at 9847 A and [NII], [SII] beyond the DESI range
+        for nm in ("NII_6548", "Halpha", "NII_6584", "SII_6716", "SII_6731"):
+            assert np.isnan(r.columns[f"{nm}_Flux"][0]) and np.isnan(r.columns[f"{nm}_Flux_err"][0])
+            assert r.flag[0] & K.FLAGS[f"LINE_{nm}"]
+        assert np.isfinite(r.columns["OIII_5007_Flux"][0]) and not r.flag[0] & K.FLAGS["LINE_OIII_5007"]
+        assert np.isnan(r.columns["Gas_Av"][0]) and r.flag[0] & K.FLAGS["NO_GAS_AV"]
+        # z = 0.01: [OII] at 3765 A is inside; every line measured
+        assert all(np.isfinite(r.columns[c][1]) for c in LINE_COLS)
+        assert not r.flag[1] & sum(K.FLAGS[f"LINE_{nm}"] for nm in K.LINE_NAMES)
+
+
+def test_unusable_spectra_are_null_and_flagged(tpl, fast, ref):
+    wave, flux, ivar, lsf, _ = K.synthetic_batch(tpl, np.array([0.1, 0.1, 0.1]), np.full(3, 150.0), np.full(3, 20.0))
+    ivar = ivar.copy()
+    ivar[1] = 0.0  # no good pixel
+    z = np.array([np.nan, 0.1, 0.1])  # no redshift
+    for fitter in (fast, ref):
+        r = fitter.fit(wave, flux, ivar, None, lsf, z)
+        assert r.flag[0] & K.FLAGS["BAD_REDSHIFT"]
+        assert r.flag[1] & K.FLAGS["NO_COVERAGE"]
+        for i in (0, 1):
+            assert all(np.isnan(v[i]) for v in r.columns.values())
+            assert np.isnan(r.stars_model[i]).all()
+        assert np.isfinite(r.columns["VelDisp"][2])
+
+
+def test_failed_fit_gives_nulls_and_flag_never_a_number(tpl, monkeypatch):
+    wave, flux, ivar, lsf, _ = K.synthetic_batch(tpl, np.array([0.1, 0.2]), np.full(2, 150.0), np.full(2, 20.0))
+    z = np.array([0.1, 0.2])
+
+    def boom(*a, **k):
+        raise np.linalg.LinAlgError("singular")
+
+    f = FastFitter(tpl)
+    monkeypatch.setattr(f, "_fit_batch", boom)
+    rf = K.ReferenceFitter(tpl)
+    monkeypatch.setattr(rf, "_fit_one", boom)
+    for fitter in (f, rf):
+        r = fitter.fit(wave, flux, ivar, None, lsf, z)
+        assert (r.flag & K.FLAGS["FIT_FAILED"]).all()
+        assert all(np.isnan(v).all() for v in r.columns.values())
+        assert np.isnan(r.stars_model).all() and np.isnan(r.gas_model).all()
+
+
+def test_fast_non_finite_solution_is_flagged(tpl, monkeypatch):
+    """A batch whose kinematics come out non-finite is FIT_FAILED with NULLs (no default numbers)."""
+    wave, flux, ivar, lsf, _ = K.synthetic_batch(tpl, np.array([0.1]), np.full(1, 150.0), np.full(1, 20.0))
+    f = FastFitter(tpl)
+    orig = f._lm
+
+    def nan_lm(st, kin, *a, **k):
+        kin, conv, jtj = orig(st, kin, *a, **k)
+        return kin * np.nan, conv, jtj
+
+    monkeypatch.setattr(f, "_lm", nan_lm)
+    r = f.fit(wave, flux, ivar, None, lsf, np.array([0.1]))
+    assert r.flag[0] & K.FLAGS["FIT_FAILED"]
+    assert all(np.isnan(v[0]) for v in r.columns.values())
+
+
+def test_undetected_gas_has_null_kinematics(tpl, fast):
+    """Without emission lines the gas V and sigma are NULL + flagged, not the fit's starting values."""
+    wave, flux, ivar, lsf, _ = K.synthetic_batch(tpl, np.array([0.1]), np.full(1, 150.0), np.full(1, 30.0), seed=2)
+    r = fast.fit(wave, flux, ivar, None, lsf, np.array([0.1]))
+    for c in ("V_gas_balmer", "Sigma_gas_balmer", "V_gas_forbidden", "Sigma_gas_forbidden"):
+        assert np.isnan(r.columns[c][0])
+    assert r.flag[0] & K.FLAGS["NO_BALMER_GAS"] and r.flag[0] & K.FLAGS["NO_FORBIDDEN_GAS"]
+    assert np.isfinite(r.columns["VelDisp"][0])
+
+
+def test_flags_are_distinct_powers_of_two():
+    vals = list(K.FLAGS.values())
+    assert len(set(vals)) == len(vals) and all(v & (v - 1) == 0 for v in vals)
+    assert max(vals) < 2**31  # PPXF_flag is INTEGER
+
+
+# ---------------------------------------------------------------- the build layer
+@pytest.mark.parametrize("mode", ["fast", pytest.param("reference", marks=pytest.mark.slow)])
+def test_layer_writes_partition_and_models(core_ard, mode):
+    from ard_sql import contract, paths, spectra_store
+    from ard_sql.build.options import BuildOptions
+    from ard_sql.build.orchestrator import build
+    from ard_sql.build.layers.ppxf import PpxfLayer, agreement_file
+
+    opts = BuildOptions(out=str(core_ard), layers=["ppxf"], scheduler="sync", progress=False,
+                        layer_options={"ppxf": {"mode": mode, "reference_fraction": 0.2}})
+    report = build(opts)
+    assert not report.errors, report.errors
+    core_files = sorted((paths.staging_dir(core_ard) / "dataset").rglob("Npix=*.parquet"))
+    assert core_files
+    names = [c.name for c in contract.PPXF_COLUMNS]
+    for cf in core_files:
+        order = int(cf.parent.parent.name.split("=")[1])
+        pixel = int(cf.stem.split("=")[1])
+        out = pq.read_table(paths.partition_file(core_ard, order, pixel, "ppxf"))
+        core = pq.read_table(cf)
+        assert out.num_rows == core.num_rows
+        assert set(names) <= set(out.column_names)
+        assert set(out.column("PPXF_mode").to_pylist()) == {mode}
+        assert paths.model_file(core_ard, "ppxf", order, pixel).exists()
+        if mode == "fast":
+            assert agreement_file(core_ard, order, pixel).exists()
+    tid = int(pq.read_table(core_files[0]).column("TargetID")[0].as_py())
+    model = spectra_store.read_model(core_ard, "ppxf", tid)
+    assert model is not None and {"stars", "gas"} <= set(model)
+    if mode == "fast":
+        meta = PpxfLayer.finalize(core_ard, {})
+        assert int(meta["ppxf_reference_sample_size"]) >= len(core_files)
+
+
+# ---------------------------------------------------------------- the mock survey (slow)
+@pytest.fixture(scope="module")
+def mock_ard(tmp_path_factory):
+    from ard_sql.build.mock.survey import MockConfig, run_mock
+    from ard_sql.build.options import BuildOptions
+    from ard_sql.build.orchestrator import build
+
+    root = tmp_path_factory.mktemp("ppxf_mock")
+    run_mock(MockConfig(out=root / "m", n=300, seed=1, truth_spectra=False))
+    report = build(BuildOptions(source=str(root / "m"), out=str(root / "a"), layers=[], scheduler="sync", progress=False))
+    assert not report.errors
+    return root
+
+
+def _mock_galaxies(root: Path):
+    import pandas as pd
+
+    from ard_sql import paths, spectra_store
+
+    files = sorted((paths.staging_dir(root / "a") / "dataset").rglob("Npix=*.parquet"))
+    truth = pq.read_table(root / "m" / "truth.parquet").to_pandas().set_index("TARGETID")
+    parts = []
+    for cf in files:
+        core = pq.read_table(cf).to_pandas()
+        core = core[core.SPECTYPE == "GALAXY"]
+        order, pixel = int(cf.parent.parent.name.split("=")[1]), int(cf.stem.split("=")[1])
+        s = spectra_store.read_partition(root / "a", order, pixel, core.TargetID.to_numpy())
+        parts.append((s, core, truth.loc[core.TargetID.to_numpy()]))
+    wave = parts[0][0].wave
+    flux = np.concatenate([p[0].flux for p in parts])
+    ivar = np.concatenate([p[0].ivar for p in parts])
+    mask = np.concatenate([p[0].mask for p in parts])
+    lsf = parts[0][0].lsf_sigma
+    core = pd.concat([p[1] for p in parts])
+    tr = pd.concat([p[2] for p in parts])
+    return wave, flux, ivar, mask, lsf, core, tr
+
+
+@pytest.mark.slow
+def test_mock_sigma_and_line_fluxes_match_truth(mock_ard, fast):
+    """VelDisp bias < 3% at S/N > 10 (sigma above the instrumental limit); line fluxes unbiased to 5%.
+
+    The mock builds each galaxy from the BC03 library at the library's own 2.51 A FWHM, broadens it by
+    SIGMA_STAR, then applies the DESI LSF: its stellar continuum is seen at (DESI + library) resolution,
+    unlike a real galaxy; the emission lines are added at DESI resolution only. So sigma is checked with
+    the continuum's effective LSF, and the line fluxes with the DESI LSF the data carry.
+    """
+    wave, flux, ivar, mask, lsf, core, tr = _mock_galaxies(mock_ard)
+    z = core.Z.to_numpy()
+    lsf_cont = np.sqrt(lsf[None, :].astype(float) ** 2 + (2.51 * (1 + z[:, None]) / 2.3548) ** 2)
+    r = fast.fit(wave, flux, ivar, mask, lsf_cont, z)
+    sel = (core.SNR_Median.to_numpy() > 10) & (tr.SIGMA_STAR.to_numpy() > 70) & np.isfinite(r.columns["VelDisp"])
+    assert sel.sum() >= 20
+    assert abs(np.median(r.columns["VelDisp"][sel] / tr.SIGMA_STAR.to_numpy()[sel] - 1)) < 0.03
+    r = fast.fit(wave, flux, ivar, mask, lsf, z)
+    tested = 0
+    for nm in K.LINE_NAMES:
+        if nm.startswith("OII_"):
+            continue  # the [OII] doublet is blended at DESI resolution: its sum is tested below
+        f, e, t = r.columns[f"{nm}_Flux"], r.columns[f"{nm}_Flux_err"], tr[f"{nm}_Flux"].to_numpy()
+        good = np.isfinite(f) & (f / e > 10)
+        if good.sum() >= 10:
+            tested += 1
+            assert abs(np.median(f[good] / t[good] - 1)) < 0.05, nm
+    assert tested >= 6
+    f = r.columns["OII_3726_Flux"] + r.columns["OII_3729_Flux"]
+    e = np.hypot(r.columns["OII_3726_Flux_err"], r.columns["OII_3729_Flux_err"])
+    t = tr["OII_3726_Flux"].to_numpy() + tr["OII_3729_Flux"].to_numpy()
+    good = np.isfinite(f) & (f / e > 10)
+    assert good.sum() >= 10 and abs(np.median(f[good] / t[good] - 1)) < 0.05
+
+
+@pytest.mark.slow
+def test_mock_fast_agrees_with_reference(mock_ard, fast, ref):
+    wave, flux, ivar, mask, lsf, core, tr = _mock_galaxies(mock_ard)
+    z = core.Z.to_numpy()
+    pick = np.random.default_rng(0).choice(z.size, 40, replace=False)
+    args = (wave, flux[pick], ivar[pick], mask[pick], lsf, z[pick])
+    rf, ff = ref.fit(*args), fast.fit(*args)
+    s_r, s_f = rf.columns["VelDisp"], ff.columns["VelDisp"]
+    assert np.isfinite(s_f).sum() >= np.isfinite(s_r).sum()
+    ok = np.isfinite(s_r) & np.isfinite(s_f)
+    assert np.median(np.abs(s_f[ok] - s_r[ok]) / s_r[ok]) < 0.05
+    d = []
+    for c in LINE_COLS:
+        f, r, e = ff.columns[c], rf.columns[c], ff.columns[c + "_err"]
+        good = np.isfinite(f) & np.isfinite(r) & (f / e > 10)
+        d.extend(np.abs(f[good] - r[good]) / np.abs(r[good]))
+    assert np.median(d) < 0.05
