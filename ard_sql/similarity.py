@@ -116,7 +116,7 @@ def find_similar(db: Any, targetid: int | None = None, vector: Any = None, k: in
     or ``vector``. ``where`` is an optional SQL predicate on ``ard`` columns
     (e.g. ``"Z < 0.2 AND Web_Class = 'Void'"``); the result then holds ``k``
     rows that satisfy it (the filtered form of ``similar``, see
-    docs/embeddings.md). ``db`` is the ARD connection object (or a DuckDB
+    docs/tutorial.md). ``db`` is the ARD connection object (or a DuckDB
     connection prepared by ``ard_sql.open``). Columns: ``distance`` then every
     ``ard`` column, nearest first.
     """

@@ -14,7 +14,7 @@ typically a subquery, and the result then holds ``k`` rows from that set
 
 Two implementations with one signature:
 
-* persistent, pure SQL (``sql/similar.sql``, ``sql/similar_to.sql``, in
+* persistent, pure SQL (``sql/macros/similar.sql``, ``sql/macros/similar_to.sql``, in
   ``ard.duckdb``): brute force ``array_cosine_distance`` over the ``embed``
   view; works in the DuckDB shell and BI tools;
 * this module's TEMP macros (``sql/similar_index/*.sql``), created on every

@@ -24,10 +24,15 @@ recipe:
   weighted by its inverse variance (a chi^2 loss, capped so that noiseless
   bins do not dominate).
 
-The embedding is the mean over present patch tokens of the final-LayerNorm
-output, minus the mean embedding of the training spectra (stored with the
-weights; it makes cosine distance discriminative), zero-padded to
-``EMB_SHEN_DIM`` (768) when a narrower model was trained.
+The embedding: the final-LayerNorm outputs of the present patch tokens
+averaged over ``pool_regions`` equal observed-wavelength ranges of the
+patch span the training spectra cover (6 x 128 = 768 for the CPU
+configuration, 1 for the full-width one), concatenated, then centred and
+PCA-whitened (regularised, eps 0.1 of the largest eigenvalue) with statistics
+of the training spectra stored with the weights (buffers ``centre``,
+``whiten``, ``pool_span``), zero-padded to ``EMB_SHEN_DIM`` (768) when narrower.
+The regions are fixed wavelength intervals and the means are over whatever
+patches are present, so the vector stays grid-independent.
 """
 
 from __future__ import annotations
@@ -63,15 +68,17 @@ class ShenConfig:
     mask_fraction: float = 0.3
     err_floor: float = 0.02
     """Error floor (in median-flux units) in the reconstruction weights: caps 1/err^2."""
+    pool_regions: int = 6
+    """Wavelength regions pooled separately into the embedding (``pool_regions x embed_dim`` numbers)."""
 
     @property
     def n_patches(self) -> int:
         return int(math.ceil(math.log(self.lam_max / self.lam_min) / self.patch_dlnl))
 
 
-#: Full size, as the paper's ViT scale (a GPU job).
-FULL_CONFIG = ShenConfig()
-#: CPU default used by the build on the demo.
+#: Full size, as the paper's ViT scale (a GPU job); 768 wide, so plain mean pooling fills the column.
+FULL_CONFIG = ShenConfig(pool_regions=1)
+#: CPU default used by the build on the demo (6 regions x 128 = 768).
 SMALL_CONFIG = ShenConfig(embed_dim=128, num_layers=2, num_heads=4)
 
 _LOG_ERR_MIN, _LOG_ERR_MAX = -4.0, 2.0
@@ -140,8 +147,20 @@ class ShenEncoder(nn.Module):
         self.head = nn.Linear(c.embed_dim, c.n_sub)
         centres = math.log(c.lam_min) + (np.arange(c.n_patches) + 0.5) * c.patch_dlnl
         self.register_buffer("wave_enc", wavelength_encoding(torch.tensor(centres - math.log(c.lam_min), dtype=torch.float32), c.embed_dim))
-        # mean training embedding, subtracted from every embedding (set by ``train``)
-        self.register_buffer("centre", torch.zeros(c.embed_dim))
+        # the embedding head, fitted on the training spectra by ``train`` (see the module docstring)
+        d = c.pool_regions * c.embed_dim
+        self.register_buffer("pool_span", torch.tensor([0, c.n_patches], dtype=torch.long))
+        self.register_buffer("centre", torch.zeros(d))
+        self.register_buffer("whiten", torch.eye(d))
+
+    def embedding(self, f: torch.Tensor, e: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """Region-pooled, centred, whitened embedding (n, pool_regions * embed_dim)."""
+        from ard_sql.science.specformer import region_pool
+
+        tokens = self(f, e, present)["tokens"]
+        lo, hi = (int(v) for v in self.pool_span)
+        pooled = region_pool(tokens, self.config.pool_regions, present, (lo, hi))
+        return (pooled - self.centre) @ self.whiten
 
     def tokens(self, f: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         """(n, P, K) flux and error sub-bins -> (n, P, 2K) token inputs (error as clipped log10)."""
@@ -172,7 +191,7 @@ def embed(model: ShenEncoder, wave: np.ndarray, flux: np.ndarray, ivar: np.ndarr
           out_dim: int | None = None, batch_size: int = 64) -> np.ndarray:
     """Return (n, out_dim) float32 ``emb_shen`` vectors; NaN rows for spectra that cannot be normalised."""
     model.eval()
-    d = model.config.embed_dim
+    d = model.config.pool_regions * model.config.embed_dim
     out_dim = out_dim or d
     if out_dim < d:
         raise ValueError(f"encoder width {d} exceeds the emb_shen column width {out_dim}")
@@ -180,7 +199,7 @@ def embed(model: ShenEncoder, wave: np.ndarray, flux: np.ndarray, ivar: np.ndarr
     for i in range(0, len(flux), batch_size):
         f, e, present, scale = bin_spectra(wave, flux[i:i + batch_size], ivar[i:i + batch_size], model.config)
         ft, et, pt = _to_torch(f, e, present)
-        emb = (model(ft, et, pt)["pooled"] - model.centre).numpy()
+        emb = model.embedding(ft, et, pt).numpy()
         emb[~present.any(1)] = np.nan
         out[i:i + batch_size, :d] = emb
         out[i:i + batch_size][~present.any(1)] = np.nan
@@ -213,13 +232,17 @@ def _loss(model: ShenEncoder, f: torch.Tensor, e: torch.Tensor, present: torch.T
 
 
 def train(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, config: ShenConfig = SMALL_CONFIG, *,
-          epochs: int = 3, batch_size: int = 32, lr: float = 5e-4, seed: int = 0,
-          max_seconds: float | None = None) -> tuple[ShenEncoder, dict[str, Any]]:
+          epochs: int = 3, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
+          max_seconds: float | None = None, warmup: int = 20, head_max: int = 1000) -> tuple[ShenEncoder, dict[str, Any]]:
     """Masked, noise-weighted reconstruction pretraining on spectra on one native grid.
 
-    Sets the model's ``centre`` to the mean pooled embedding of the training
-    spectra. Deterministic for a seed and thread count; ``max_seconds`` bounds it.
+    The learning rate warms up linearly over ``warmup`` steps. Afterwards the
+    embedding head (pooled span, centre, whitening) is fitted on up to
+    ``head_max`` of the training spectra. Deterministic for a seed and thread
+    count; ``max_seconds`` bounds the optimisation.
     """
+    from ard_sql.science.specformer import fit_whitening, region_pool
+
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     f, e, present, _ = bin_spectra(wave, flux, ivar, config)
@@ -229,6 +252,7 @@ def train(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, config: ShenConf
     f, e, present = _to_torch(f[ok], e[ok], present[ok])
     model = ShenEncoder(config)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / max(1, warmup)))
     t0, losses, steps, stopped = time.perf_counter(), [], 0, False
     model.train()
     for _ in range(epochs):
@@ -240,6 +264,7 @@ def train(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, config: ShenConf
             opt.zero_grad()
             loss.backward()
             opt.step()
+            sched.step()
             ep.append(loss.item())
             steps += 1
             if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
@@ -248,12 +273,42 @@ def train(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, config: ShenConf
         losses.append(float(np.mean(ep)))
         if stopped:
             break
+    seconds = time.perf_counter() - t0
     model.eval()
     with torch.no_grad():
-        pooled = torch.cat([model(f[i:i + 256], e[i:i + 256], present[i:i + 256])["pooled"] for i in range(0, len(f), 256)])
-        model.centre.copy_(pooled.mean(0))
-    return model, {"epoch_loss": losses, "steps": steps, "seconds": time.perf_counter() - t0,
-                   "stopped_by_time": stopped, "n_train": int(len(f)), "config": asdict(config)}
+        cols = np.flatnonzero(present.numpy().any(0))
+        model.pool_span.copy_(torch.tensor([cols.min(), cols.max() + 1]))
+        sub = torch.from_numpy(np.sort(np.random.default_rng(seed).permutation(len(f))[:head_max]))
+        pooled = torch.cat([region_pool(model(f[j], e[j], present[j])["tokens"], config.pool_regions, present[j],
+                                        (int(cols.min()), int(cols.max()) + 1))
+                            for j in torch.split(sub, 256)])
+        centre, whiten = fit_whitening(pooled.numpy())
+        model.centre.copy_(torch.from_numpy(centre))
+        model.whiten.copy_(torch.from_numpy(whiten))
+    return model, {"epoch_loss": losses, "steps": steps, "seconds": seconds, "head_seconds": time.perf_counter() - t0 - seconds,
+                   "stopped_by_time": stopped, "n_train": int(len(f)), "config": asdict(config),
+                   "recipe": {"lr": lr, "batch_size": batch_size, "warmup": warmup, "epochs": epochs}}
+
+
+def resample_loglam(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, dloglam: float = 1e-4,
+                    lo: float | None = None, hi: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Flux-conserving rebinning onto an SDSS-like log10-lambda grid (default: the input's range).
+
+    For the resolution-agnosticism check (tests, bench): returns (wave, flux, ivar) on the new grid.
+    """
+    lo = lo or wave[0] * 1.0002
+    hi = hi or wave[-1] / 1.0002
+    new = 10 ** np.arange(np.log10(lo), np.log10(hi), dloglam)
+    edges = np.concatenate([[new[0] * 10 ** (-dloglam / 2)], new * 10 ** (dloglam / 2)])
+    dw = np.gradient(wave)
+    cum = np.concatenate([np.zeros((len(flux), 1)), np.cumsum(flux * dw, axis=1)], axis=1)
+    old_edges = np.concatenate([[wave[0] - dw[0] / 2], wave + dw / 2])
+    integ = np.array([np.interp(edges, old_edges, c) for c in cum])
+    nflux = np.diff(integ, axis=1) / np.diff(edges)
+    # variance of a mean over (new width / old width) pixels
+    ratio = np.diff(edges) / np.interp(new, wave, dw)
+    nivar = np.array([np.interp(new, wave, iv) for iv in ivar]) * ratio
+    return new, nflux.astype(np.float32), nivar.astype(np.float32)
 
 
 def save_checkpoint(model: ShenEncoder, path: Path | str, extra: dict[str, Any] | None = None) -> None:

@@ -22,10 +22,27 @@ State-dict names (``data_embed``, ``position_embed``, ``blocks.i.layernorm1``,
 ``load_checkpoint`` reads a published ``specformer.ckpt`` or the full
 AstroCLIP checkpoint (prefix ``spectrum_encoder.backbone.``).
 
-The ``emb_astro`` vector of a spectrum is the mean over all tokens of the
-final-LayerNorm output (``embed_dim`` numbers: 768 for the AstroCLIP
-configuration), zero-padded to ``EMB_ASTRO_DIM`` when a smaller configuration
-was trained (zero padding changes no cosine distance).
+The ``emb_astro`` vector of a spectrum (the "embedding head", kept outside
+the state dict so the weights stay AstroCLIP's):
+
+* **region pooling**: the final-LayerNorm outputs of the patch tokens are
+  averaged over ``regions`` equal runs of the spectrum (observed wavelength
+  ranges), concatenated: ``regions x embed_dim`` numbers. ``regions`` is the
+  largest count that fits the column (6 x 128 = 768 for the CPU configuration;
+  1, i.e. plain mean pooling, for the 768-wide published AstroCLIP model). A
+  single mean over the whole spectrum throws away *where* a feature sits,
+  which is most of what tells one galaxy from another in the observed frame;
+* **centring and PCA whitening** fitted on the training sample:
+  ``(v - centre) @ whiten`` with ``whiten = V diag(1/sqrt(lambda + eps
+  lambda_max))`` (eps 0.1: the leading directions no longer dominate the cosine
+  distance, the noise directions are not blown up). Without it, every vector
+  of a briefly trained model points the same way (cosine distances ~1e-4);
+* zero-padded to ``EMB_ASTRO_DIM`` when narrower (zero padding changes no
+  cosine distance).
+
+``save_checkpoint`` stores the head beside ``state_dict`` (key ``emb_head``);
+a published AstroCLIP checkpoint has none, and the build fits one on the
+ARD's spectra (``fit_embedding_head``).
 """
 
 from __future__ import annotations
@@ -124,6 +141,10 @@ class SpecFormer(nn.Module):
         self.final_layernorm = nn.LayerNorm(c.embed_dim)
         self.head = nn.Linear(c.embed_dim, c.input_dim)
         self._init_weights()
+        # the embedding head (not in the state dict: see the module docstring)
+        self.emb_regions: int = 1
+        self.emb_centre: torch.Tensor | None = None
+        self.emb_whiten: torch.Tensor | None = None
 
     def _init_weights(self) -> None:
         # depth-scaled truncated normals, as AstroCLIP's initialisation
@@ -150,12 +171,18 @@ class SpecFormer(nn.Module):
         tokens[:, 0, 1] = (std[:, 0] - 2) / 8
         return tokens
 
-    def forward_tokens(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Encode preprocessed tokens; returns ``reconstructions`` and per-token ``embedding``."""
+    def forward_tokens(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Encode preprocessed tokens; returns ``reconstructions`` and per-token ``embedding``.
+
+        ``positions`` (T,) are the tokens' indices in the full sequence (default
+        ``0..T-1``); training on crops of the spectrum passes the crop's own.
+        """
         t = tokens.shape[1]
-        if t > self.config.max_len:
-            raise ValueError(f"{t} tokens exceed max_len {self.config.max_len}")
-        x = self.dropout(self.data_embed(tokens) + self.position_embed(torch.arange(t, device=tokens.device)))
+        if positions is None:
+            if t > self.config.max_len:
+                raise ValueError(f"{t} tokens exceed max_len {self.config.max_len}")
+            positions = torch.arange(t, device=tokens.device)
+        x = self.dropout(self.data_embed(tokens) + self.position_embed(positions))
         for block in self.blocks:
             x = block(x)
         x = self.final_layernorm(x)
@@ -165,18 +192,47 @@ class SpecFormer(nn.Module):
         """Preprocess a (B, L) flux batch and encode it."""
         return self.forward_tokens(self.preprocess(flux))
 
-    def mask_tokens(self, tokens: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Zero ``mask_num_chunks`` runs of ``mask_chunk_width`` tokens, one run per equal section."""
+    def mask_tokens(self, tokens: torch.Tensor, generator: torch.Generator, num_chunks: int | None = None) -> torch.Tensor:
+        """Zero ``mask_num_chunks`` (or ``num_chunks``) runs of ``mask_chunk_width`` tokens, one run per equal section."""
         c = self.config
+        nc = num_chunks or c.mask_num_chunks
         b, t, _ = tokens.shape
-        section = t // c.mask_num_chunks
+        section = t // nc
         if section <= c.mask_chunk_width:
-            raise ValueError(f"{t} tokens are too few to mask {c.mask_num_chunks} chunks of {c.mask_chunk_width}")
-        starts = torch.randint(0, section - c.mask_chunk_width, (b, c.mask_num_chunks), generator=generator)
-        starts = starts + torch.arange(c.mask_num_chunks) * section
+            raise ValueError(f"{t} tokens are too few to mask {nc} chunks of {c.mask_chunk_width}")
+        starts = torch.randint(0, section - c.mask_chunk_width, (b, nc), generator=generator)
+        starts = starts + torch.arange(nc) * section
         pos = torch.arange(t)
         masked = ((pos[None, None, :] >= starts[..., None]) & (pos[None, None, :] < starts[..., None] + c.mask_chunk_width)).any(1)
         return tokens.masked_fill(masked[..., None], 0.0)
+
+
+WHITEN_EPS = 0.1
+"""Regularisation of the PCA whitening, as a fraction of the largest eigenvalue."""
+
+
+def region_pool(tokens: torch.Tensor, regions: int, weights: torch.Tensor | None = None,
+                span: tuple[int, int] | None = None) -> torch.Tensor:
+    """(B, T, D) token outputs -> (B, regions * D): weighted means over ``regions`` equal runs of ``span``."""
+    b, t, d = tokens.shape
+    lo, hi = span or (0, t)
+    w = torch.ones(b, t, dtype=tokens.dtype) if weights is None else weights.to(tokens.dtype)
+    out = []
+    for idx in np.array_split(np.arange(lo, hi), regions):
+        ww = w[:, idx, None]
+        out.append((tokens[:, idx] * ww).sum(1) / ww.sum(1).clamp(min=1))
+    return torch.cat(out, dim=1)
+
+
+def fit_whitening(pooled: np.ndarray, eps: float = WHITEN_EPS) -> tuple[np.ndarray, np.ndarray]:
+    """Centre (D,) and regularised PCA-whitening matrix (D, D) of pooled training embeddings."""
+    x = np.asarray(pooled, np.float64)
+    x = x[np.isfinite(x).all(axis=1)]
+    centre = x.mean(0)
+    lam, vec = np.linalg.eigh(np.cov((x - centre).T, bias=True).reshape(x.shape[1], x.shape[1]))
+    lam = lam.clip(min=0)
+    whiten = vec / np.sqrt(lam + eps * max(lam.max(), 1e-30))
+    return centre.astype(np.float32), whiten.astype(np.float32)
 
 
 def fill_bad_pixels(flux: np.ndarray, ivar: np.ndarray) -> np.ndarray:
@@ -197,32 +253,77 @@ def fill_bad_pixels(flux: np.ndarray, ivar: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def embed(model: SpecFormer, flux: np.ndarray, ivar: np.ndarray | None = None, out_dim: int | None = None,
-          batch_size: int = 64) -> np.ndarray:
-    """Return (n, out_dim) float32 ``emb_astro`` vectors (mean-pooled tokens, zero-padded); NaN rows for unusable spectra."""
+def pooled_tokens(model: SpecFormer, flux: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """(n, regions * embed_dim) region-pooled patch-token outputs of finite (n, L) spectra (no centring)."""
+    regions = getattr(model, "emb_regions", 1)
+    out = []
+    for i in range(0, len(flux), batch_size):
+        emb = model(torch.from_numpy(np.ascontiguousarray(flux[i:i + batch_size])))["embedding"]
+        out.append(region_pool(emb[:, 1:], regions).numpy())
+    return np.concatenate(out) if out else np.zeros((0, regions * model.config.embed_dim), np.float32)
+
+
+def fit_embedding_head(model: SpecFormer, flux: np.ndarray, ivar: np.ndarray | None = None, *,
+                       out_dim: int = 768, n_max: int = 1000, seed: int = 0, batch_size: int = 64) -> dict[str, Any]:
+    """Choose the region count for ``out_dim`` and fit centre + whitening on up to ``n_max`` spectra."""
     model.eval()
     flux = np.asarray(flux, np.float32)
     if ivar is not None:
         flux = fill_bad_pixels(flux, ivar)
-    d = model.config.embed_dim
+    flux = flux[np.isfinite(flux).all(axis=1)]
+    if len(flux) > n_max:
+        flux = flux[np.sort(np.random.default_rng(seed).choice(len(flux), n_max, replace=False))]
+    model.emb_regions = max(1, out_dim // model.config.embed_dim)
+    model.emb_centre = model.emb_whiten = None
+    pooled = pooled_tokens(model, flux, batch_size)
+    centre, whiten = fit_whitening(pooled)
+    model.emb_centre, model.emb_whiten = torch.from_numpy(centre), torch.from_numpy(whiten)
+    return embedding_head(model)
+
+
+def embedding_head(model: SpecFormer) -> dict[str, Any]:
+    """The pooling/whitening head as a checkpoint-storable dict (tensors and ints only)."""
+    head: dict[str, Any] = {"regions": int(getattr(model, "emb_regions", 1))}
+    if getattr(model, "emb_centre", None) is not None:
+        head["centre"], head["whiten"] = model.emb_centre, model.emb_whiten
+    return head
+
+
+@torch.no_grad()
+def embed(model: SpecFormer, flux: np.ndarray, ivar: np.ndarray | None = None, out_dim: int | None = None,
+          batch_size: int = 64) -> np.ndarray:
+    """Return (n, out_dim) float32 ``emb_astro`` vectors (region-pooled, whitened, zero-padded); NaN rows for unusable spectra."""
+    model.eval()
+    flux = np.asarray(flux, np.float32)
+    if ivar is not None:
+        flux = fill_bad_pixels(flux, ivar)
+    d = getattr(model, "emb_regions", 1) * model.config.embed_dim
     out_dim = out_dim or d
     if out_dim < d:
-        raise ValueError(f"SpecFormer width {d} exceeds the emb_astro column width {out_dim}")
+        raise ValueError(f"SpecFormer embedding width {d} exceeds the emb_astro column width {out_dim}")
     out = np.zeros((len(flux), out_dim), np.float32)
     bad = ~np.isfinite(flux).all(axis=1)
     out[bad] = np.nan
     ok = np.flatnonzero(~bad)
-    for i in range(0, len(ok), batch_size):
-        idx = ok[i:i + batch_size]
-        out[idx, :d] = model(torch.from_numpy(flux[idx]))["embedding"].mean(1).numpy()
+    pooled = pooled_tokens(model, flux[ok], batch_size)
+    if getattr(model, "emb_centre", None) is not None:
+        pooled = (pooled - model.emb_centre.numpy()) @ model.emb_whiten.numpy()
+    out[ok, :d] = pooled
     return out
 
 
 def train(flux: np.ndarray, ivar: np.ndarray | None = None, config: SpecFormerConfig = SMALL_CONFIG, *,
-          epochs: int = 3, batch_size: int = 16, lr: float = 3e-4, seed: int = 0,
-          max_seconds: float | None = None, model: SpecFormer | None = None) -> tuple[SpecFormer, dict[str, Any]]:
+          epochs: int = 3, batch_size: int = 16, lr: float = 1e-3, seed: int = 0,
+          max_seconds: float | None = None, model: SpecFormer | None = None, crop: int | None = 256,
+          warmup: int = 20, out_dim: int = 768) -> tuple[SpecFormer, dict[str, Any]]:
     """Masked-chunk pretraining on (n, L) spectra; returns the model and a log (losses, seconds, steps).
 
+    Each step sees the mean/std token plus a random window of ``crop`` patch
+    tokens at their true positions (``None``: the whole spectrum), masked with
+    AstroCLIP's chunks scaled to the window: the attention cost falls with the
+    square of the length, so a CPU budget buys several times more steps. The
+    learning rate warms up linearly over ``warmup`` steps. Afterwards the
+    embedding head (regions, centre, whitening) is fitted for ``out_dim``.
     Deterministic for a given seed and thread count. ``max_seconds`` stops
     training early (recorded in the log) so a CPU build stays bounded.
     """
@@ -235,8 +336,10 @@ def train(flux: np.ndarray, ivar: np.ndarray | None = None, config: SpecFormerCo
     if len(flux) == 0:
         raise ValueError("SpecFormer training: no spectrum with good pixels")
     model = model or SpecFormer(config)
+    c = model.config
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / max(1, warmup)))
     data = torch.from_numpy(flux)
     t0, losses, steps, stopped = time.perf_counter(), [], 0, False
     for _ in range(epochs):
@@ -244,13 +347,24 @@ def train(flux: np.ndarray, ivar: np.ndarray | None = None, config: SpecFormerCo
         epoch_loss = []
         for i in range(0, len(data), batch_size):
             target = model.preprocess(data[perm[i:i + batch_size]])
-            masked = model.mask_tokens(target, gen)
-            recon = model.forward_tokens(masked)["reconstructions"]
+            n_tok = target.shape[1] - 1
+            positions = None
+            if crop and crop < n_tok:
+                start = 1 + int(torch.randint(0, n_tok - crop + 1, (1,), generator=gen))
+                positions = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(start, start + crop)])
+                target = target[:, positions]
+            # AstroCLIP's masked fraction, in chunks of its width, on whatever length this step sees
+            chunks = max(1, min(c.mask_num_chunks, round(c.mask_num_chunks * (target.shape[1] - 1) / max(1, n_tok))))
+            while chunks > 1 and target.shape[1] // chunks <= c.mask_chunk_width:
+                chunks -= 1
+            masked = model.mask_tokens(target, gen, num_chunks=chunks)
+            recon = model.forward_tokens(masked, positions)["reconstructions"]
             locs = (masked != target).to(recon.dtype)
             loss = F.mse_loss(recon * locs, target * locs) / locs.mean().clamp(min=1e-8)
             opt.zero_grad()
             loss.backward()
             opt.step()
+            sched.step()
             epoch_loss.append(loss.item())
             steps += 1
             if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
@@ -259,9 +373,14 @@ def train(flux: np.ndarray, ivar: np.ndarray | None = None, config: SpecFormerCo
         losses.append(float(np.mean(epoch_loss)))
         if stopped:
             break
+    seconds = time.perf_counter() - t0
     model.eval()
-    return model, {"epoch_loss": losses, "steps": steps, "seconds": time.perf_counter() - t0,
-                   "stopped_by_time": stopped, "n_train": int(len(data)), "config": asdict(model.config)}
+    t1 = time.perf_counter()
+    fit_embedding_head(model, flux, out_dim=out_dim, seed=seed)
+    return model, {"epoch_loss": losses, "steps": steps, "seconds": seconds, "head_seconds": time.perf_counter() - t1,
+                   "stopped_by_time": stopped, "n_train": int(len(data)), "config": asdict(model.config),
+                   "recipe": {"lr": lr, "batch_size": batch_size, "crop": crop, "warmup": warmup, "epochs": epochs,
+                              "regions": model.emb_regions, "whiten_eps": WHITEN_EPS}}
 
 
 def save_checkpoint(model: SpecFormer, path: Path | str, extra: dict[str, Any] | None = None) -> None:
@@ -269,7 +388,8 @@ def save_checkpoint(model: SpecFormer, path: Path | str, extra: dict[str, Any] |
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"state_dict": model.state_dict(), "hyper_parameters": asdict(model.config), **(extra or {})}, tmp)
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": asdict(model.config),
+                "emb_head": embedding_head(model), **(extra or {})}, tmp)
     tmp.replace(path)
 
 
@@ -305,5 +425,12 @@ def load_checkpoint(path: Path | str) -> SpecFormer:
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path}: state dict does not match SpecFormer (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    head = ckpt.get("emb_head") if isinstance(ckpt, dict) else None
+    model.emb_regions, model.emb_centre, model.emb_whiten = 1, None, None
+    if isinstance(head, dict):
+        model.emb_regions = int(head.get("regions", 1))
+        if head.get("centre") is not None:
+            model.emb_centre = torch.as_tensor(head["centre"], dtype=torch.float32)
+            model.emb_whiten = torch.as_tensor(head["whiten"], dtype=torch.float32)
     model.eval()
     return model

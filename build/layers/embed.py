@@ -12,8 +12,10 @@ Three steps, in the orchestrator's hooks:
     ``emb_shen``: the wavelength-aware encoder (``science.shen``) is trained
     the same way. The sample is ``train_max`` spectra (default 4000) drawn
     evenly from every partition (GALAXY targets with S/N > ``train_min_snr``);
-    training stops after ``epochs`` or ``max_seconds`` per encoder (default 3
-    epochs, 300 s). The checkpoints go to ``artifacts/embed/`` and are reused
+    training stops after ``epochs`` or ``max_seconds`` per encoder (default 20
+    epochs, 300 s). The recipe (``RECIPE``) and the embedding heads (region
+    pooling + PCA whitening fitted on the sample; also fitted for published
+    AstroCLIP weights) are described in ``science.specformer`` / ``science.shen``. The checkpoints go to ``artifacts/embed/`` and are reused
     while the options and the core are unchanged; which weights were used,
     their sizes and training logs go to ``ard_meta``.
 ``run`` (per partition, on the workers)
@@ -90,16 +92,52 @@ def _load_models(ard_dir: Path) -> tuple[Any, Any]:
     return _MODELS[key]
 
 
+#: Bumped when the training recipe or the embedding head changes: cached weights are then retrained.
+RECIPE = "2: crops + warmup lr 1e-3, 6-region pooling, PCA whitening"
+
+
+def train_encoders(ard_dir: Path, opts: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
+    """Load or train the SpecFormer and train the emb_shen encoder on the ARD's spectra; returns both and a log."""
+    from ard_sql.science import shen, specformer
+
+    wave, flux, ivar = training_sample(ard_dir, opts.get("train_max", 4000), opts.get("train_min_snr", 2.0),
+                                       opts.get("seed", 0))
+    log: dict[str, Any] = {"recipe": RECIPE}
+    kw = {"epochs": opts.get("epochs", 20), "max_seconds": opts.get("max_seconds", 300.0), "seed": opts.get("seed", 0)}
+    if "astroclip_checkpoint" in opts:
+        import time
+
+        t0 = time.perf_counter()
+        model = specformer.load_checkpoint(opts["astroclip_checkpoint"])
+        specformer.fit_embedding_head(model, flux, ivar, out_dim=contract.EMB_ASTRO_DIM, seed=kw["seed"])
+        log["astro"] = {"source": "published AstroCLIP weights", "path": opts["astroclip_checkpoint"],
+                        "config": model.config.__dict__, "head_seconds": time.perf_counter() - t0,
+                        "regions": model.emb_regions}
+    else:
+        model, tlog = specformer.train(flux, ivar, out_dim=contract.EMB_ASTRO_DIM, **kw)
+        log["astro"] = {"source": "trained self-supervised on this ARD's spectra", **tlog}
+    smodel, slog = shen.train(wave, flux, ivar, **kw)
+    log["shen"] = {"source": "trained self-supervised on this ARD's spectra", **slog}
+    return model, smodel, log
+
+
+def embed_spectra(astro_model: Any, shen_model: Any, wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray,
+                  batch_size: int = 64) -> dict[str, np.ndarray]:
+    """Both embeddings of (n, L) spectra on the grid ``wave``; NaN rows where a spectrum is unusable."""
+    from ard_sql.science import shen, specformer
+
+    return {"emb_astro": specformer.embed(astro_model, flux, ivar, out_dim=contract.EMB_ASTRO_DIM, batch_size=batch_size),
+            "emb_shen": shen.embed(shen_model, wave, flux, ivar, out_dim=contract.EMB_SHEN_DIM, batch_size=batch_size)}
+
+
 class EmbedLayer:
     """Per-partition spectral embeddings with survey-wide training and indexes."""
 
     name = "embed"
-    version = "1"
+    version = "2"
 
     def prepare(self, ard_dir: Path, options: dict[str, Any], force: bool = False) -> str:
         """Load or train the two encoders; return a token naming the weights."""
-        import torch
-
         from ard_sql.science import shen, specformer
 
         opts = _options(options)
@@ -108,24 +146,13 @@ class EmbedLayer:
         log_path = folder / TRAIN_LOG
         core_state = json.dumps(sorted(json.loads(paths.state_file(ard_dir, paths.CORE).read_text()).items())) \
             if paths.state_file(ard_dir, paths.CORE).exists() else ""
-        wanted = hashlib.sha256(json.dumps([opts, core_state], sort_keys=True).encode()).hexdigest()[:16]
+        ckpt_hash = _file_hash(Path(opts["astroclip_checkpoint"])) if "astroclip_checkpoint" in opts else ""
+        wanted = hashlib.sha256(json.dumps([opts, core_state, RECIPE, ckpt_hash], sort_keys=True).encode()).hexdigest()[:16]
         have = json.loads(log_path.read_text()) if log_path.exists() else {}
         if force or have.get("inputs") != wanted or not (folder / ASTRO_CKPT).exists() or not (folder / SHEN_CKPT).exists():
-            torch.set_num_threads(max(1, torch.get_num_threads()))
-            wave, flux, ivar = training_sample(ard_dir, opts.get("train_max", 4000), opts.get("train_min_snr", 2.0),
-                                               opts.get("seed", 0))
-            log: dict[str, Any] = {"inputs": wanted}
-            kw = {"epochs": opts.get("epochs", 3), "max_seconds": opts.get("max_seconds", 300.0), "seed": opts.get("seed", 0)}
-            if "astroclip_checkpoint" in opts:
-                model = specformer.load_checkpoint(opts["astroclip_checkpoint"])
-                log["astro"] = {"source": "published AstroCLIP weights", "path": opts["astroclip_checkpoint"],
-                                "config": model.config.__dict__}
-            else:
-                model, tlog = specformer.train(flux, ivar, **kw)
-                log["astro"] = {"source": "trained self-supervised on this ARD's spectra", **tlog}
+            model, smodel, log = train_encoders(ard_dir, opts)
+            log["inputs"] = wanted
             specformer.save_checkpoint(model, folder / ASTRO_CKPT)
-            smodel, slog = shen.train(wave, flux, ivar, **kw)
-            log["shen"] = {"source": "trained self-supervised on this ARD's spectra", **slog}
             shen.save_checkpoint(smodel, folder / SHEN_CKPT)
             tmp = paths.temporary_sibling(log_path)
             tmp.write_text(json.dumps(log, indent=1, default=str))
@@ -134,18 +161,15 @@ class EmbedLayer:
 
     def run(self, part: Partition) -> pa.Table:
         """Embed every spectrum of the partition (NULL vectors where a spectrum has no good pixel)."""
-        from ard_sql.science import shen, specformer
-
         opts = _options(part.options)
         astro_model, shen_model = _load_models(part.ard_dir)
         spec = part.spectra()
         bs = opts.get("batch_size", 64)
-        astro = specformer.embed(astro_model, spec.flux, spec.ivar, out_dim=contract.EMB_ASTRO_DIM, batch_size=bs)
-        shen_v = shen.embed(shen_model, spec.wave, spec.flux, spec.ivar, out_dim=contract.EMB_SHEN_DIM, batch_size=bs)
+        emb = embed_spectra(astro_model, shen_model, spec.wave, spec.flux, spec.ivar, batch_size=bs)
         return pa.table({
             "TargetID": pa.array(spec.targetid, pa.int64()),
-            "emb_astro": _vectors(astro, contract.EMB_ASTRO_DIM),
-            "emb_shen": _vectors(shen_v, contract.EMB_SHEN_DIM),
+            "emb_astro": _vectors(emb["emb_astro"], contract.EMB_ASTRO_DIM),
+            "emb_shen": _vectors(emb["emb_shen"], contract.EMB_SHEN_DIM),
         })
 
     @staticmethod
@@ -160,6 +184,9 @@ class EmbedLayer:
                 info = log.get(name, {})
                 out[f"embed_{name}_source"] = str(info.get("source", ""))
                 out[f"embed_{name}_config"] = json.dumps(info.get("config", {}), default=str)
+                regions = info.get("recipe", {}).get("regions", info.get("regions", info.get("config", {}).get("pool_regions")))
+                out[f"embed_{name}_head"] = (f"{regions} wavelength regions x embed_dim, mean-pooled final-LayerNorm "
+                                             f"tokens, centred + PCA-whitened on the training sample; recipe {log.get('recipe', '1')}")
                 if "seconds" in info:
                     out[f"embed_{name}_training"] = (f"{info['seconds']:.1f} s, {info['steps']} steps, "
                                                      f"{info['n_train']} spectra, stopped_by_time={info['stopped_by_time']}")

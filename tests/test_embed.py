@@ -1,0 +1,308 @@
+"""The embed layer (emb_astro, emb_shen), the HNSW indexes and similar()/similar_to()/find_similar.
+
+One tiny ARD is built per module (the small healthy survey plus a pixel whose
+first target has no good pixel), with the encoders trained for a few steps only:
+these tests check the plumbing and contracts, not the science. The quality of
+the embeddings is measured by bench/bench_embeddings.py; the resampling
+invariance of emb_shen is checked here on synthetic galaxy-like spectra.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pytest
+import torch
+
+from ard_sql import grid, paths
+from tests.conftest import PairSpec, arm_wave, write_pair, write_small_survey
+
+TINY = {"train_max": 16, "train_min_snr": 0.0, "epochs": 1, "max_seconds": 5.0, "batch_size": 16}
+BAD_PIXEL = 30000
+BAD_TID0 = 39627640566179000
+
+
+def _build(out: Path, source: Path | None, options: dict) -> None:
+    from ard_sql.build.options import BuildOptions
+    from ard_sql.build.orchestrator import build
+
+    report = build(BuildOptions(source=str(source) if source else None, out=str(out), layers=["embed"],
+                                scheduler="sync", progress=False, layer_options={"embed": options}))
+    assert not report.errors, report.errors
+
+
+@pytest.fixture(scope="module")
+def embed_ard(tmp_path_factory) -> Path:
+    """A tiny ARD with the embed layer built (24 + 3 targets; the first of pixel 30000 has ivar = 0 everywhere)."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("survey")
+    write_small_survey(root)
+    tid = BAD_TID0 + np.arange(3)
+    zero = {a: np.where(np.arange(3)[:, None] == 0, 0.0, 4.0) * np.ones((3, len(arm_wave(a))), np.float32) for a in "BRZ"}
+    write_pair(root, "main", "dark", BAD_PIXEL, PairSpec(tid, arm_ivar=zero, flux_level=np.array([2.0, 3.0, 4.0], np.float32)))
+    out = tmp_path_factory.mktemp("ard") / "ard"
+    _build(out, root, TINY)
+    return out
+
+
+def _vectors(ard_dir: Path, column: str = "emb_astro") -> tuple[np.ndarray, np.ndarray]:
+    """(TargetID, vectors) of the non-NULL rows, read with plain duckdb."""
+    con = duckdb.connect(str(paths.db_path(ard_dir)), read_only=True)
+    rows = con.execute(f"SELECT TargetID, {column} FROM embed WHERE {column} IS NOT NULL ORDER BY TargetID").fetchall()
+    con.close()
+    return np.array([r[0] for r in rows], np.int64), np.array([r[1] for r in rows], np.float32)
+
+
+def _brute(ids: np.ndarray, vecs: np.ndarray, q: np.ndarray, k: int, exclude: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    d = 1 - vecs @ q / (np.linalg.norm(vecs, axis=1) * np.linalg.norm(q))
+    keep = ids != exclude
+    order = np.lexsort((ids[keep], d[keep]))[:k]
+    return ids[keep][order], d[keep][order]
+
+
+# --------------------------------------------------------------------------- the layer
+
+
+def test_layer_writes_vectors_indexes_and_meta(embed_ard):
+    import ard_sql
+
+    db = ard_sql.open(embed_ard)
+    n, n_astro, n_shen, dims = db.sql(
+        "SELECT count(*), count(emb_astro), count(emb_shen), max(len(emb_astro::FLOAT[])) FROM ard").fetchall()[0]
+    assert n == 27 and n_astro == 26 and n_shen == 26 and dims == 768
+    # every vector is a real direction: not all zero, finite, and vectors differ
+    ids, v = _vectors(embed_ard)
+    assert np.isfinite(v).all() and (np.abs(v).sum(1) > 0).all()
+    assert np.ptp(v, axis=0).max() > 0
+    for col in ("emb_astro", "emb_shen"):
+        assert paths.index_file(embed_ard, col).exists()
+    meta = dict(db.sql("SELECT name, value FROM ard_meta").fetchall())
+    assert "trained self-supervised" in meta["embed_astro_source"]
+    assert "embed_astro_training" in meta and "embed_shen_training" in meta
+    assert json.loads(meta["index_emb_shen"])["n"] == 26
+
+
+def test_null_vectors_for_spectra_without_good_pixels(embed_ard):
+    import ard_sql
+
+    db = ard_sql.open(embed_ard)
+    row = db.sql("SELECT emb_astro IS NULL, emb_shen IS NULL FROM ard WHERE TargetID = ?", [BAD_TID0]).fetchall()
+    assert row == [(True, True)]
+    # a target without a vector has no neighbours, in both implementations
+    assert db.sql("SELECT count(*) FROM similar_to(?, 5)", [BAD_TID0]).fetchall() == [(0,)]
+    con = duckdb.connect(str(paths.db_path(embed_ard)), read_only=True)
+    assert con.execute("SELECT count(*) FROM similar_to(?, 5)", [BAD_TID0]).fetchall() == [(0,)]
+
+
+def _tiny_astroclip_checkpoint(path: Path) -> dict:
+    """A tiny SpecFormer saved as the full AstroCLIP Lightning checkpoint (prefix spectrum_encoder.backbone.)."""
+    from ard_sql.science.specformer import SpecFormer, SpecFormerConfig
+
+    torch.manual_seed(3)
+    model = SpecFormer(SpecFormerConfig(embed_dim=48, num_layers=1, num_heads=2, dropout=0.0))
+    state = {f"spectrum_encoder.backbone.{k}": v for k, v in model.state_dict().items()}
+    state["image_encoder.backbone.patch_embed.weight"] = torch.zeros(4, 3)  # another encoder's weights: ignored
+    torch.save({"state_dict": state, "hyper_parameters": {"learning_rate": 1e-4, "temperature": 15.5}, "epoch": 7}, path)
+    return model.state_dict()
+
+
+def test_local_astroclip_checkpoint_loads(embed_ard, tmp_path):
+    import ard_sql
+    from ard_sql.science import specformer
+
+    ckpt = tmp_path / "astroclip.ckpt"
+    saved = _tiny_astroclip_checkpoint(ckpt)
+    loaded = specformer.load_checkpoint(ckpt)
+    assert loaded.config.embed_dim == 48 and loaded.config.num_layers == 1
+    for k, v in saved.items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    ard = tmp_path / "ard"
+    shutil.copytree(embed_ard, ard)
+    _build(ard, None, {**TINY, "astroclip_checkpoint": str(ckpt)})
+    db = ard_sql.open(ard)
+    meta = dict(db.sql("SELECT name, value FROM ard_meta").fetchall())
+    assert meta["embed_astro_source"] == "published AstroCLIP weights"
+    assert json.loads(meta["embed_astro_config"])["embed_dim"] == 48
+    # the stored vectors come from those weights: 16 regions x 48 = 768, and they match an embedding done here
+    used = specformer.load_checkpoint(paths.artifact_dir(ard, "embed") / "specformer.ckpt")
+    for k, v in saved.items():
+        assert torch.equal(used.state_dict()[k], v), k
+    assert used.emb_regions == 16
+    tid, stored = db.sql("SELECT TargetID, emb_astro FROM ard WHERE emb_astro IS NOT NULL ORDER BY TargetID LIMIT 1").fetchall()[0]
+    spec = db.sql("SELECT spectrum(?) AS s", [tid]).fetchall()[0][0]
+    mine = specformer.embed(used, np.array([spec["flux"]], np.float32), np.array([spec["ivar"]], np.float32), out_dim=768)[0]
+    assert np.allclose(mine, np.asarray(stored), atol=1e-3 * np.abs(mine).max())
+    # a file that is not a checkpoint is refused with a clear message
+    bad = tmp_path / "bad.ckpt"
+    torch.save({"state_dict": {"foo.weight": torch.zeros(2)}}, bad)
+    with pytest.raises(ValueError, match="no SpecFormer weights"):
+        specformer.load_checkpoint(bad)
+
+
+# --------------------------------------------------------------------------- similar / similar_to
+
+
+@pytest.mark.parametrize("embedding", ["astro", "shen"])
+def test_similar_to_returns_k_nearest_first_matching_brute_force(embed_ard, embedding):
+    import ard_sql
+
+    db = ard_sql.open(embed_ard)
+    ids, vecs = _vectors(embed_ard, f"emb_{embedding}")
+    target = int(ids[3])
+    got = db.sql(f"SELECT TargetID, distance FROM similar_to({target}, 7, '{embedding}')").fetchall()
+    assert len(got) == 7 and target not in [g[0] for g in got]
+    dist = np.array([g[1] for g in got])
+    assert np.all(np.diff(dist) >= -1e-6)
+    want_ids, want_d = _brute(ids, vecs, vecs[3], 7, exclude=target)
+    # the index keeps f16 vectors: distances agree to f16 precision and the sets agree
+    # except for near-ties at the boundary
+    assert np.allclose(dist, want_d, atol=2e-3)
+    assert len(set(want_ids) & {g[0] for g in got}) >= 6
+    # similar(vector, k): the target itself first, at distance ~0
+    q = vecs[3].tolist()
+    got2 = db.sql(f"SELECT TargetID, distance FROM similar(?::FLOAT[768], 5, '{embedding}')", [q]).fetchall()
+    assert len(got2) == 5 and got2[0][0] == target and abs(got2[0][1]) < 2e-3
+
+
+def test_persistent_pure_sql_macros_work_without_python(embed_ard):
+    """Plain duckdb (no UDFs registered): the persistent brute-force macros answer exactly."""
+    ids, vecs = _vectors(embed_ard)
+    target = int(ids[5])
+    # a fresh process with nothing but duckdb (in this process another connection to the same file
+    # may share the database instance and its Python UDFs)
+    code = ("import duckdb, json, sys; con = duckdb.connect(sys.argv[1], read_only=True)\n"
+            "try:\n    con.execute(\"SELECT ard_similar_to(1, 1, 'astro', NULL)\").fetchall(); udf = True\n"
+            "except duckdb.Error:\n    udf = False\n"
+            "rows = con.execute(f'SELECT TargetID, distance FROM similar_to({sys.argv[2]}, 6)').fetchall()\n"
+            "print(json.dumps({'udf': udf, 'rows': rows}))")
+    res = json.loads(subprocess.run([sys.executable, "-c", code, str(paths.db_path(embed_ard)), str(target)],
+                                    capture_output=True, text=True, check=True).stdout)
+    assert res["udf"] is False  # no Python UDF there: the persistent pure-SQL macro answered
+    want_ids, want_d = _brute(ids, vecs, vecs[5], 6, exclude=target)
+    assert [r[0] for r in res["rows"]] == want_ids.tolist()
+    assert np.allclose([r[1] for r in res["rows"]], want_d, atol=1e-5)
+    con = duckdb.connect(str(paths.db_path(embed_ard)), read_only=True)
+    got = con.execute(f"SELECT TargetID, distance FROM similar_to({target}, 6)").fetchall()
+    want_ids, want_d = _brute(ids, vecs, vecs[5], 6, exclude=target)
+    assert [g[0] for g in got] == want_ids.tolist()
+    assert np.allclose([g[1] for g in got], want_d, atol=1e-5)
+    got_v = con.execute("SELECT TargetID FROM similar(?::FLOAT[768], 4, 'shen')", [_vectors(embed_ard, "emb_shen")[1][0].tolist()]).fetchall()
+    assert len(got_v) == 4 and got_v[0][0] == _vectors(embed_ard, "emb_shen")[0][0]
+    # filtered form in plain SQL too
+    rows = con.execute(f"SELECT s.TargetID, a.Z FROM similar_to({target}, 3, 'astro', "
+                       "(SELECT list(TargetID) FROM ard WHERE Z < 0.3)) s JOIN ard a USING (TargetID)").fetchall()
+    assert len(rows) == 3 and all(z < 0.3 for _, z in rows)
+
+
+def test_filtered_form_returns_k_rows_satisfying_the_filter(embed_ard):
+    import ard_sql
+
+    db = ard_sql.open(embed_ard)
+    ids, _ = _vectors(embed_ard)
+    target = int(ids[0])
+    allowed = "(SELECT list(TargetID) FROM ard WHERE Z < 0.3 AND TargetID % 2 = 0)"
+    n_allowed = db.sql(f"SELECT count(*) FROM ard WHERE Z < 0.3 AND TargetID % 2 = 0 AND emb_astro IS NOT NULL "
+                       f"AND TargetID <> {target}").fetchall()[0][0]
+    k = min(4, n_allowed)
+    rows = db.sql(f"SELECT s.TargetID, s.distance, a.Z FROM similar_to({target}, {k}, 'astro', {allowed}) s "
+                  "JOIN ard a USING (TargetID)").fetchall()
+    assert len(rows) == k and all(z < 0.3 and t % 2 == 0 for t, _, z in rows)
+    # the same k rows as the brute-force persistent macro
+    con = duckdb.connect(str(paths.db_path(embed_ard)), read_only=True)
+    want = con.execute(f"SELECT TargetID FROM similar_to({target}, {k}, 'astro', {allowed})").fetchall()
+    assert {r[0] for r in rows} == {w[0] for w in want}
+
+
+def test_filtered_search_on_a_large_index_oversamples_to_k(tmp_path):
+    """The index path of the filtered form (no exact fallback): 4000 clustered vectors, 30% allowed."""
+    from ard_sql.similarity import build_index, open_index
+    from ard_sql.udfs.similar import filtered_search
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((20, 64))
+    vecs = (centres[rng.integers(0, 20, 4000)] + 0.3 * rng.standard_normal((4000, 64))).astype(np.float32)
+    keys = np.arange(4000, dtype=np.int64) + 10**12
+    build_index(keys, vecs, tmp_path / "i.usearch")
+    index = open_index(tmp_path / "i.usearch")
+    allowed = keys[rng.random(4000) < 0.3]
+    res = filtered_search(index, vecs[7], 25, allowed)
+    assert len(res.targetid) == 25 and np.isin(res.targetid, allowed).all()
+    assert np.all(np.diff(res.distance) >= 0)
+    a = np.isin(keys, allowed)
+    d = 1 - vecs[a] @ vecs[7] / (np.linalg.norm(vecs[a], axis=1) * np.linalg.norm(vecs[7]))
+    exact = set(keys[a][np.argsort(d)[:25]])
+    assert len(exact & set(res.targetid)) >= 23
+
+
+def test_find_similar_returns_a_dataframe_joined_with_the_catalog(embed_ard):
+    import ard_sql
+
+    db = ard_sql.open(embed_ard)
+    ids, vecs = _vectors(embed_ard, "emb_shen")
+    df = db.find_similar(targetid=int(ids[2]), k=5, embedding="shen")
+    assert len(df) == 5 and list(df.columns[:2]) == ["distance", "TargetID"]
+    assert {"RA", "DEC", "Z", "emb_astro"} <= set(df.columns)
+    assert df["distance"].is_monotonic_increasing and int(ids[2]) not in df["TargetID"].tolist()
+    df2 = db.find_similar(vector=vecs[2], k=3, embedding="shen", where="Z < 0.3")
+    assert len(df2) == 3 and (df2["Z"] < 0.3).all()
+    with pytest.raises(ValueError):
+        db.find_similar(k=3)
+
+
+# --------------------------------------------------------------------------- resampling invariance
+
+
+def galaxy_like_spectra(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(wave, flux, ivar) on the DESI brz grid: continuum with a 4000 A break, absorption and emission lines, noise."""
+    rng = np.random.default_rng(seed)
+    wave = grid.brz_wavelength()
+    z = rng.uniform(0.05, 0.5, n)
+    rest = wave[None, :] / (1 + z[:, None])
+    brk = rng.uniform(1.1, 2.0, n)[:, None]
+    cont = np.where(rest < 4000, 1.0, brk) * (rest / 5000) ** rng.uniform(-1.5, 0.5, n)[:, None]
+    flux = cont.copy()
+    for line, sign in ((3934, -1), (3969, -1), (4102, -1), (4861, 1), (5007, 1), (6563, 1), (3727, 1), (5175, -1)):
+        amp = rng.uniform(0.0, 3.0, n)[:, None] if sign > 0 else rng.uniform(0.1, 0.4, n)[:, None]
+        flux += sign * amp * np.exp(-0.5 * ((rest - line) / 3.0) ** 2) * (1 if sign > 0 else cont)
+    level = rng.uniform(2, 8, n)[:, None]
+    sigma = 0.05 * level
+    flux = level * flux + sigma * rng.standard_normal(flux.shape)
+    return wave, flux.astype(np.float32), np.broadcast_to(1 / sigma**2, flux.shape).astype(np.float32).copy()
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def _resampling_check(seconds: float, n_train: int) -> np.ndarray:
+    from ard_sql.science import shen
+
+    torch.manual_seed(0)
+    wave, flux, ivar = galaxy_like_spectra(n_train + 20, seed=1)
+    model, _ = shen.train(wave, flux[:n_train], ivar[:n_train], epochs=50, max_seconds=seconds)
+    test_f, test_i = flux[n_train:], ivar[n_train:]
+    e_desi = shen.embed(model, wave, test_f, test_i)
+    lw, lf, li = shen.resample_loglam(wave, test_f, test_i)
+    assert abs(np.log10(lw[1] / lw[0]) - 1e-4) < 1e-9 and len(lw) != len(wave)
+    e_sdss = shen.embed(model, lw, lf, li)
+    return _cosines(e_desi, e_sdss)
+
+
+def test_emb_shen_resampling_invariance():
+    """The same spectrum on an SDSS-like log-lambda grid embeds within cosine 0.95 of the DESI-grid one."""
+    torch.set_num_threads(1)
+    cos = _resampling_check(seconds=12, n_train=96)
+    assert cos.min() > 0.95, cos
+
+
+@pytest.mark.slow
+def test_emb_shen_resampling_invariance_trained_longer():
+    torch.set_num_threads(2)
+    cos = _resampling_check(seconds=120, n_train=600)
+    assert cos.min() > 0.95, cos
