@@ -12,9 +12,11 @@ from ard_sql.commands._common import console, counting_bar, fail
 
 #: The blueprint's query (section 5.2), run as written.
 VOID_QUERY = "LogMass_p50 > 11.0 & Web_Class == 'Void' & SNR_Median > 10"
-#: Demo-sized layer options: bounded training so the demo builds in minutes on 2 cores.
+#: Demo-sized layer options: bounded training so the demo builds in minutes on 2 cores, and
+#: the topology in the mock's own cosmology (a real survey keeps the layer's Planck18 default).
 DEMO_LAYER_OPTIONS: dict[str, dict[str, object]] = {
-    "embed": {"max_seconds": 90, "epochs": 2, "train_max": 2000},
+    "embed": {"max_seconds": 75, "train_max": 2000},
+    "topology": {"cosmology": "FlatLambdaCDM(H0=70, Om0=0.3)"},
 }
 
 
@@ -83,10 +85,10 @@ def _workflow(out: Path) -> dict[str, object]:
 
 def demo(
     out: Path = typer.Option(Path("ard_demo"), "--out", help="Folder for the demo: the ARD, survey/ (the mock) and plots/."),
-    n: int = typer.Option(1500, "--n", help="Number of mock targets."),
+    n: int = typer.Option(3000, "--n", help="Number of mock targets."),
     seed: int = typer.Option(0, "--seed", help="Random seed of the mock survey."),
-    area: float = typer.Option(None, "--area", help="Mock footprint in deg^2 (default: the mock's)."),
-    zmax: float = typer.Option(0.6, "--zmax", help="Highest mock redshift."),
+    area: float = typer.Option(30.0, "--area", help="Mock footprint in deg^2."),
+    zmax: float = typer.Option(0.4, "--zmax", help="Highest mock redshift."),
     workers: int = typer.Option(None, "--workers", help="Local worker processes (default: CPU count)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
