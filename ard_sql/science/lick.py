@@ -29,7 +29,7 @@ Conventions:
 - Bad pixels (``ivar <= 0``, ``mask != 0`` or non-finite flux) are replaced by linear
   interpolation between their good neighbours (their error flows to those neighbours).
   A band whose bad fraction exceeds ``max_bad_frac`` gives NaN and a ``BAD_PIXELS``
-  flag; a band outside the spectrum's good-pixel range at that redshift gives NaN and
+  flag; a band outside the spectrum's wavelength range at that redshift gives NaN and
   ``NO_COVERAGE``; a non-positive continuum gives NaN and ``BAD_CONTINUUM``.
 - The indices are measured at the spectrum's own resolution (no broadening to Lick/IDS).
 """
@@ -205,10 +205,13 @@ class _Window:
             good &= np.lib.stride_tricks.sliding_window_view(mask, length, axis=1)[rows, self.k0] == 0
         self.good = good
         self.var = np.where(good, 1.0 / np.where(good, iv, 1.0), 0.0)
-        self.any_bad = not bool(good.all())
+        # Only the rows with a bad pixel in the window are filled (usually a few per cent).
+        self.bad_rows = np.flatnonzero(~good.all(axis=1))
+        self.any_bad = self.bad_rows.size > 0
         if self.any_bad:
-            f = np.where(good, f, 0.0)
-            f, self.prev, self.nxt, self.t = _fill_bad(self.x, f, good)
+            br = self.bad_rows
+            fb = np.where(good[br], f[br], 0.0)
+            f[br], self.prev, self.nxt, self.t = _fill_bad(self.x[br], fb, good[br])
         self.f = f
 
     def weights(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
@@ -238,13 +241,17 @@ class _Window:
         neighbours it was interpolated from.
         """
         if self.any_bad:
-            n, length = grad.shape
-            bad_grad = np.where(self.good, 0.0, grad)
-            flat = np.where(self.good, grad, 0.0).ravel()
-            rows = (np.arange(n) * length)[:, None]
+            br = self.bad_rows
+            good = self.good[br]
+            nb, length = good.shape
+            sub = grad[br]
+            bad_grad = np.where(good, 0.0, sub)
+            flat = np.where(good, sub, 0.0).ravel()
+            rows = (np.arange(nb) * length)[:, None]
             np.add.at(flat, (rows + self.prev).ravel(), (bad_grad * (1 - self.t)).ravel())
             np.add.at(flat, (rows + self.nxt).ravel(), (bad_grad * self.t).ravel())
-            grad = flat.reshape(n, length)
+            grad = grad.copy()
+            grad[br] = flat.reshape(nb, length)
         return np.einsum("ij,ij,ij->i", grad, grad, self.var)
 
 
@@ -399,7 +406,7 @@ def measure_indices(
     mask: np.ndarray | None = None,
     *,
     max_bad_frac: float = 0.25,
-    chunk: int = 1024,
+    chunk: int = 128,
 ) -> dict[str, np.ndarray]:
     """Measure every index of :data:`INDICES` (+ composites) on a batch of spectra.
 
@@ -412,7 +419,8 @@ def measure_indices(
     z : (n,) redshift; NaN gives NULL indices with ``NO_COVERAGE``.
     mask : optional (n, npix) integer mask; non-zero marks a bad pixel.
     max_bad_frac : largest fraction of any band's width allowed in bad pixels.
-    chunk : spectra per vectorised block (bounds memory; not a per-spectrum loop).
+    chunk : spectra per vectorised block (bounds memory, keeps the windows in cache;
+        not a per-spectrum loop). 128 measured fastest (64-1024 within 1.7x).
 
     Returns
     -------

@@ -7,7 +7,7 @@ spectrum that cannot be measured gets NULL indices and ``Lick_flag`` bits.
 
 Options (``BuildOptions.layer_options["lick"]``):
 ``max_bad_frac`` (float, default 0.25): largest bad-pixel fraction of a band;
-``chunk`` (int, default 1024): spectra per vectorised block.
+``chunk`` (int, default 128): spectra per vectorised block.
 """
 
 from __future__ import annotations
