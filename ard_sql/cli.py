@@ -24,7 +24,7 @@ app = typer.Typer(
 )
 
 #: Command modules, in the order `ard --help` lists them.
-COMMAND_MODULES: list[str] = ["demo", "mock", "build", "inspect", "plot", "synth", "release"]
+COMMAND_MODULES: list[str] = ["demo", "mock", "build", "inspect", "plot", "synth", "release", "daemon"]
 
 for _name in COMMAND_MODULES:
     importlib.import_module(f"ard_sql.commands.{_name}").register(app)

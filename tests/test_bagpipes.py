@@ -33,7 +33,7 @@ from ard_sql.science import pipes_fit as pf
 #: A small estimator for the default tests (seconds to train; not calibrated, not meant to be).
 SMALL = {"n_sims": 300, "n_test": 0, "epochs": 4}
 #: Nautilus settings of the slow fit tests: few live points, one network.
-FAST_FIT = pf.FitConfig(n_live=100, n_networks=1, n_draws=200, seed=1)
+FAST_FIT = pf.FitConfig(n_live=200, n_networks=1, n_draws=200, seed=1)
 
 
 def shared_cache() -> Path:
@@ -139,7 +139,6 @@ def small_estimator():
 
 def model_eval_seconds() -> float:
     """Seconds of one bagpipes model evaluation (the unit a nautilus fit pays thousands of times)."""
-    from ard_sql.science import pipes_model as pm
     from ard_sql.science.pipes_sim import Simulator
 
     sim = Simulator()
@@ -147,7 +146,7 @@ def model_eval_seconds() -> float:
     sim.spectra(theta[:2], np.full(2, 0.2))
     t0 = time.perf_counter()
     sim.spectra(theta, np.full(10, 0.2))
-    return (time.perf_counter() - t0) / 10 + 0 * pm.FIT_BIN
+    return (time.perf_counter() - t0) / 10
 
 
 def test_amortized_speed_per_galaxy(small_estimator) -> None:
@@ -181,12 +180,41 @@ def test_amortized_coverage_on_heldout_simulations() -> None:
 
 
 # ---------------------------------------------------------------- a real Bagpipes fit
+def test_simulations_and_fits_share_one_forward_model(tmp_path: Path) -> None:
+    """The fit's bagpipes likelihood at the simulated truth gives chi2 ~ number of bins (no model mismatch)."""
+    import contextlib
+    import io
+
+    from ard_sql.science import pipes_model as pm
+    from ard_sql.science.pipes_sim import simulate_brz
+
+    rng = np.random.default_rng(5)
+    flux, ivar, _ = simulate_brz(np.array([10.8, 5.0, 1.0, 1.0, 0.4]), 0.15, 8.0, rng, veldisp=150.0)
+    flag, wave, bflux, bivar = pf._checked_input(0.15, flux, ivar)
+    assert flag == 0
+    pipes = pipes_env.load_bagpipes()
+    spectrum = np.column_stack([wave, bflux * 1e-17, 1e-17 / np.sqrt(bivar)])
+    with pipes_env.pipes_workdir(tmp_path), contextlib.redirect_stdout(io.StringIO()):
+        galaxy = pipes.galaxy("1", lambda _id: spectrum, photometry_exists=False, spectrum_exists=True)
+        fm = pipes.fit(galaxy, pm.fit_instructions(0.15, 150.0), run="chi2").fitted_model
+    truth = {"delayed:massformed": 10.8, "delayed:age": 5.0, "delayed:tau": 1.0, "delayed:metallicity": 1.0,
+             "dust:Av": 0.4, "calib:1": 0.0, "calib:2": 0.0, "noise:scaling": 1.0}
+    fm.lnlike(np.array([truth[p] for p in fm.params]))
+    n = len(wave)
+    assert abs(fm.chisq_spec - n) < 5 * np.sqrt(2 * n), (fm.chisq_spec, n)
+    off = dict(truth, **{"delayed:massformed": 10.83})
+    fm.lnlike(np.array([off[p] for p in fm.params]))
+    assert fm.chisq_spec > n + 500  # 0.03 dex of mass is seen
+
+
 @pytest.mark.slow
 def test_fast_bagpipes_fit_has_truth_inside_posterior(tmp_path: Path) -> None:
     from ard_sql.science.pipes_sim import simulate_brz
 
+    # S/N 3 per pixel (a typical BGS spectrum). With 50 live points nautilus gave posteriors too narrow
+    # to hold the truth (LogMass at S/N 8, Age at S/N 3); 200 is the smallest tried that is meant to.
     rng = np.random.default_rng(5)
-    flux, ivar, truth = simulate_brz(np.array([10.8, 5.0, 1.0, 1.0, 0.4]), 0.15, 8.0, rng, veldisp=150.0)
+    flux, ivar, truth = simulate_brz(np.array([10.8, 5.0, 1.0, 1.0, 0.4]), 0.15, 3.0, rng, veldisp=150.0)
     res = pf.fit_galaxy(7, 0.15, flux, ivar, veldisp=150.0, workdir=tmp_path / "work", config=FAST_FIT)
     print(f"fit {res.runtime_s:.0f} s, {res.message}; truth {truth}")
     assert res.row["Physics_Source"] == "bagpipes" and res.row["Bagpipes_flag"] in (0,), res.message
@@ -302,13 +330,20 @@ def test_daemon_resumes_after_kill_and_its_fits_replace_amortized_rows(built_ard
     while time.time() < deadline and (_fits(built_ard) is None or len(_fits(built_ard)) < 2):
         assert proc.poll() is None, proc.stderr.read().decode()
         time.sleep(0.2)
+    import psutil
+
+    children = psutil.Process(proc.pid).children(recursive=True)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    gone, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, f"workers outlived the killed daemon: {alive}"
     first = _fits(built_ard)
     assert first is not None and 2 <= len(first) < len(queue)
     assert first.TargetID.is_unique
     assert set(first.TargetID) == {j.targetid for j in queue[:len(first)]}  # priority order
-    assert n_bp() == int(first.LogMass_p50.notna().sum())  # the open reader sees them
+    # the open reader sees them (<=: the kill may fall between a fit file's write and the restaging,
+    # which the next run repairs first thing)
+    assert n_bp() <= int(first.LogMass_p50.notna().sum())
     st = daemon.daemon_status(built_ard)
     assert not st["running"] and st["fitted"] + st["failed"] == len(first)
     assert st["queued"] == len(queue) - len(first)

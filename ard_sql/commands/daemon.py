@@ -21,6 +21,8 @@ the background, after the build, while the ARD is in use:
 from __future__ import annotations
 
 import concurrent.futures as cf
+import concurrent.futures.process  # noqa: F401  (BrokenProcessPool)
+import contextlib
 import datetime as _dt
 import fcntl
 import importlib
@@ -111,8 +113,16 @@ def _resolve(fitter: str) -> Callable:
     return getattr(importlib.import_module(module), name)
 
 
-def _worker_init() -> None:
+def _worker_init(daemon_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when to stop
+    try:  # Linux: die with the daemon (kill -9 of the daemon must not leave fits running)
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != daemon_pid:  # the daemon died before prctl took effect
+            os._exit(1)
+    except (OSError, AttributeError):
+        pass
 
 
 def fit_job(job: Job, flux: np.ndarray, ivar: np.ndarray, workdir: str, config: Any, fitter: str):
@@ -277,6 +287,12 @@ def run_daemon(ard_dir: Path | str, workers: int = 1, max_fits: int | None = Non
         log(f"signal {signum}: finishing the running fits, then a checkpoint")
 
     old = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    from ard_sql.build.layers.bagpipes import restage_partition
+
+    for f in sorted((art / "fits").glob("Norder=*/Dir=*/Npix=*.parquet")):  # repair a kill mid-checkpoint
+        order, pixel = int(f.parent.parent.name.split("=")[1]), int(f.stem.split("=")[1])
+        if paths.partition_file(ard_dir, order, pixel).exists():
+            restage_partition(ard_dir, order, pixel)
     queue = build_queue(ard_dir)
     if max_fits is not None:
         queue = queue[:max_fits]
@@ -311,7 +327,7 @@ def run_daemon(ard_dir: Path | str, workers: int = 1, max_fits: int | None = Non
     running: dict[cf.Future, Job] = {}
     try:
         with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                                    initializer=_worker_init) as pool:
+                                    initializer=_worker_init, initargs=(os.getpid(),)) as pool:
             while True:
                 while not stop["now"] and next_i < len(queue) and len(running) < workers:
                     job = queue[next_i]
@@ -336,8 +352,15 @@ def run_daemon(ard_dir: Path | str, workers: int = 1, max_fits: int | None = Non
                     _flush()
         _flush()
         info["state"] = "stopped" if stop["now"] and next_i < len(queue) else "finished"
+    except cf.process.BrokenProcessPool:
+        # a worker was killed (OOM killer, kill -9): keep what finished, the rest stays queued
+        info["state"] = "worker_died"
+        _flush()
+        log("a fit worker died (killed or out of memory); finished fits are saved, run again to resume")
     except BaseException:
         info["state"] = "crashed"
+        with contextlib.suppress(Exception):
+            _flush()  # keep the fits that finished before the error
         raise
     finally:
         info["finished"] = _now()
@@ -368,11 +391,13 @@ def bagpipes(
     if workers < 1:
         raise fail("--workers must be at least 1")
     try:
-        run_daemon(ard_dir, workers=workers, max_fits=max_fits, batch=batch, checkpoint_seconds=checkpoint_seconds,
+        info = run_daemon(ard_dir, workers=workers, max_fits=max_fits, batch=batch, checkpoint_seconds=checkpoint_seconds,
                    config=FitConfig(n_live=n_live, n_networks=n_networks), fitter=fitter,
                    log=lambda m: console.print(m, highlight=False))
     except (DaemonBusy, FileNotFoundError) as exc:
         raise fail(str(exc)) from None
+    if info["state"] == "worker_died":
+        raise typer.Exit(1)
 
 
 @daemon_app.command("status")

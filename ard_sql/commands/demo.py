@@ -20,6 +20,14 @@ DEMO_LAYER_OPTIONS: dict[str, dict[str, object]] = {
 }
 
 
+def _demo_layer_options() -> dict[str, dict[str, object]]:
+    """DEMO_LAYER_OPTIONS plus a per-user cache of the amortized estimator, so a second demo skips its simulations."""
+    from ard_sql.science import pipes_env
+
+    return {**{k: dict(v) for k, v in DEMO_LAYER_OPTIONS.items()},
+            "bagpipes": {"cache_dir": str(pipes_env.cache_dir() / "amortized")}}
+
+
 def _mock(survey: Path, n: int, seed: int, area: float | None, zmax: float, progress: bool) -> None:
     from ard_sql.build.mock.survey import MockConfig, run_mock
 
@@ -107,7 +115,7 @@ def demo(
     try:
         _mock(out / "survey", n, seed, area, zmax, progress)
         opts = BuildOptions(out=str(out), source=str(out / "survey"), zcat=str(next((out / "survey").rglob("z*-pix-*.fits"), "")) or None,
-                            workers=workers, progress=progress, layer_options={k: dict(v) for k, v in DEMO_LAYER_OPTIONS.items()})
+                            workers=workers, progress=progress, layer_options=_demo_layer_options())
         report = build(opts)
     except (ValueError, BuildFailed) as exc:
         raise fail(str(exc)) from None

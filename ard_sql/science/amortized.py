@@ -54,7 +54,7 @@ class AmortizedConfig:
     """Simulated spectra (about 15 ms each on one core)."""
     n_pca: int = 48
     """PCA components of the normalised spectrum."""
-    hidden: int = 256
+    hidden: int = 128
     n_components: int = 4
     """Gaussians per marginal posterior."""
     epochs: int = 60

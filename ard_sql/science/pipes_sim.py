@@ -79,8 +79,22 @@ def add_noise(flux: np.ndarray, wave: np.ndarray, snr: np.ndarray, rng: np.rando
 
 def simulate_brz(theta: np.ndarray, z: float, snr: float, rng: np.random.Generator,
                  veldisp: float | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
-    """One noisy spectrum on the native brz grid (flux, ivar as float32) and its truth."""
-    sim = Simulator(grid.brz_wavelength())
+    """One noisy spectrum on the native brz grid (flux, ivar as float32) and its truth.
+
+    The model is computed on the fits' 8 A bins, exactly as a Bagpipes fit
+    computes it (``pipes_model.fit_wavelengths``), and each bin's noisy value
+    is spread over its ``FIT_BIN`` native pixels with ivar / FIT_BIN, so that
+    ``pipes_model.bin_spectra`` gives back that bin exactly: a fit of this
+    spectrum tests the sampler and the likelihood, not a resampling mismatch
+    (the mock survey, with its own SSP code, tests that). ``snr`` is the
+    median S/N per native pixel.
+    """
+    sim = Simulator()
     flux, truth = sim.spectra(theta, z, None if veldisp is None else np.array([veldisp]))
-    noisy, ivar = add_noise(flux, sim.wave, np.array([snr]), rng)
-    return noisy[0].astype(np.float32), ivar[0].astype(np.float32), {k: float(v[0]) for k, v in truth.items()}
+    noisy, ivar = add_noise(flux, sim.wave, np.array([snr]), rng, pixels_per_bin=pm.FIT_BIN)
+    n = noisy.shape[1] * pm.FIT_BIN
+    out_f = np.zeros(grid.NPIX, np.float32)
+    out_i = np.zeros(grid.NPIX, np.float32)
+    out_f[:n] = np.repeat(noisy[0], pm.FIT_BIN)
+    out_i[:n] = np.repeat(ivar[0] / pm.FIT_BIN, pm.FIT_BIN)
+    return out_f, out_i, {k: float(v[0]) for k, v in truth.items()}

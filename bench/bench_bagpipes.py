@@ -1,0 +1,224 @@
+"""Bagpipes layer benchmark: amortized posteriors vs Bagpipes fits, and their calibration.
+
+Prints, from ONE run on this machine:
+
+1. calibration of the amortized estimator on held-out simulations of the
+   forward model (central-interval coverage at 10 %...90 %, per quantity;
+   the 68 % row is the acceptance number) and a calibration figure
+   (``--figure``, default ``bench/bagpipes_calibration.png``);
+2. speed: ms per galaxy of the amortized estimator in batches of brz-grid
+   spectra, one Bagpipes (nautilus) fit's wall time, and their ratio;
+3. agreement on the galaxies Bagpipes fitted (``--n-fits`` held-out
+   simulations): median |dLogMass_p50| amortized - Bagpipes, and both vs truth;
+4. with ``--ard DIR --truth DIR/truth.parquet`` (a mock survey built with the
+   bagpipes layer): 68 % coverage and median |d| against the mock's truth
+   (its LOG_MASS is the surviving mass, as ours; its SFHs have bursts and
+   truncations that the delayed-tau model lacks, so this is a test of
+   model mismatch, not of calibration).
+
+    python bench/bench_bagpipes.py --n-fits 2 --n-live 100
+    python bench/bench_bagpipes.py --n-fits 0 --ard /tmp/a --truth /tmp/m/truth.parquet
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ard_sql import grid
+from ard_sql.build.layers import bagpipes as layer
+from ard_sql.science import amortized as am
+from ard_sql.science import pipes_env
+from ard_sql.science import pipes_fit as pf
+
+LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.6827, 0.8, 0.9)
+#: mock truth column -> our quantity (same definitions; see the module docstring)
+MOCK_TRUTH = {"LogMass": "LOG_MASS", "SFR": "SFR", "sSFR": "SSFR", "Age": "AGE_MW", "Dust_Av": "AV",
+              "Metallicity": "METALLICITY", "Tau": "TAU"}
+
+
+def calibration(est, sims: dict) -> dict[str, list[float]]:
+    """Coverage of central intervals at LEVELS, per quantity, on simulated spectra."""
+    probs = sorted({p for lv in LEVELS for p in ((1 - lv) / 2, (1 + lv) / 2)})
+    q = est.quantiles_binned(sims["flux"], sims["ivar"], sims["z"], tuple(probs))
+    truth = am.to_target_space({k: sims[f"truth_{k}"] for k in pf.QUANTITIES})
+    out = {}
+    for j, name in enumerate(pf.QUANTITIES):
+        tv = am.from_target_space(name, truth[:, j])
+        cov = []
+        for lv in LEVELS:
+            lo, hi = q[:, j, probs.index((1 - lv) / 2)], q[:, j, probs.index((1 + lv) / 2)]
+            cov.append(float(np.mean((tv >= lo) & (tv <= hi))))
+        out[name] = cov
+    return out
+
+
+def figure(cal: dict[str, list[float]], path: Path, n: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="ideal")
+    band = 1.96 * np.sqrt(np.array(LEVELS) * (1 - np.array(LEVELS)) / n)
+    ax.fill_between(LEVELS, np.array(LEVELS) - band, np.array(LEVELS) + band, color="0.85", label="95% binomial")
+    for name, cov in cal.items():
+        ax.plot(LEVELS, cov, "o-", ms=3, label=name)
+    ax.axvline(0.6827, color="0.6", lw=0.5)
+    ax.set_xlabel("nominal central-interval level")
+    ax.set_ylabel("fraction of held-out simulations covered")
+    ax.set_title(f"amortized posterior calibration (n={n})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def mock_comparison(ard: Path, truth_file: Path) -> dict:
+    import duckdb
+
+    con = duckdb.connect()
+    df = con.sql(f"""SELECT b.*, t.* EXCLUDE (TARGETID) FROM read_parquet('{ard}/staging/bagpipes/dataset/**/*.parquet') b
+                     JOIN read_parquet('{truth_file}') t ON t.TARGETID = b.TargetID
+                     WHERE b.LogMass_p50 IS NOT NULL AND b.Physics_Source = 'amortized' AND t.SPECTYPE = 'GALAXY'""").df()
+    out = {"n": len(df)}
+    for q, col in MOCK_TRUTH.items():
+        tv = df[col].to_numpy(float)
+        if q == "SFR":
+            tv = np.maximum(tv, 10**am.LOG_SFR_FLOOR)
+        if q == "sSFR":
+            tv = np.maximum(np.nan_to_num(tv, nan=am.SSFR_FLOOR), am.SSFR_FLOOR)
+        ok = np.isfinite(tv)
+        lo, mid, hi = (df[f"{q}_p{p}"].to_numpy(float)[ok] for p in (16, 50, 84))
+        tv = tv[ok]
+        cov = float(np.mean((tv >= lo) & (tv <= hi)))
+        d = np.log10(mid) - np.log10(tv) if q in ("SFR", "Metallicity", "Tau") else mid - tv
+        out[q] = {"coverage68": round(cov, 3), "median_abs_d": round(float(np.median(np.abs(d))), 3),
+                  "median_d": round(float(np.median(d)), 3)}
+    return out
+
+
+def daemon_fit_comparison(ard: Path, truth_file: Path | None) -> list[dict]:
+    """Amortized (recomputed) vs the daemon's Bagpipes fits on the targets it fitted (and the mock truth)."""
+    import pyarrow.parquet as pq
+
+    from ard_sql import paths, spectra_store
+    from ard_sql.build import hats_writer
+
+    est = layer.load_estimator(ard)
+    truth = None
+    if truth_file:
+        truth = pq.read_table(truth_file, columns=["TARGETID", "LOG_MASS"]).to_pandas().set_index("TARGETID")
+    out = []
+    for order, pixel, f in hats_writer.partition_files(ard, paths.CORE):
+        fits = layer.read_fits(ard, order, pixel)
+        if fits is None:
+            continue
+        fits = fits.to_pandas()
+        fits = fits[fits.LogMass_p50.notna()]
+        if fits.empty:
+            continue
+        core = pq.read_table(f, columns=["TargetID", "Z"]).to_pandas().set_index("TargetID")
+        tids = fits.TargetID.to_numpy()
+        spec = spectra_store.read_partition(ard, order, pixel, tids)
+        rows = est.predict_rows(tids, core.loc[tids, "Z"].to_numpy(), spec.flux, spec.ivar)
+        for (_, fit), a in zip(fits.iterrows(), rows):
+            out.append({"TargetID": int(fit.TargetID),
+                        "bagpipes": [round(fit[f"LogMass_p{p}"], 3) for p in (16, 50, 84)],
+                        "amortized": [round(a[f"LogMass_p{p}"], 3) for p in (16, 50, 84)],
+                        "truth": None if truth is None else round(float(truth.loc[int(fit.TargetID), "LOG_MASS"]), 3)})
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cache", default=str(pipes_env.cache_dir() / "amortized"), help="estimator/simulation cache")
+    ap.add_argument("--n-fits", type=int, default=2, help="Bagpipes fits of held-out simulations (minutes each)")
+    ap.add_argument("--n-live", type=int, default=100, help="nautilus live points of those fits")
+    ap.add_argument("--n-networks", type=int, default=1)
+    ap.add_argument("--snr", type=float, default=8.0, help="median S/N per pixel of the fitted simulations")
+    ap.add_argument("--figure", default=str(Path(__file__).with_name("bagpipes_calibration.png")))
+    ap.add_argument("--ard", help="ARD built from a mock with the bagpipes layer")
+    ap.add_argument("--truth", help="the mock's truth.parquet")
+    args = ap.parse_args()
+
+    opts = layer.options({})
+    t0 = time.perf_counter()
+    path, info = layer.train_estimator(Path(args.cache), opts, log=print)
+    est = am.AmortizedEstimator.load(path)
+    print(f"estimator {path.name}: {info['config']['n_sims']} simulations, "
+          f"simulate {info['simulate_seconds']} s + train {info['train_seconds']} s (as cached); ready in "
+          f"{time.perf_counter() - t0:.1f} s")
+
+    # 1. calibration on held-out simulations
+    test = layer.cached_simulations(Path(args.cache), opts["n_test"], opts["seed"] + 7919)
+    cal = calibration(est, test)
+    n = len(test["z"])
+    print(f"\n## calibration on {n} held-out simulations (central-interval coverage)")
+    print("quantity    " + " ".join(f"{lv:>6.2f}" for lv in LEVELS))
+    for name, cov in cal.items():
+        print(f"{name:<11} " + " ".join(f"{c:>6.3f}" for c in cov))
+    figure(cal, Path(args.figure), n)
+    print(f"figure: {args.figure}")
+    q = est.percentiles_binned(test["flux"], test["ivar"], test["z"])
+    print(f"median |LogMass_p50 - truth| (held-out sims): {np.median(np.abs(q[:, 0, 1] - test['truth_LogMass'])):.3f} dex")
+
+    # 2. speed
+    rng = np.random.default_rng(0)
+    nb = 2000
+    flux = (1 + 0.1 * rng.standard_normal((nb, grid.NPIX))).astype(np.float32)
+    ivar = np.full((nb, grid.NPIX), 25.0, np.float32)
+    z = rng.uniform(0.05, 0.8, nb)
+    est.predict_rows(np.arange(100), z[:100], flux[:100], ivar[:100])
+    t0 = time.perf_counter()
+    est.predict_rows(np.arange(nb), z, flux, ivar)
+    per = (time.perf_counter() - t0) / nb
+    print(f"\n## speed\namortized: {per * 1e3:.2f} ms/galaxy (batch of {nb} brz spectra, 1 process)")
+
+    # 3. Bagpipes fits of held-out simulations
+    if args.n_fits:
+        from ard_sql.science.pipes_sim import simulate_brz
+        from ard_sql.science import pipes_model as pm
+
+        cfg = pf.FitConfig(n_live=args.n_live, n_networks=args.n_networks)
+        rows = []
+        for i in range(args.n_fits):
+            zi = float(rng.uniform(0.05, 0.5))
+            theta = pm.sample_prior(1, np.array([zi]), rng)[0]
+            theta[0] = rng.uniform(9.5, 11.5)  # a DESI-like mass
+            f, iv, truth = simulate_brz(theta, zi, args.snr, rng, veldisp=150.0)
+            res = pf.fit_galaxy(i, zi, f, iv, veldisp=150.0, workdir=Path(args.cache) / "bench_work", config=cfg)
+            a = est.predict_rows(np.array([i]), np.array([zi]), f[None], iv[None])[0]
+            rows.append((res, a, truth))
+            print(f"fit {i}: z={zi:.3f} {res.runtime_s:.0f} s ({res.message}); LogMass truth {truth['LogMass']:.3f} "
+                  f"bagpipes {res.row['LogMass_p50']} amortized {a['LogMass_p50']:.3f}")
+        ok = [(r, a, t) for r, a, t in rows if r.row["LogMass_p50"] is not None]
+        t_fit = float(np.mean([r.runtime_s for r, _, _ in rows]))
+        print(f"one Bagpipes fit (nautilus n_live={args.n_live}, n_networks={args.n_networks}): {t_fit:.0f} s "
+              f"-> amortized is {t_fit / per:,.0f} x faster per galaxy")
+        if ok:
+            d = [abs(a["LogMass_p50"] - r.row["LogMass_p50"]) for r, a, _ in ok]
+            print(f"median |dLogMass_p50| amortized - Bagpipes over {len(ok)} fits: {np.median(d):.3f} dex")
+            print(json.dumps([{"truth": round(t["LogMass"], 3), "bagpipes": [round(r.row[f'LogMass_p{p}'], 3) for p in (16, 50, 84)],
+                               "amortized": [round(a[f'LogMass_p{p}'], 3) for p in (16, 50, 84)]} for r, a, t in ok]))
+
+    # 4. mock truth
+    if args.ard and args.truth:
+        print("\n## against the mock truth (amortized rows of the built ARD)")
+        print(json.dumps(mock_comparison(Path(args.ard), Path(args.truth)), indent=1))
+    if args.ard:
+        cmp = daemon_fit_comparison(Path(args.ard), Path(args.truth) if args.truth else None)
+        if cmp:
+            d = [abs(c["amortized"][1] - c["bagpipes"][1]) for c in cmp]
+            print(f"\n## amortized vs the daemon's Bagpipes fits ({len(cmp)} galaxies of {args.ard})")
+            print(f"median |dLogMass_p50| = {np.median(d):.3f} dex")
+            print(json.dumps(cmp))
+
+
+if __name__ == "__main__":
+    main()
