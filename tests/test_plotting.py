@@ -1,0 +1,48 @@
+"""Plots: a spectrum with its models, the quenching diagram, BPT and the sky map; `ard plot`."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+import ard_sql
+from ard_sql.build.options import BuildOptions
+from ard_sql.build.orchestrator import build
+from ard_sql.cli import app
+
+
+@pytest.fixture(scope="module")
+def lick_ard(tmp_path_factory):
+    from conftest import write_small_survey
+
+    root = tmp_path_factory.mktemp("plots")
+    write_small_survey(root / "survey")
+    build(BuildOptions(source=str(root / "survey"), out=str(root / "ard"), layers=["lick"], scheduler="sync", progress=False))
+    return root / "ard"
+
+
+def test_every_plot_writes_an_image(lick_ard, tmp_path):
+    with ard_sql.open(lick_ard) as db:
+        ids = db.sql("SELECT TargetID FROM ard ORDER BY TargetID LIMIT 2").df().TargetID
+        fig = ard_sql.plot_spectrum(ids, show_model=True, db=db, out=tmp_path / "spec.png")
+        assert len(fig.axes) >= 2 and "TargetID" in fig.axes[0].get_title()
+        for name, fn in (("q", ard_sql.plot_quenching_diagram), ("bpt", ard_sql.plot_bpt), ("sky", ard_sql.plot_sky)):
+            fn(db=db, out=tmp_path / f"{name}.png")
+        with pytest.raises(ValueError, match="not in the ARD"):
+            ard_sql.plot_spectrum(12345, db=db)
+    for name in ("spec", "q", "bpt", "sky"):
+        data = (tmp_path / f"{name}.png").read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_ard_plot_command(lick_ard, tmp_path):
+    with ard_sql.open(lick_ard) as db:
+        tid = db.sql("SELECT min(TargetID) FROM ard").fetchall()[0][0]
+    out = tmp_path / "s.png"
+    res = CliRunner().invoke(app, ["plot", str(lick_ard), "spectrum", "--target", str(tid), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    res = CliRunner().invoke(app, ["plot", str(lick_ard), "histogram"])
+    assert res.exit_code == 2 and "unknown plot" in res.output
+    res = CliRunner().invoke(app, ["plot", str(lick_ard), "spectrum"])
+    assert res.exit_code == 2 and "--target" in res.output
