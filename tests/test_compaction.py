@@ -37,8 +37,10 @@ def test_a_newer_layer_file_makes_the_views_join_again(tmp_path, survey_dir):
     out = tmp_path / "ard"
     build(BuildOptions(source=str(root), out=str(out), layers=["lick"], scheduler="sync", progress=False))
     order, pixel, f = next(iter(__import__("ard_sql.build.hats_writer", fromlist=["x"]).partition_files(out, "lick")))
-    later = paths.partition_file(out, order, pixel, "wide").stat().st_mtime_ns + 10**9
-    os.utime(f, ns=(later, later))  # as the Bagpipes daemon rewriting a partition would
+    # just newer than the wide file, as a layer partition rewritten after the build (the Bagpipes
+    # daemon) would be; not in the future, so that a compaction made now is newer again
+    later = paths.partition_file(out, order, pixel, "wide").stat().st_mtime_ns + 1000
+    os.utime(f, ns=(later, later))
     assert not compaction.partition_is_current(out, order, pixel) and not compaction.is_current(out)
     database.write_database(out, database.read_provenance(out))
     with ard_sql.open(out) as db:
