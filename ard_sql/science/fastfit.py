@@ -43,7 +43,6 @@ Reduced chi2 as pPXF: chi2 / (good pixels - kinematic parameters).
 
 from __future__ import annotations
 
-import time
 from contextlib import contextmanager
 
 import numpy as np
@@ -51,8 +50,8 @@ import scipy.fft
 import torch
 
 from ard_sql.science.kinematics import (
-    C_KMS, FLAGS, LINE_NAMES, LINES, FitConfig, KinematicsResult, at_lines, empty_columns, finalize_flags,
-    line_coverage, line_pixels, model_to_linear, prepare, resample_templates,
+    C_KMS, FLAGS, LINE_NAMES, LINES, FitConfig, FitRun, KinematicsResult, at_lines, line_pixels,
+    resample_templates,
 )
 
 _LINE_WAVE = np.array([LINES[nm][0] for nm in LINE_NAMES])
@@ -220,30 +219,16 @@ class FastFitter:
     # ------------------------------------------------------------------ public
     def fit(self, wave, flux, ivar, mask, lsf_sigma, z) -> KinematicsResult:
         """Fit every spectrum of the batch; never raises for a bad spectrum (NULLs + flag instead)."""
-        t0 = time.perf_counter()
-        prep = prepare(wave, flux, ivar, mask, lsf_sigma, z, self.template_fwhm, self.config)
-        n, m = prep.flux.shape
-        cols = empty_columns(n)
-        flag = prep.flag.copy()
-        covered = line_coverage(prep, self.config)
-        stars_log = np.full((n, m), np.nan)
-        gas_log = np.full((n, m), np.nan)
-        idx = np.flatnonzero(prep.usable)
+        run = FitRun.start(wave, flux, ivar, mask, lsf_sigma, z, self.template_fwhm, self.config)
+        idx = np.flatnonzero(run.prep.usable)
         with _torch_threads(self.threads), torch.no_grad():
             for b0 in range(0, idx.size, self.batch_size):
                 sub = idx[b0 : b0 + self.batch_size]
                 try:
-                    self._fit_batch(prep, sub, covered, cols, flag, stars_log, gas_log)
+                    self._fit_batch(run.prep, sub, run.covered, run.cols, run.flag, run.stars, run.gas)
                 except Exception:  # noqa: BLE001 - a failed batch is NULLs + flags, never a crashed build
-                    flag[sub] |= FLAGS["FIT_FAILED"]
-                    for v in cols.values():
-                        v[sub] = np.nan
-                    stars_log[sub] = np.nan
-                    gas_log[sub] = np.nan
-        covered &= ~(flag & FLAGS["FIT_FAILED"]).astype(bool)[:, None]
-        finalize_flags(cols, flag, covered)
-        return KinematicsResult(cols, flag, model_to_linear(prep.ln_lam, stars_log, wave),
-                                model_to_linear(prep.ln_lam, gas_log, wave), time.perf_counter() - t0)
+                    run.failed(sub)
+        return run.finish(wave)
 
     # ------------------------------------------------------------------ setup
     def _setup(self, prep, sub, covered) -> dict:

@@ -21,7 +21,6 @@ errors times sqrt(reduced chi2).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -311,6 +310,49 @@ def model_to_linear(ln_lam: np.ndarray, model_log: np.ndarray, wave: np.ndarray)
     return out
 
 
+@dataclass
+class FitRun:
+    """What both fitters share around their fits: the prepared pixels, the outputs, the flags."""
+
+    prep: Prepared
+    cols: dict[str, np.ndarray]
+    flag: np.ndarray
+    covered: np.ndarray
+    stars: np.ndarray
+    """(n, m) best-fit stellar model on the log grid (NaN: no fit)."""
+    gas: np.ndarray
+    t0: float
+
+    @classmethod
+    def start(cls, wave, flux, ivar, mask, lsf_sigma, z, template_fwhm: float, config: FitConfig) -> "FitRun":
+        """Prepare the pixels and empty (NULL) outputs for every spectrum."""
+        import time
+
+        t0 = time.perf_counter()
+        prep = prepare(wave, flux, ivar, mask, lsf_sigma, z, template_fwhm, config)
+        n, m = prep.flux.shape
+        return cls(prep, empty_columns(n), prep.flag.copy(), line_coverage(prep, config),
+                   np.full((n, m), np.nan), np.full((n, m), np.nan), t0)
+
+    def failed(self, rows) -> None:
+        """Rows whose fit raised: NULL everything, flag FIT_FAILED."""
+        self.flag[rows] |= FLAGS["FIT_FAILED"]
+        for v in self.cols.values():
+            v[rows] = np.nan
+        self.stars[rows] = np.nan
+        self.gas[rows] = np.nan
+
+    def finish(self, wave: np.ndarray) -> KinematicsResult:
+        """Flags from the NULL pattern, models on the input grid, the result."""
+        import time
+
+        self.covered &= ~(self.flag & FLAGS["FIT_FAILED"]).astype(bool)[:, None]
+        finalize_flags(self.cols, self.flag, self.covered)
+        ln_lam = self.prep.ln_lam
+        return KinematicsResult(self.cols, self.flag, model_to_linear(ln_lam, self.stars, wave),
+                                model_to_linear(ln_lam, self.gas, wave), time.perf_counter() - self.t0)
+
+
 class ReferenceFitter:
     """Real pPXF, one spectrum at a time, with the shared templates, gas lines and preprocessing."""
 
@@ -325,28 +367,14 @@ class ReferenceFitter:
 
     def fit(self, wave, flux, ivar, mask, lsf_sigma, z) -> KinematicsResult:
         """Fit every spectrum; never raises for a bad spectrum (NULLs + flag instead)."""
-        import time
-
-        t0 = time.perf_counter()
-        prep = prepare(wave, flux, ivar, mask, lsf_sigma, z, self.template_fwhm, self.config)
-        n, m = prep.flux.shape
-        cols = empty_columns(n)
-        flag = prep.flag.copy()
-        covered = line_coverage(prep, self.config)
-        stars = np.full((n, m), np.nan)
-        gas = np.full((n, m), np.nan)
+        run = FitRun.start(wave, flux, ivar, mask, lsf_sigma, z, self.template_fwhm, self.config)
         with _blas_threads(self.config.threads):
-            for i in np.flatnonzero(prep.usable):
+            for i in np.flatnonzero(run.prep.usable):
                 try:
-                    self._fit_one(prep, i, covered[i], cols, stars, gas, flag)
+                    self._fit_one(run.prep, i, run.covered[i], run.cols, run.stars, run.gas, run.flag)
                 except Exception:  # noqa: BLE001 - a failed fit is NULLs + a flag, never a crashed build
-                    flag[i] |= FLAGS["FIT_FAILED"]
-                    for v in cols.values():
-                        v[i] = np.nan
-        covered &= ~(flag & FLAGS["FIT_FAILED"]).astype(bool)[:, None]
-        finalize_flags(cols, flag, covered)
-        return KinematicsResult(cols, flag, model_to_linear(prep.ln_lam, stars, wave),
-                                model_to_linear(prep.ln_lam, gas, wave), time.perf_counter() - t0)
+                    run.failed(i)
+        return run.finish(wave)
 
     def _fit_one(self, prep: Prepared, i: int, covered: np.ndarray, cols, stars, gas, flag) -> None:
         from ppxf import ppxf_util
