@@ -241,7 +241,7 @@ def train(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, config: ShenConf
     ``head_max`` of the training spectra. Deterministic for a seed and thread
     count; ``max_seconds`` bounds the optimisation.
     """
-    from ard_sql.science.specformer import fit_whitening, region_pool
+    from ard_sql.science.specformer import fit_whitening, pretrain, region_pool
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -251,28 +251,10 @@ def train(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, config: ShenConf
         raise ValueError("emb_shen training: no spectrum with good pixels")
     f, e, present = _to_torch(f[ok], e[ok], present[ok])
     model = ShenEncoder(config)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / max(1, warmup)))
-    t0, losses, steps, stopped = time.perf_counter(), [], 0, False
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(f), generator=gen)
-        ep = []
-        for i in range(0, len(f), batch_size):
-            idx = perm[i:i + batch_size]
-            loss = _loss(model, f[idx], e[idx], present[idx], gen)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            ep.append(loss.item())
-            steps += 1
-            if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
-                stopped = True
-                break
-        losses.append(float(np.mean(ep)))
-        if stopped:
-            break
+    t0 = time.perf_counter()
+    losses, steps, stopped = pretrain(model, len(f), lambda idx: _loss(model, f[idx], e[idx], present[idx], gen), gen,
+                                      epochs=epochs, batch_size=batch_size, lr=lr, warmup=warmup,
+                                      max_seconds=max_seconds)
     seconds = time.perf_counter() - t0
     model.eval()
     with torch.no_grad():

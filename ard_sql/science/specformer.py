@@ -51,6 +51,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -312,6 +313,40 @@ def embed(model: SpecFormer, flux: np.ndarray, ivar: np.ndarray | None = None, o
     return out
 
 
+def pretrain(model: nn.Module, n: int, batch_loss: Callable[[torch.Tensor], torch.Tensor], gen: torch.Generator, *,
+             epochs: int, batch_size: int, lr: float, warmup: int, max_seconds: float | None) -> tuple[list[float], int, bool]:
+    """The self-supervised loop both encoders share: AdamW with a linear warm-up over shuffled batches.
+
+    ``batch_loss(indices)`` returns the loss of one batch of training rows.
+    Stops after ``epochs`` or once ``max_seconds`` have passed; returns
+    (mean loss per epoch, steps, whether the time limit stopped it).
+    """
+    t0 = time.perf_counter()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / max(1, warmup)))
+    losses: list[float] = []
+    steps, stopped = 0, False
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=gen)
+        epoch_loss = []
+        for i in range(0, n, batch_size):
+            loss = batch_loss(perm[i:i + batch_size])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            epoch_loss.append(loss.item())
+            steps += 1
+            if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
+                stopped = True
+                break
+        losses.append(float(np.mean(epoch_loss)))
+        if stopped:
+            break
+    return losses, steps, stopped
+
+
 def train(flux: np.ndarray, ivar: np.ndarray | None = None, config: SpecFormerConfig = SMALL_CONFIG, *,
           epochs: int = 3, batch_size: int = 16, lr: float = 1e-3, seed: int = 0,
           max_seconds: float | None = None, model: SpecFormer | None = None, crop: int | None = 256,
@@ -337,42 +372,28 @@ def train(flux: np.ndarray, ivar: np.ndarray | None = None, config: SpecFormerCo
         raise ValueError("SpecFormer training: no spectrum with good pixels")
     model = model or SpecFormer(config)
     c = model.config
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / max(1, warmup)))
     data = torch.from_numpy(flux)
-    t0, losses, steps, stopped = time.perf_counter(), [], 0, False
-    for _ in range(epochs):
-        perm = torch.randperm(len(data), generator=gen)
-        epoch_loss = []
-        for i in range(0, len(data), batch_size):
-            target = model.preprocess(data[perm[i:i + batch_size]])
-            n_tok = target.shape[1] - 1
-            positions = None
-            if crop and crop < n_tok:
-                start = 1 + int(torch.randint(0, n_tok - crop + 1, (1,), generator=gen))
-                positions = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(start, start + crop)])
-                target = target[:, positions]
-            # AstroCLIP's masked fraction, in chunks of its width, on whatever length this step sees
-            chunks = max(1, min(c.mask_num_chunks, round(c.mask_num_chunks * (target.shape[1] - 1) / max(1, n_tok))))
-            while chunks > 1 and target.shape[1] // chunks <= c.mask_chunk_width:
-                chunks -= 1
-            masked = model.mask_tokens(target, gen, num_chunks=chunks)
-            recon = model.forward_tokens(masked, positions)["reconstructions"]
-            locs = (masked != target).to(recon.dtype)
-            loss = F.mse_loss(recon * locs, target * locs) / locs.mean().clamp(min=1e-8)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            epoch_loss.append(loss.item())
-            steps += 1
-            if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
-                stopped = True
-                break
-        losses.append(float(np.mean(epoch_loss)))
-        if stopped:
-            break
+
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        target = model.preprocess(data[idx])
+        n_tok = target.shape[1] - 1
+        positions = None
+        if crop and crop < n_tok:
+            start = 1 + int(torch.randint(0, n_tok - crop + 1, (1,), generator=gen))
+            positions = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(start, start + crop)])
+            target = target[:, positions]
+        # AstroCLIP's masked fraction, in chunks of its width, on whatever length this step sees
+        chunks = max(1, min(c.mask_num_chunks, round(c.mask_num_chunks * (target.shape[1] - 1) / max(1, n_tok))))
+        while chunks > 1 and target.shape[1] // chunks <= c.mask_chunk_width:
+            chunks -= 1
+        masked = model.mask_tokens(target, gen, num_chunks=chunks)
+        recon = model.forward_tokens(masked, positions)["reconstructions"]
+        locs = (masked != target).to(recon.dtype)
+        return F.mse_loss(recon * locs, target * locs) / locs.mean().clamp(min=1e-8)
+
+    t0 = time.perf_counter()
+    losses, steps, stopped = pretrain(model, len(data), batch_loss, gen, epochs=epochs, batch_size=batch_size,
+                                      lr=lr, warmup=warmup, max_seconds=max_seconds)
     seconds = time.perf_counter() - t0
     model.eval()
     t1 = time.perf_counter()
