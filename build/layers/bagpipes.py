@@ -58,7 +58,7 @@ import pyarrow.parquet as pq
 
 from ard_sql import contract, paths
 from ard_sql.build import hats_writer
-from ard_sql.build.layers.base import Partition
+from ard_sql.build.layers.base import Partition, parse_options
 
 _OPTIONS = {"n_sims": int, "n_test": int, "epochs": int, "seed": int, "n_pca": int, "hidden": int,
             "cache_dir": str, "batch_size": int}
@@ -71,10 +71,7 @@ _CACHE: dict[str, Any] = {}
 
 def options(raw: dict[str, Any]) -> dict[str, Any]:
     """Typed options with defaults; an unknown key is an error naming the known ones."""
-    unknown = set(raw) - set(_OPTIONS)
-    if unknown:
-        raise ValueError(f"bagpipes layer: unknown option(s) {sorted(unknown)}; known: {sorted(_OPTIONS)}")
-    return {**DEFAULTS, **{k: _OPTIONS[k](v) for k, v in raw.items()}}
+    return {**DEFAULTS, **parse_options("bagpipes", raw, _OPTIONS)}
 
 
 def amortized_config(opts: dict[str, Any]):

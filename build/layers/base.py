@@ -63,6 +63,14 @@ class Partition:
         return self._spectra
 
 
+def parse_options(layer: str, given: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
+    """A layer's options converted by ``schema`` (name -> type); an unknown name is an error naming the known ones."""
+    unknown = set(given) - set(schema)
+    if unknown:
+        raise ValueError(f"{layer} layer: unknown option(s) {sorted(unknown)}; known: {sorted(schema)}")
+    return {k: schema[k](v) for k, v in given.items()}
+
+
 @runtime_checkable
 class Layer(Protocol):
     """A per-partition build layer."""

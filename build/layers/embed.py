@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 
 from ard_sql import contract, paths, similarity, spectra_store
 from ard_sql.build import hats_writer
-from ard_sql.build.layers.base import Partition
+from ard_sql.build.layers.base import Partition, parse_options
 
 _OPTIONS = {"astroclip_checkpoint": str, "train_max": int, "train_min_snr": float, "epochs": int,
             "max_seconds": float, "seed": int, "batch_size": int}
@@ -48,10 +48,7 @@ _MODELS: dict[str, Any] = {}
 
 
 def _options(options: dict[str, Any]) -> dict[str, Any]:
-    unknown = set(options) - set(_OPTIONS)
-    if unknown:
-        raise ValueError(f"embed layer: unknown option(s) {sorted(unknown)}; known: {sorted(_OPTIONS)}")
-    return {k: _OPTIONS[k](v) for k, v in options.items()}
+    return parse_options("embed", options, _OPTIONS)
 
 
 def _file_hash(path: Path) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from ard_sql.build.layers.base import Partition
+from ard_sql.build.layers.base import Partition, parse_options
 from ard_sql.science import lick
 
 _OPTIONS = {"max_bad_frac": float, "chunk": int}
@@ -29,10 +29,7 @@ class LickLayer:
 
     def run(self, part: Partition) -> pa.Table:
         """Return TargetID + the lick columns for every core row of ``part``."""
-        unknown = set(part.options) - set(_OPTIONS)
-        if unknown:
-            raise ValueError(f"lick layer: unknown option(s) {sorted(unknown)}; known: {sorted(_OPTIONS)}")
-        opts = {k: _OPTIONS[k](v) for k, v in part.options.items()}
+        opts = parse_options(self.name, part.options, _OPTIONS)
         targetid = part.core.column("TargetID").to_numpy()
         if len(targetid) == 0:
             return lick.lick_arrow_schema().empty_table()

@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ard_sql import contract, paths, spectra_store
-from ard_sql.build.layers.base import Partition
+from ard_sql.build.layers.base import Partition, parse_options
 from ard_sql.science import kinematics
 from ard_sql.science.templates import TemplateConfig, template_file
 
@@ -74,10 +74,7 @@ class PpxfLayer:
 
     def run(self, part: Partition) -> pa.Table:
         """Fit every galaxy of the partition; NULLs and flags where a fit is impossible."""
-        unknown = set(part.options) - set(_OPTIONS)
-        if unknown:
-            raise ValueError(f"ppxf layer: unknown option(s) {sorted(unknown)}; known: {sorted(_OPTIONS)}")
-        opts = {k: _OPTIONS[k](v) for k, v in part.options.items()}
+        opts = parse_options(self.name, part.options, _OPTIONS)
         mode = opts.get("mode", "fast")
         if mode not in MODES:
             raise ValueError(f"ppxf layer: mode must be one of {MODES}, got {mode!r}")
