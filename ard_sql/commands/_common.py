@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -16,6 +18,16 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     """Print ``message`` as an error and return the Exit to raise."""
     console.print(f"[bold red]error:[/] {message}", highlight=False)
     return typer.Exit(code)
+
+
+def open_ard(path: Path) -> Any:
+    """``ard_sql.open(path)``, or the exit with its "how to build one" message when there is no ARD."""
+    import ard_sql
+
+    try:
+        return ard_sql.open(path)
+    except ard_sql.ARDNotFound as exc:
+        raise fail(str(exc)) from None
 
 
 @contextlib.contextmanager

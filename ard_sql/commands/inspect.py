@@ -9,20 +9,16 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from ard_sql.commands._common import fail
+from ard_sql.commands._common import fail, open_ard
 
 FORMATS = ("table", "csv", "json")
 
 
 def info(ard_dir: Path = typer.Argument(..., help="ARD folder.")) -> None:
     """Show an ARD's tables, row counts per layer, provenance and last build report."""
-    import ard_sql
     from rich.console import Console
 
-    try:
-        db = ard_sql.open(ard_dir)
-    except ard_sql.ARDNotFound as exc:
-        raise fail(str(exc)) from None
+    db = open_ard(ard_dir)
     out = Console()
     with db:
         counts = Table("table", "rows", title=f"ARD {db.path}")
@@ -48,14 +44,9 @@ def sql(
     """Run one SQL query on an ARD (read-only, every SQL function registered) and print the result."""
     import duckdb
 
-    import ard_sql
-
     if format not in FORMATS:
         raise fail(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
-    try:
-        db = ard_sql.open(ard_dir)
-    except ard_sql.ARDNotFound as exc:
-        raise fail(str(exc)) from None
+    db = open_ard(ard_dir)
     with db:
         try:
             rel = db.sql(query)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ard_sql.commands._common import console, fail
+from ard_sql.commands._common import console, fail, open_ard
 
 KINDS = ("spectrum", "quenching", "bpt", "sky")
 
@@ -20,17 +20,13 @@ def plot(
     where: str = typer.Option(None, "--where", help="`quenching`: a db.query filter, e.g. \"Z < 0.3 & SNR_Median > 5\"."),
 ) -> None:
     """Draw a spectrum with its models, the quenching diagram (Dn4000-HdeltaA), the BPT diagram or the sky by Web_Class."""
-    import ard_sql
     from ard_sql import plotting
 
     if kind not in KINDS:
         raise fail(f"unknown plot {kind!r}; choose one of {', '.join(KINDS)}")
     if kind == "spectrum" and not target:
         raise fail("`ard plot ARD spectrum` needs at least one --target TARGETID")
-    try:
-        db = ard_sql.open(ard_dir)
-    except ard_sql.ARDNotFound as exc:
-        raise fail(str(exc)) from None
+    db = open_ard(ard_dir)
     with db:
         try:
             if kind == "spectrum":
