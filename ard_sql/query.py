@@ -316,21 +316,36 @@ def join_sql(scans: dict[str, str]) -> str:
     return ordered[0] + "".join(f" LEFT JOIN {s} USING (TargetID)" for s in ordered[1:])
 
 
+def reads_wide(con: duckdb.DuckDBPyConnection) -> bool:
+    """True when the database on ``con`` was written over the compacted ``wide`` table.
+
+    ``ard.duckdb`` defines a ``wide`` view exactly when its ``ard`` view reads
+    that table (build/database.py), so ``db.query`` follows the ``ard`` view
+    with one catalog lookup instead of a stat of every partition file.
+    """
+    return bool(con.execute(
+        "SELECT count(*) FROM duckdb_views() WHERE view_name = 'wide' AND NOT internal").fetchall()[0][0])
+
+
 def _compacted(ard_dir: Path | str) -> bool:
     from ard_sql.build import compaction
 
     return compaction.is_current(ard_dir)
 
 
-def source_sql(layers: Iterable[str], ard_dir: Path | str | None = None, region: regions.Region | None = None) -> str:
+def source_sql(layers: Iterable[str], ard_dir: Path | str | None = None, region: regions.Region | None = None,
+               compacted: bool | None = None) -> str:
     """FROM clause: core LEFT JOIN the needed layers on TargetID.
 
     The same rows as the ``ard`` view (which joins every layer), but only the
     staging tables a query names are read. With ``region`` (and ``ard_dir``),
     each table is read from the partition files overlapping the region only:
     the file list is narrowed in Python, before DuckDB plans the query.
+    ``compacted``: read the ``wide`` table (None: decide from the files on disk).
     """
-    if ard_dir is not None and _compacted(ard_dir):
+    if compacted is None:
+        compacted = ard_dir is not None and _compacted(ard_dir)
+    if ard_dir is not None and compacted:
         # One table, no joins (build/compaction.py); same rows and columns.
         files = regions.partition_files(ard_dir, contract.WIDE, region)
         listing = ", ".join("'" + Path(f).as_posix().replace("'", "''") + "'" for f in files)
@@ -354,8 +369,13 @@ def build_sql(
     ard_dir: Path | str | None = None,
     limit: int | None = None,
     order_by: str | None = None,
+    compacted: bool | None = None,
 ) -> str:
-    """The full SELECT that ``db.query`` runs (useful to inspect or EXPLAIN)."""
+    """The full SELECT that ``db.query`` runs (useful to inspect or EXPLAIN).
+
+    ``compacted``: whether to read the ``wide`` table; None decides from the
+    files under ``ard_dir`` (``db.query`` passes what its database was written with).
+    """
     names = _check_columns(columns)
     used = {n.lower() for n in names}
     parts: list[str] = []
@@ -375,7 +395,7 @@ def build_sql(
     owner = _layer_of_column()
     layers = {owner[u] for u in used if u in owner}
     select = ", ".join(_quote(n) for n in names)
-    return f"SELECT {select} FROM {source_sql(layers, ard_dir, region)}" + "".join(parts)
+    return f"SELECT {select} FROM {source_sql(layers, ard_dir, region, compacted)}" + "".join(parts)
 
 
 def _to_astropy(table: pa.Table) -> Any:
@@ -425,7 +445,8 @@ def run_query(
     """
     if output not in OUTPUTS:
         raise QueryError(f"output={output!r} is not one of {', '.join(OUTPUTS)}")
-    sql = build_sql(where, columns, ard_dir=ard_dir, limit=limit, order_by=order_by)
+    sql = build_sql(where, columns, ard_dir=ard_dir, limit=limit, order_by=order_by,
+                    compacted=reads_wide(con) if ard_dir is not None else None)
     if output == "batches":
         return con.sql(sql).to_arrow_reader(batch_size)
     if output == "pandas":

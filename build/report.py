@@ -4,6 +4,11 @@ A problem names what it is about as precisely as it can (layer, partition
 pixel, file, target) and why. Errors mean something was skipped (a file, a
 target, a partition); warnings mean the data was kept with a repair (e.g.
 NaN pixels masked).
+
+``ard build`` exits non-zero on every error and on every problem with an
+input file, repaired or not (NaN flux, negative ivar, a duplicate row): the
+data is kept repaired, but a pipeline that reads the exit code hears that its
+input was bad. ``--keep-going`` accepts both.
 """
 
 from __future__ import annotations
@@ -69,6 +74,11 @@ class BuildReport:
     def errors(self) -> list[Problem]:
         """The problems that skipped something."""
         return [p for p in self.problems if p.severity == "error"]
+
+    @property
+    def bad_input(self) -> list[Problem]:
+        """The problems about an input file, skipped or repaired (the ones ``--keep-going`` accepts)."""
+        return [p for p in self.problems if p.severity == "error" or p.file is not None]
 
     def add(self, problems: Iterable[Problem]) -> None:
         """Append problems."""

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from ard_sql.cli import app
 
-from conftest import PairSpec, write_pair, write_small_survey
+from conftest import PairSpec, arm_wave, write_pair, write_small_survey
 
 runner = CliRunner()
 FAST = ["--layers", "core", "--scheduler", "sync", "--no-progress"]
@@ -91,6 +91,15 @@ def _survey_with(tmp_path: Path, bad: str) -> tuple[Path, Path]:
     write_small_survey(root)
     coadd, rr = write_pair(root, "main", "dark", 30000, PairSpec(39627640566900000 + np.arange(3),
                                                                   drop_hdus=("B_IVAR",) if bad == "missing_hdu" else ()))
+    if bad in ("nan_flux", "duplicate_row"):
+        coadd.unlink()
+        rr.unlink()
+        tid = 39627640566900000 + np.array([0, 1, 1]) if bad == "duplicate_row" else 39627640566900000 + np.arange(3)
+        flux = np.full((3, len(arm_wave("B"))), 2.0, np.float32)
+        if bad == "nan_flux":
+            flux[1, 100:110] = np.nan
+        coadd, rr = write_pair(root, "main", "dark", 30000, PairSpec(tid, arm_flux={"B": flux}))
+        return root, coadd
     if bad == "truncated":
         coadd.write_bytes(coadd.read_bytes()[:50000])
         return root, coadd
@@ -100,8 +109,10 @@ def _survey_with(tmp_path: Path, bad: str) -> tuple[Path, Path]:
     return root, coadd
 
 
-@pytest.mark.parametrize("bad", ["truncated", "missing_hdu", "orphan"])
-def test_bad_input_exit_code_and_keep_going(tmp_path, bad):
+@pytest.mark.parametrize("bad, n_rows", [("truncated", 24), ("missing_hdu", 24), ("orphan", 24),
+                                         ("nan_flux", 27), ("duplicate_row", 26)])
+def test_bad_input_exit_code_and_keep_going(tmp_path, bad, n_rows):
+    """Skipped files and repaired rows (kept) alike give exit 1 unless --keep-going."""
     root, bad_file = _survey_with(tmp_path, bad)
     out = tmp_path / "ard"
     res = ard("build", root, "--out", out, *FAST)
@@ -111,7 +122,7 @@ def test_bad_input_exit_code_and_keep_going(tmp_path, bad):
     assert any(p.get("file") == str(bad_file) for p in report["problems"])
     # The rest was built and opens.
     q = ard("sql", out, "SELECT count(*) FROM ard", "--format", "csv")
-    assert q.stdout.strip().splitlines()[-1] == "24"
+    assert q.stdout.strip().splitlines()[-1] == str(n_rows)
     res = ard("build", root, "--out", out, *FAST, "--keep-going")
     assert res.exit_code == 0, res.output
 

@@ -165,4 +165,8 @@ def register(con: duckdb.DuckDBPyConnection, ard: "ARD") -> None:
     body = ard.cache.get("spectrum")
     if body is None:
         body = ard.cache["spectrum"] = SpectrumFunction(ard.path)
-    create_function(con, ard, "spectrum", body, ["BIGINT"], RETURN_TYPE, type="arrow", null_handling="special")
+    # side_effects=True keeps DuckDB from constant-folding spectrum(<literal id>) at plan time:
+    # folding turns the 31k-element result into a Value element by element, which made a
+    # single-target query 3x slower (bench/bench_spectrum.py: p50 7.9 ms -> 2.7 ms).
+    create_function(con, ard, "spectrum", body, ["BIGINT"], RETURN_TYPE, type="arrow", null_handling="special",
+                    side_effects=True)

@@ -28,8 +28,9 @@ def build(
     """Build (or update) an ARD: ingest, layers, then ard.duckdb and build-report.json.
 
     Re-running skips partitions whose inputs did not change. A bad input file
-    is skipped with a message naming it and why; the exit code is then 1
-    unless --keep-going.
+    is skipped with a message naming it and why; NaN flux, negative ivar and
+    a duplicate row are repaired (pixels masked, first row kept) and named the
+    same way. Either makes the exit code 1 unless --keep-going.
     """
     from ard_sql.build.options import BuildOptions, OptionError
     from ard_sql.build.orchestrator import BuildFailed
@@ -52,8 +53,10 @@ def build(
         console.print(str(problem), style="red" if problem.severity == "error" else "yellow", highlight=False)
     for name, info in report.layers.items():
         console.print(f"{name}: {info}", highlight=False)
-    console.print(f"ARD written to {out} ({len(report.errors)} errors; see {out}/build-report.json)")
-    if report.errors and not keep_going:
+    n_repaired = len(report.bad_input) - len(report.errors)
+    console.print(f"ARD written to {out} ({len(report.errors)} errors, {n_repaired} repaired inputs; "
+                  f"see {out}/build-report.json)")
+    if report.bad_input and not keep_going:
         raise typer.Exit(1)
 
 
