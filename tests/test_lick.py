@@ -246,7 +246,7 @@ def test_batch_equals_one_by_one():
     wave, flux = ssp_spectra([0.5, 3.0, 12.0, 1.0], zs)
     flux = flux + 0.05 * rng.standard_normal(flux.shape)
     ivar = np.full_like(flux, 400.0)
-    batch = lick.measure_indices(wave, flux, ivar, zs, chunk=3)
+    batch = lick.measure_indices(wave, flux, ivar, zs)
     for i in range(len(zs)):
         one = lick.measure_indices(wave, flux[i], ivar[i], zs[i : i + 1])
         for name in lick.output_names():

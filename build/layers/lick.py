@@ -6,8 +6,7 @@ table of :data:`ard_sql.contract.LICK_COLUMNS`, one row per core row. A
 spectrum that cannot be measured gets NULL indices and ``Lick_flag`` bits.
 
 Options (``BuildOptions.layer_options["lick"]``):
-``max_bad_frac`` (float, default 0.25): largest bad-pixel fraction of a band;
-``chunk`` (int, default 128): spectra per vectorised block.
+``max_bad_frac`` (float, default 0.25): largest bad-pixel fraction of a band.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ import pyarrow as pa
 from ard_sql.build.layers.base import Partition, parse_options
 from ard_sql.science import lick
 
-_OPTIONS = {"max_bad_frac": float, "chunk": int}
+_OPTIONS = {"max_bad_frac": float}
 
 
 class LickLayer:
