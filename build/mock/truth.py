@@ -19,8 +19,10 @@ AGE_MW (mass-weighted age, Gyr), AV (Calzetti, stars), AV_GAS, METALLICITY
 (Z/Z_sun), TAU (Gyr), SFH_AGE (Gyr since the delayed-tau start), BURST_FRAC,
 BURST_AGE, BURST_TAU (Gyr), TRUNC_AGE (Gyr lookback, 0 = none), T_QUENCH
 (lookback Gyr, NaN if not quenched), T_QUENCH_COSMIC (age of the Universe at
-quenching, bagpipes ``tquench``), SIGMA_STAR, SIGMA_GAS (km/s; SIGMA_STAR is
-added in quadrature to the templates' own 2.5 A FWHM), OH_GAS (12+log O/H),
+quenching, bagpipes ``tquench``), SIGMA_STAR, SIGMA_GAS (km/s; the spectrum
+shows SIGMA_STAR at 5000 A rest with the templates' own 2.51 A counted in it, as
+a real galaxy observed at DESI resolution would: ``spectra.kinematic_broadening``;
+below 64 km/s it shows the library's resolution), OH_GAS (12+log O/H),
 FIBER_FRAC, <line>_Flux for each of ard_sql.contract.PPXF_LINES (observed,
 attenuated, 1e-17 erg/s/cm2), DELTA (true matter density contrast, Gaussian
 smoothing DELTA_SMOOTHING_MPC in the file metadata, nearest grid cell),
