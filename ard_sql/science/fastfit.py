@@ -161,8 +161,10 @@ def _torch_threads(n: int | None):
 class FastFitter:
     """Batched fitter; ``fit`` has the same signature and output as ``ReferenceFitter.fit``."""
 
-    #: LM iterations allowed in each of the two kinematic steps.
-    lm_iters = (20, 10)
+    #: LM iterations allowed in each of the two kinematic steps. (20, 10) left a S/N 1.4 mock spectrum
+    #: unconverged that pPXF fits (100.5 vs 100.9 km/s with more); converged rows leave the batch, so
+    #: the larger budget costs only the stragglers.
+    lm_iters = (30, 15)
     #: A row stops iterating when the Gauss-Newton model predicts no step can lower chi2 by more than
     #: this (x max(1, reduced chi2)): the kinematics are within ~0.1 of their errors of the optimum.
     chi2_tol = 0.01
