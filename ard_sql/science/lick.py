@@ -1,4 +1,4 @@
-"""Dn4000, D4000 and Lick absorption-line indices for a batch of spectra (a compiled inner loop, no Python loop per spectrum).
+"""Dn4000, D4000 and Lick indices for a batch of spectra (a compiled loop: no Python loop per spectrum).
 
 Definitions (rest-frame Angstrom, as published, in AIR):
 
