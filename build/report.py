@@ -76,9 +76,9 @@ class BuildReport:
         return [p for p in self.problems if p.severity == "error"]
 
     @property
-    def bad_input(self) -> list[Problem]:
-        """The problems about an input file, skipped or repaired (the ones ``--keep-going`` accepts)."""
-        return [p for p in self.problems if p.severity == "error" or p.file is not None]
+    def repaired_inputs(self) -> list[Problem]:
+        """The warnings about an input file (kept repaired); with :attr:`errors`, what makes the build exit 1."""
+        return [p for p in self.problems if p.severity != "error" and p.file is not None]
 
     def add(self, problems: Iterable[Problem]) -> None:
         """Append problems."""

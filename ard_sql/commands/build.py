@@ -53,10 +53,9 @@ def build(
         console.print(str(problem), style="red" if problem.severity == "error" else "yellow", highlight=False)
     for name, info in report.layers.items():
         console.print(f"{name}: {info}", highlight=False)
-    n_repaired = len(report.bad_input) - len(report.errors)
-    console.print(f"ARD written to {out} ({len(report.errors)} errors, {n_repaired} repaired inputs; "
+    console.print(f"ARD written to {out} ({len(report.errors)} errors, {len(report.repaired_inputs)} repaired inputs; "
                   f"see {out}/build-report.json)")
-    if report.bad_input and not keep_going:
+    if (report.errors or report.repaired_inputs) and not keep_going:
         raise typer.Exit(1)
 
 

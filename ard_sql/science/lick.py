@@ -91,13 +91,6 @@ COMPOSITES: dict[str, str] = {
     "MgFe_prime": "sqrt(Mgb * (0.72 Fe5270 + 0.28 Fe5335)); NaN if the product is negative",
 }
 
-# Indices measured together on one pixel window (breaks: one blue and one red). Fe5270 and Fe5335 share pixels (their
-# bands overlap), so they share a window and <Fe>, [MgFe]' get their exact covariance;
-# Mgb shares no pixel with them (zero covariance).
-_GROUPS: tuple[tuple[str, ...], ...] = (
-    ("Dn4000", "D4000"), ("Hdelta_A",), ("Hgamma_A",), ("Fe4383",), ("Mgb",), ("Fe5270", "Fe5335"),
-)
-
 # ---------------------------------------------------------------- flags
 
 _REASONS: dict[str, str] = {

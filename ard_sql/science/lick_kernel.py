@@ -271,7 +271,10 @@ def _fill_region(x, flux, ivar, mask, has_mask, s, k0, k1, fill, var, good, prev
 
 @numba.njit(cache=True, fastmath=_FAST, error_model="numpy")
 def _measure_break(x, grid, tw, tw2, fill, good, var, z1, band, prev, nxt, t, bad_idx, n_bad, p, moved, touched, seen):
-    """(value, error, bad fraction) of a 4000 A break: mean F_nu red / blue; blue and red share no pixel."""
+    """(value, error, bad fraction, continuum ok) of a 4000 A break: mean F_nu red / blue.
+
+    Blue and red share no pixel, so their relative variances add.
+    """
     sums = np.empty(2)
     rel = 0.0
     frac = 0.0
@@ -418,10 +421,12 @@ def measure_batch(x, flux, ivar, mask, zp1, zok, bands, kinds, segments, max_bad
     nxt = np.zeros(npix, dtype=np.int64)
     t = np.zeros(npix)
     bad_idx = np.zeros(npix, dtype=np.int64)
-    moved = np.zeros(npix)
-    moved2 = np.zeros(npix)
+    moved = np.zeros(npix)  # scratch for one index's moved gradient, cleared as it is counted
     touched = np.zeros(2 * npix, dtype=np.int64)
-    touched2 = np.zeros(2 * npix, dtype=np.int64)
+    moved52 = np.zeros(npix)  # Fe5270's and Fe5335's, kept for their covariance until the spectrum is done
+    touched52 = np.zeros(2 * npix, dtype=np.int64)
+    moved53 = np.zeros(npix)
+    touched53 = np.zeros(2 * npix, dtype=np.int64)
     seen = np.zeros(npix, dtype=np.bool_)
     p = np.zeros(_NPAR)
     p52 = np.zeros(_NPAR)
@@ -463,11 +468,11 @@ def measure_batch(x, flux, ivar, mask, zp1, zok, bands, kinds, segments, max_bad
                 if n_bad:
                     a, b = _span(x, grid, band, EW, z1)
                     if k == i52:
-                        nt52 = _move_bad(x, prev, nxt, t, bad_idx, n_bad, a, b, EW, pk, moved, touched)
-                        v += _moved_variance(x, var, EW, pk, moved, touched, nt52, False, seen)
+                        nt52 = _move_bad(x, prev, nxt, t, bad_idx, n_bad, a, b, EW, pk, moved52, touched52)
+                        v += _moved_variance(x, var, EW, pk, moved52, touched52, nt52, False, seen)
                     elif k == i53:
-                        nt53 = _move_bad(x, prev, nxt, t, bad_idx, n_bad, a, b, EW, pk, moved2, touched2)
-                        v += _moved_variance(x, var, EW, pk, moved2, touched2, nt53, False, seen)
+                        nt53 = _move_bad(x, prev, nxt, t, bad_idx, n_bad, a, b, EW, pk, moved53, touched53)
+                        v += _moved_variance(x, var, EW, pk, moved53, touched53, nt53, False, seen)
                     else:
                         nt = _move_bad(x, prev, nxt, t, bad_idx, n_bad, a, b, EW, pk, moved, touched)
                         v += _moved_variance(x, var, EW, pk, moved, touched, nt, True, seen)
@@ -486,8 +491,8 @@ def measure_batch(x, flux, ivar, mask, zp1, zok, bands, kinds, segments, max_bad
                 # Var(a Fe5270 + b Fe5335) = a^2 V52 + b^2 V53 + 2ab C; the bands overlap only in part.
                 a52, b52 = _span(x, grid, bands[i52], EW, z1)
                 a53, b53 = _span(x, grid, bands[i53], EW, z1)
-                c = _covariance(x, var, p52, p53, moved, moved2, max(a52, a53), min(b52, b53),
-                                touched, nt52, touched2, nt53, seen)
+                c = _covariance(x, var, p52, p53, moved52, moved53, max(a52, a53), min(b52, b53),
+                                touched52, nt52, touched53, nt53, seen)
                 v52, v53 = errors[s, i52] ** 2, errors[s, i53] ** 2
                 comp[s, 0] = fe_mean
                 comp[s, 1] = np.sqrt(max(0.25 * (v52 + v53 + 2.0 * c), 0.0))
@@ -501,5 +506,5 @@ def measure_batch(x, flux, ivar, mask, zp1, zok, bands, kinds, segments, max_bad
                     e = np.sqrt(fe_w * fe_w * errors[s, im] ** 2 + mgb * mgb * max(var_few, 0.0)) / (2.0 * mgfe)
                     if np.isfinite(mgfe) and mgfe > 0.0 and np.isfinite(e):
                         comp[s, 3] = e
-        _clear_moved(moved, touched, nt52)
-        _clear_moved(moved2, touched2, nt53)
+        _clear_moved(moved52, touched52, nt52)
+        _clear_moved(moved53, touched53, nt53)
