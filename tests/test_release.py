@@ -155,6 +155,13 @@ def _snapshot(ard_dir: Path) -> dict[str, str]:
     return out
 
 
+def _pulled_then_v2(source_ard: Path, release_dir: Path, srv, tmp_path: Path) -> tuple[Path, dict[str, str], dict]:
+    """A copy pulled at version 1 (its folder and file snapshot), then version 2 published."""
+    out = tmp_path / "mine"
+    release.pull(srv.url, out)
+    return out, _snapshot(out), _publish_v2(source_ard, release_dir, tmp_path)
+
+
 def _count(ard_dir: Path, sql: str = "SELECT count(*) FROM ard"):
     with ard_sql.open(ard_dir) as db:
         return db.sql(sql).fetchall()[0]
@@ -255,10 +262,7 @@ def test_pull_layers_and_region_from_a_folder(source_ard, release_dir, tmp_path)
 # ----------------------------------------------------------------- damage and interruptions
 def test_corrupted_file_is_rejected_and_nothing_is_lost(source_ard, release_dir, serve, tmp_path):
     srv = serve(release_dir)
-    out = tmp_path / "mine"
-    release.pull(srv.url, out)
-    before = _snapshot(out)
-    v2 = _publish_v2(source_ard, release_dir, tmp_path)
+    out, before, v2 = _pulled_then_v2(source_ard, release_dir, srv, tmp_path)
     bad = release_dir / "2" / v2["_changed"]
     data = bytearray(bad.read_bytes())
     bad.unlink()  # never write through a hard link shared with version 1
@@ -298,10 +302,7 @@ def test_interrupted_transfer_resumes_with_range(release_dir, serve, tmp_path):
 
 def test_interrupted_pull_leaves_the_ard_and_the_next_pull_resumes(source_ard, release_dir, serve, tmp_path):
     srv = serve(release_dir)
-    out = tmp_path / "mine"
-    release.pull(srv.url, out)
-    before = _snapshot(out)
-    v2 = _publish_v2(source_ard, release_dir, tmp_path)
+    out, before, v2 = _pulled_then_v2(source_ard, release_dir, srv, tmp_path)
     key = "2/" + v2["_changed"]
     size = next(e["size"] for e in v2["files"] if e["path"] == v2["_changed"])
     third = size // 3
