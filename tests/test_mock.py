@@ -337,11 +337,37 @@ def test_continuum_agrees_with_bagpipes_every_population_and_default_sampling(tr
                                                  "agn_liner"], [8000.0, 1000.0])
 
 
+def test_prior_physics_draws_from_the_bagpipes_priors():
+    """``--physics prior``: plain delayed-tau galaxies whose parameters follow the Swiss Army priors."""
+    from scipy import stats
+
+    from ard_sql.science import pipes_model as pm
+
+    rng = np.random.default_rng(3)
+    z = rng.uniform(0.05, 0.5, 3000)
+    g = population.galaxy_population(z, np.ones(z.size, int), np.zeros(z.size), "bright", rng, physics="prior")
+    prior = {p.name: p for p in pm.PRIORS}
+    assert set(g.population) <= {"star_forming", "quiescent"}
+    assert np.all(g.sfh.burst_frac == 0) and np.all(g.sfh.trunc_age == 0)
+    # Av ~ U(0, 2); tau and metallicity log-uniform over the prior ranges (KS tests, not just bounds).
+    assert stats.kstest(g.av, stats.uniform(prior["Av"].low, prior["Av"].high - prior["Av"].low).cdf).pvalue > 1e-3
+    for name, val in (("tau", g.sfh.tau), ("metallicity", g.sfh.metallicity)):
+        lo, hi = np.log10(prior[name].low), np.log10(prior[name].high)
+        assert stats.kstest(np.log10(val), stats.uniform(lo, hi - lo).cdf).pvalue > 1e-3, name
+    # age ~ U(0.05, t_univ(z)): its fraction of the allowed range is uniform.
+    frac = (g.sfh.age - 0.05) / (pm.age_of_universe(z) - 0.05)
+    assert stats.kstest(frac, stats.uniform(0, 1).cdf).pvalue > 1e-3
+    assert np.allclose(g.av_gas, g.av / 0.44)
+    with pytest.raises(ValueError, match="physics must be one of"):
+        population.galaxy_population(z[:3], np.ones(3, int), np.zeros(3), "bright", rng, physics="uniform")
+
+
 # ---------------------------------------------------------------- invalid arguments
 @pytest.mark.parametrize(
     "kwargs, message",
     [(dict(n=0), "--n must be at least 1"), (dict(n=10, zmax=2.0), "--zmax must lie in"), (dict(n=10, zmax=0.01), "--zmax must lie in"),
-     (dict(n=10, area=0.0), "--area must lie in"), (dict(n=10, area=1e6), "--area must lie in"), (dict(n=10, seed=-1), "--seed must be >= 0")],
+     (dict(n=10, area=0.0), "--area must lie in"), (dict(n=10, area=1e6), "--area must lie in"), (dict(n=10, seed=-1), "--seed must be >= 0"),
+     (dict(n=10, physics="bagpipes"), "--physics must be one of")],
 )
 def test_invalid_config_is_a_clear_error(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message.replace("-", r"\-")):

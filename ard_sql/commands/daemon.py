@@ -15,6 +15,9 @@ the background, after the build, while the ARD is in use:
 * killed at any moment, it resumes where it stopped: the targets in the fit
   files are done, everything else is queued again (at most one batch of fits
   is redone); SIGTERM/Ctrl-C finishes the running fits' checkpoint first;
+* every fit row carries the model's key (``pipes_model.model_key``); a fit made
+  under another model (priors, fixed physics, bagpipes version) is stale: it
+  is not merged and the daemon fits the target again;
 * one daemon per ARD (a lock file); ``ard daemon status`` reports progress.
 """
 
@@ -66,10 +69,13 @@ class Job:
 
 
 def _done_targets(ard_dir: Path, order: int, pixel: int) -> set[int]:
+    """Targets with a fit made with the current model (stale fits are fitted again)."""
+    from ard_sql.build.layers.bagpipes import current_fits
+
     path = paths.bagpipes_fits_file(ard_dir, order, pixel)
     if not path.exists():
         return set()
-    return set(pq.read_table(path, columns=["TargetID"]).column("TargetID").to_pylist())
+    return set(current_fits(pq.read_table(path)).column("TargetID").to_pylist())
 
 
 def _veldisp(ard_dir: Path, order: int, pixel: int) -> dict[int, float]:
@@ -152,7 +158,11 @@ def _append(path: Path, new: pa.Table) -> pa.Table:
     if path.exists():
         old = pq.read_table(path)
         keep = pc.invert(pc.is_in(old.column("TargetID"), value_set=pa.array(np.unique(new.column("TargetID")))))
-        new = pa.concat_tables([old.filter(keep), new.cast(old.schema)])
+        old = old.filter(keep)
+        for field in new.schema:  # a file from an older version may lack a column (e.g. Model_Key): NULL there
+            if field.name not in old.column_names:
+                old = old.append_column(field, pa.nulls(len(old), field.type))
+        new = pa.concat_tables([old.select(new.column_names).cast(new.schema), new])
     _atomic_parquet(new, path)
     return new
 
@@ -197,7 +207,8 @@ def _write_models(ard_dir: Path, order: int, pixel: int, results: list) -> None:
 
 def checkpoint(ard_dir: Path, results: list[tuple[Job, Any]]) -> int:
     """Write finished fits (draws, models, fit rows, staging) partition by partition; return bagpipes rows staged."""
-    from ard_sql.build.layers.bagpipes import restage_partition, rows_to_table
+    from ard_sql.build.layers.bagpipes import MODEL_KEY, restage_partition, rows_to_table
+    from ard_sql.science.pipes_model import model_key
 
     by_part: dict[tuple[int, int], list] = {}
     for job, res in results:
@@ -207,7 +218,9 @@ def checkpoint(ard_dir: Path, results: list[tuple[Job, Any]]) -> int:
         # draws and models first: the fit rows are the record of "done"
         _append(paths.bagpipes_draws_file(ard_dir, order, pixel), draws_table(res))
         _write_models(ard_dir, order, pixel, res)
-        _append(paths.bagpipes_fits_file(ard_dir, order, pixel), rows_to_table([r.row for r in res]))
+        rows = rows_to_table([r.row for r in res])
+        rows = rows.append_column(MODEL_KEY, pa.array([model_key()] * len(rows), pa.string()))
+        _append(paths.bagpipes_fits_file(ard_dir, order, pixel), rows)
         staged += restage_partition(ard_dir, order, pixel)
     return staged
 
@@ -240,21 +253,29 @@ def _pid_alive(pid: int) -> bool:
 def daemon_status(ard_dir: Path | str) -> dict[str, Any]:
     """Progress of the Bagpipes daemon of an ARD (fits done, failed, queued, running or not)."""
     ard_dir = Path(ard_dir)
-    done = failed = 0
+    from ard_sql.build.layers.bagpipes import current_fits
+
+    done = failed = stale = 0
     for f in (paths.artifact_dir(ard_dir, "bagpipes") / "fits").glob("Norder=*/Dir=*/Npix=*.parquet"):
-        t = pq.read_table(f, columns=["LogMass_p50"])
+        every = pq.read_table(f)
+        t = current_fits(every)
+        stale += len(every) - len(t)
         ok = t.column("LogMass_p50").is_valid().to_numpy(zero_copy_only=False)
         done += int(ok.sum())
         failed += int((~ok).sum())
     info: dict[str, Any] = json.loads(status_path(ard_dir).read_text()) if status_path(ard_dir).exists() else {}
     running = bool(info.get("state") == "running" and info.get("pid") and _pid_alive(int(info["pid"])))
-    return {"ard_dir": str(ard_dir), "running": running, "fitted": done, "failed": failed,
+    return {"ard_dir": str(ard_dir), "running": running, "fitted": done, "failed": failed, "stale": stale,
             "queued": len(build_queue(ard_dir)), "last_run": info}
 
 
 # ---------------------------------------------------------------- the daemon
 class DaemonBusy(RuntimeError):
     """Another daemon holds the ARD's lock."""
+
+
+class ModelChanged(RuntimeError):
+    """The ARD's amortized rows come from another model than this version's: rebuild the layer first."""
 
 
 def run_daemon(ard_dir: Path | str, workers: int = 1, max_fits: int | None = None, batch: int | None = None,
@@ -270,6 +291,14 @@ def run_daemon(ard_dir: Path | str, workers: int = 1, max_fits: int | None = Non
     ard_dir = Path(ard_dir).resolve()
     if not paths.staging_dir(ard_dir, paths.CORE).exists():
         raise FileNotFoundError(f"{ard_dir} has no core table: build the ARD first (ard build SOURCE --out {ard_dir})")
+    from ard_sql.build.layers.bagpipes import staged_model_key
+    from ard_sql.science.pipes_model import model_key
+
+    staged = staged_model_key(ard_dir)
+    if staged is not None and staged != model_key():
+        # merging fits of this model into rows of another would mix two models in one table
+        raise ModelChanged(f"{ard_dir}: its bagpipes layer was built with another model ({staged or 'unkeyed'}; this "
+                           f"version's is {model_key()}): run `ard build --out {ard_dir} --layers bagpipes` first")
     config = config or FitConfig()
     batch = batch or max(2, workers)
     art = paths.artifact_dir(ard_dir, "bagpipes")
@@ -394,7 +423,7 @@ def bagpipes(
         info = run_daemon(ard_dir, workers=workers, max_fits=max_fits, batch=batch, checkpoint_seconds=checkpoint_seconds,
                    config=FitConfig(n_live=n_live, n_networks=n_networks), fitter=fitter,
                    log=lambda m: console.print(m, highlight=False))
-    except (DaemonBusy, FileNotFoundError) as exc:
+    except (DaemonBusy, ModelChanged, FileNotFoundError) as exc:
         raise fail(str(exc)) from None
     if info["state"] == "worker_died":
         raise typer.Exit(1)
@@ -412,7 +441,8 @@ def status(ard_dir: Path = typer.Argument(..., help="ARD folder."),
         return
     last = st["last_run"]
     print(f"bagpipes daemon on {st['ard_dir']}: {'RUNNING' if st['running'] else 'not running'}")
-    print(f"  fitted {st['fitted']}, failed {st['failed']}, queued {st['queued']}")
+    print(f"  fitted {st['fitted']}, failed {st['failed']}, queued {st['queued']}"
+          + (f", stale {st['stale']} (made with another model; queued again)" if st['stale'] else ""))
     if last:
         print(f"  last run: {last.get('state')} (pid {last.get('pid')}, started {last.get('started')}, "
               f"last checkpoint {last.get('last_checkpoint')}, mean fit {last.get('mean_fit_seconds')} s, "

@@ -16,6 +16,9 @@ def mock(
     area: float = typer.Option(None, "--area", help="Footprint area in deg^2 (default: max(20, n/100))."),
     zmax: float = typer.Option(0.6, "--zmax", help="Highest galaxy redshift."),
     no_truth_spectra: bool = typer.Option(False, "--no-truth-spectra", help="Do not write the noise-free spectra."),
+    physics: str = typer.Option("realistic", "--physics", help="Galaxy physics: 'realistic' (published scalings, "
+                                "bursts, AGN) or 'prior' (SFH, dust and metallicity drawn from the bagpipes layer's "
+                                "priors: a calibration test of its posteriors)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Write a mock DESI survey from real physics (BC03 populations in a Zel'dovich cosmic web).
@@ -27,7 +30,8 @@ def mock(
     """
     from ard_sql.build.mock.survey import MockConfig, run_mock
 
-    cfg = MockConfig(out=out, n=n, seed=seed, area=area, zmax=zmax, truth_spectra=not no_truth_spectra)
+    cfg = MockConfig(out=out, n=n, seed=seed, area=area, zmax=zmax, truth_spectra=not no_truth_spectra,
+                     physics=physics)
     try:
         cfg.validate()
     except ValueError as exc:

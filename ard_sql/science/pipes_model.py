@@ -20,6 +20,8 @@ term is fixed to 1: without photometry the spectrum's own flux calibration
 (DESI's, good to a few per cent) is what sets the stellar mass.
 
 Fixed: redshift = Z (redrock); nebular logU = -3 (Cloudy grids of bagpipes);
+dust ``eta`` = 1 / 0.44: nebular lines and stars younger than 10 Myr see
+2.27 Av (Calzetti et al. 2000: E(B-V)_stars = 0.44 E(B-V)_gas);
 velocity dispersion = the pPXF layer's ``VelDisp`` when present (else 150 km/s),
 added in quadrature to DESI's instrumental sigma.
 
@@ -53,6 +55,12 @@ INSTRUMENT_SIGMA_KMS = 299792.458 / 3500.0 / 2.3548
 #: Nebular ionisation parameter (fixed).
 LOGU = -3.0
 
+#: Extra attenuation of birth clouds (bagpipes dust ``eta``): lines see 1/0.44 x the stars' Av
+#: (Calzetti et al. 2000). bagpipes' default of 1 gives the lines the stars' Av, which made the
+#: posteriors infer too little SFR and dust from Balmer lines weakened by 2.27x the stellar
+#: extinction (bench/RESULTS.md, "Bagpipes layer").
+ETA = 1.0 / 0.44
+
 #: Calibration polynomial coefficients c1, c2: truncated Gaussian priors (mu, sigma, bound).
 CALIB_MU, CALIB_SIGMA, CALIB_BOUND = 0.0, 0.1, 0.3
 CALIB_ORDER = 2
@@ -82,6 +90,27 @@ PRIORS: tuple[Prior, ...] = (
     Prior("dust", "Av", 0.0, 2.0),
 )
 NOISE_PRIOR = Prior("noise", "scaling", 0.5, 5.0, log=True)
+
+
+def model_key() -> str:
+    """Short hash of everything that defines the model (priors, fixed physics, binning, bagpipes version).
+
+    Stored with every Bagpipes fit: a fit made under another model is stale
+    (not merged, fitted again by the daemon), so the Bagpipes and amortized
+    rows of one ARD always come from one model.
+    """
+    import hashlib
+    import json
+    from dataclasses import asdict
+    from importlib.metadata import version
+
+    from ard_sql.science import pipes_env
+
+    blob = json.dumps({"priors": [asdict(p) for p in PRIORS], "noise": asdict(NOISE_PRIOR),
+                       "calib": [CALIB_MU, CALIB_SIGMA, CALIB_BOUND, CALIB_ORDER], "bin": FIT_BIN, "logU": LOGU,
+                       "eta": ETA, "veldisp": [DEFAULT_VELDISP, INSTRUMENT_SIGMA_KMS], "quench": QUENCH_FRACTION,
+                       "R_spec": pipes_env.MODEL_R_SPEC, "bagpipes": version("bagpipes")}, sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
 def age_of_universe(z: float | np.ndarray) -> np.ndarray:
@@ -126,7 +155,7 @@ def bin_spectra(flux: np.ndarray, ivar: np.ndarray) -> tuple[np.ndarray, np.ndar
 def fit_instructions(z: float, veldisp: float | None = None, *, noise: bool = True, calib: bool = True) -> dict:
     """The bagpipes ``fit_instructions`` dictionary for one galaxy at redshift ``z``."""
     delayed: dict = {}
-    dust: dict = {"type": "Calzetti"}
+    dust: dict = {"type": "Calzetti", "eta": ETA}
     t_univ = float(age_of_universe(z))
     for p in PRIORS:
         high = min(p.high, t_univ) if p.name == "age" else p.high
@@ -160,7 +189,7 @@ def model_components(theta: np.ndarray, z: float, veldisp: float | None = None) 
         "redshift": float(z),
         "veldisp": veldisp_total(veldisp),
         "delayed": {"massformed": massformed, "age": age, "tau": tau, "metallicity": metallicity},
-        "dust": {"type": "Calzetti", "Av": av},
+        "dust": {"type": "Calzetti", "Av": av, "eta": ETA},
         "nebular": {"logU": LOGU},
     }
 

@@ -87,16 +87,11 @@ def amortized_config(opts: dict[str, Any]):
 
 def simulation_key(n: int, seed: int) -> str:
     """Content key of a simulated set: its size and seed and everything the forward model depends on."""
-    from importlib.metadata import version
-
     from ard_sql.science import amortized as am
-    from ard_sql.science import pipes_env
     from ard_sql.science import pipes_model as pm
 
-    blob = json.dumps({"n": n, "seed": seed, "priors": [asdict(p) for p in pm.PRIORS],
-                       "calib": [pm.CALIB_MU, pm.CALIB_SIGMA, pm.CALIB_BOUND, pm.CALIB_ORDER], "bin": pm.FIT_BIN,
-                       "z": [am.Z_MIN, am.Z_MAX], "snr": [am.SNR_MIN, am.SNR_MAX], "veldisp": am.VELDISP_RANGE,
-                       "logU": pm.LOGU, "R_spec": pipes_env.MODEL_R_SPEC, "bagpipes": version("bagpipes")},
+    blob = json.dumps({"n": n, "seed": seed, "model": pm.model_key(),
+                       "z": [am.Z_MIN, am.Z_MAX], "snr": [am.SNR_MIN, am.SNR_MAX], "veldisp": am.VELDISP_RANGE},
                       sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
@@ -206,12 +201,35 @@ def amortized_table(estimator, core: pa.Table, flux: np.ndarray, ivar: np.ndarra
     return rows_to_table(rows)
 
 
+#: Column of the fit files naming the model a fit was made with (``pipes_model.model_key``).
+MODEL_KEY = "Model_Key"
+#: Field of the layer's training.json naming the model of its amortized rows.
+MODEL_KEY_FIELD = "model_key"
+
+
+def staged_model_key(ard_dir: Path | str) -> str | None:
+    """The model key of the ARD's amortized rows ('' when built before keys existed; None if never built)."""
+    log_path = paths.artifact_dir(ard_dir, NAME) / TRAIN_LOG
+    if not log_path.exists():
+        return None
+    return json.loads(log_path.read_text()).get(MODEL_KEY_FIELD, "")
+
+
+def current_fits(table: pa.Table) -> pa.Table:
+    """The rows of a fit file made with today's model (files from before model keys count as stale)."""
+    from ard_sql.science import pipes_model as pm
+
+    if MODEL_KEY not in table.column_names:
+        return table.slice(0, 0)
+    return table.filter(pc.equal(table.column(MODEL_KEY), pm.model_key()))
+
+
 def read_fits(ard_dir: Path | str, order: int, pixel: int) -> pa.Table | None:
-    """The daemon's finished fits of one partition (contract columns), or None."""
+    """The daemon's finished fits of one partition made with the current model (contract columns), or None."""
     path = paths.bagpipes_fits_file(ard_dir, order, pixel)
     if not path.exists():
         return None
-    return pq.read_table(path).select([c.name for c in contract.columns(NAME)])
+    return current_fits(pq.read_table(path)).select([c.name for c in contract.columns(NAME)])
 
 
 #: Flags of a fit row that mean "no values": the amortized row stays, with the flag added.
@@ -324,7 +342,10 @@ class BagpipesLayer:
             os.replace(tmp, target)
         log_path = art / TRAIN_LOG
         tmp = paths.temporary_sibling(log_path)
-        tmp.write_text(json.dumps({**info, "cache": str(cache)}, indent=1))
+        from ard_sql.science import pipes_model as pm
+
+        # the cache key holds the model key, so a cached estimator is always today's model's
+        tmp.write_text(json.dumps({**info, "cache": str(cache), MODEL_KEY_FIELD: pm.model_key()}, indent=1))
         os.replace(tmp, log_path)
         return _file_hash(target)
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .spectra import LINE_NAMES, luminosity_distance_cm
-from .ssp import MOCK_COSMO, SFHParams, calzetti_k, star_formation_histories
+from .ssp import MOCK_COSMO, SFHParams, SFHResult, calzetti_k, star_formation_histories
 
 POPULATIONS = ["star_forming", "quiescent", "green_pea", "post_starburst", "frosting", "agn_seyfert", "agn_liner", "star", "qso"]
 _LINE_IDX = {name: i for i, name in enumerate(LINE_NAMES)}
@@ -99,12 +99,30 @@ def quenched_probability(logm: np.ndarray, web_class: np.ndarray, delta: np.ndar
     return 1.0 / (1.0 + np.exp(-(logm - mq) / 0.3))
 
 
+#: ``galaxy_population`` physics: the published scalings above, or the Swiss Army priors.
+PHYSICS = ("realistic", "prior")
+
+
 def galaxy_population(
-    z: np.ndarray, web_class: np.ndarray, delta: np.ndarray, sample: str, rng: np.random.Generator
+    z: np.ndarray, web_class: np.ndarray, delta: np.ndarray, sample: str, rng: np.random.Generator,
+    physics: str = "realistic",
 ) -> GalaxyTruth:
-    """Draw physical parameters for galaxies at redshifts ``z`` in environment (web class, delta)."""
+    """Draw physical parameters for galaxies at redshifts ``z`` in environment (web class, delta).
+
+    ``physics="prior"`` draws age, tau, metallicity and A_V of a plain delayed-tau
+    SFH from the bagpipes layer's priors (``pipes_model.sample_prior``) instead of
+    the scalings: a simulation-based-calibration survey, on which the amortized
+    posteriors must cover the truth as often as they claim. The stellar mass
+    still follows the survey's mass function (a flux-limited survey cannot hold
+    a uniform mass prior; the posterior of the mass is set by the flux), and the
+    lines, sigma and fibre follow the usual recipes.
+    """
+    if physics not in PHYSICS:
+        raise ValueError(f"physics must be one of {PHYSICS} (got {physics!r})")
     n = z.size
     logm = draw_masses(z, sample, rng)
+    if physics == "prior":
+        return _prior_population(z, logm, rng)
     pq = quenched_probability(logm, web_class, delta)
     if sample == "dark":
         pq = np.maximum(pq, 0.85)  # LRG colour selection keeps red galaxies
@@ -145,6 +163,15 @@ def galaxy_population(
     logz = np.where(gp, rng.uniform(-1.0, -0.6, n), logz)
     metallicity = np.clip(10.0**logz, 0.02, 2.5)
     sfh = SFHParams(logm + 0.25, age, tau, metallicity, burst_frac, burst_age, burst_tau, trunc, aou)
+    res = _histories_at_mass(sfh, logm)
+    sf = ~old
+    av = np.where(sf, np.clip(0.2 + 0.3 * np.log10(1.0 + res.sfr) + rng.normal(0, 0.15, n), 0.0, 2.0), rng.uniform(0.0, 0.3, n))
+    av = np.where(gp, rng.uniform(0.0, 0.3, n), av)
+    return _lines_and_kinematics(z, pop, sfh, res, av, sf, rng)
+
+
+def _histories_at_mass(sfh: SFHParams, logm: np.ndarray) -> SFHResult:
+    """The SFH results of ``sfh`` with ``massformed`` moved so the surviving mass is ``logm``."""
     res, _ = star_formation_histories(sfh)
     # Surviving mass, SSP weights and SFR scale linearly with mass formed: one correction hits the
     # target mass exactly, and rescaling the result equals recomputing it (saves a second SFH pass).
@@ -155,9 +182,30 @@ def galaxy_population(
     res.sfr = res.sfr * scale
     res.stellar_mass = res.stellar_mass + shift
     res.formed_mass = res.formed_mass + shift
-    sf = ~old
-    av = np.where(sf, np.clip(0.2 + 0.3 * np.log10(1.0 + res.sfr) + rng.normal(0, 0.15, n), 0.0, 2.0), rng.uniform(0.0, 0.3, n))
-    av = np.where(gp, rng.uniform(0.0, 0.3, n), av)
+    return res
+
+
+def _prior_population(z: np.ndarray, logm: np.ndarray, rng: np.random.Generator) -> GalaxyTruth:
+    """Plain delayed-tau galaxies whose age, tau, metallicity and A_V are drawn from the Swiss Army priors."""
+    from ard_sql.science import pipes_model
+
+    n = z.size
+    theta = pipes_model.sample_prior(n, z, rng)  # massformed (unused: the mass is logm), age, tau, metallicity, Av
+    aou = MOCK_COSMO.age(z).value
+    zeros = np.zeros(n)
+    sfh = SFHParams(logm + 0.25, np.minimum(theta[:, 1], aou), theta[:, 2], theta[:, 3], zeros, np.full(n, 0.1),
+                    np.full(n, 0.05), zeros.copy(), aou)
+    res = _histories_at_mass(sfh, logm)
+    sf = np.nan_to_num(res.ssfr, nan=-np.inf) > -11.0
+    pop = np.where(sf, "star_forming", "quiescent").astype("<U16")
+    return _lines_and_kinematics(z, pop, sfh, res, theta[:, 4], sf, rng)
+
+
+def _lines_and_kinematics(z: np.ndarray, pop: np.ndarray, sfh: SFHParams, res: SFHResult, av: np.ndarray,
+                          sf: np.ndarray, rng: np.random.Generator) -> GalaxyTruth:
+    """Gas A_V, stellar and gas sigma, gas metallicity, line fluxes and fibre fraction of drawn galaxies."""
+    n = z.size
+    gp = pop == "green_pea"
     av_gas = av / 0.44
     log_sig = 2.1 + 0.28 * (res.stellar_mass - 10.5) - 0.05 * sf + rng.normal(0, 0.06, n)
     sigma_star = np.clip(10.0**log_sig, 30.0, 450.0)

@@ -61,6 +61,9 @@ class MockConfig:
     """Write the RESOLUTION HDUs (11 x nwave floats per spectrum: most of the file size)."""
     max_cells: int = 2**22
     """Largest density grid (cells); the cell grows when the cone needs more."""
+    physics: str = "realistic"
+    """Galaxy physics: "realistic" (published scalings, bursts, AGN) or "prior" (the bagpipes
+    layer's priors, for a simulation-based calibration of its posteriors); see ``population``."""
 
     def validate(self) -> None:
         """Raise ValueError with a clear message for impossible options."""
@@ -71,6 +74,8 @@ class MockConfig:
                              f"{REST_MIN:.0f} A, so DESI's 3600 A blue end is covered only up to z = {ZMAX_LIMIT}")
         if self.area is not None and not 0.1 <= self.area <= 20000:
             raise ValueError(f"--area must lie in [0.1, 20000] deg^2 (got {self.area})")
+        if self.physics not in population.PHYSICS:
+            raise ValueError(f"--physics must be one of {', '.join(population.PHYSICS)} (got {self.physics!r})")
         if self.seed < 0:
             raise ValueError(f"--seed must be >= 0 (got {self.seed})")
         if Path(self.out).exists() and not Path(self.out).is_dir():
@@ -143,8 +148,8 @@ def _wise_mags(weights: np.ndarray, av: np.ndarray, z: np.ndarray) -> dict[str, 
     return out
 
 
-def _physics(cat: dict[str, np.ndarray], rows: np.ndarray, program: str, rng: np.random.Generator
-             ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def _physics(cat: dict[str, np.ndarray], rows: np.ndarray, program: str, rng: np.random.Generator,
+             physics: str = "realistic") -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Truth columns of one partition (everything the spectra are built from) and the noise-free brz-grid models."""
     n = rows.size
     t: dict[str, np.ndarray] = {k: cat[k][rows] for k in ("TARGETID", "RA", "DEC", "Z_COSMO", "V_LOS", "HEALPIX", "SPECTYPE", "DELTA", "WEB_CLASS")}
@@ -162,7 +167,7 @@ def _physics(cat: dict[str, np.ndarray], rows: np.ndarray, program: str, rng: np
     phot_wave = objects.PHOT_WAVE
     gal_weights = None
     if gal.size:
-        g = population.galaxy_population(t["Z"][gal], t["WEB_CLASS"][gal], t["DELTA"][gal], program, rng)
+        g = population.galaxy_population(t["Z"][gal], t["WEB_CLASS"][gal], t["DELTA"][gal], program, rng, physics)
         t["POPULATION"][gal] = g.population
         vals = {"LOG_MASS": g.log_mass, "LOG_MASS_FORMED": g.sfh.massformed, "SFR": g.sfr, "SSFR": g.ssfr, "AGE_MW": g.mass_weighted_age,
                 "AV": g.av, "AV_GAS": g.av_gas, "METALLICITY": g.sfh.metallicity, "TAU": g.sfh.tau, "SFH_AGE": g.sfh.age,
@@ -269,7 +274,7 @@ def generate_partition(cat: dict[str, np.ndarray], program: str, pixel: int, row
                        rdata: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Physics, spectra and files of one partition; returns its truth columns."""
     rng = np.random.default_rng([cfg.seed, 1 if program == "bright" else 2, pixel])
-    t, model = _physics(cat, rows, program, rng)
+    t, model = _physics(cat, rows, program, rng, cfg.physics)
     t["SURVEY"] = np.full(rows.size, SURVEY)
     t["PROGRAM"] = np.full(rows.size, program)
     t["SAMPLE"] = np.full(rows.size, program)
