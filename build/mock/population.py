@@ -20,6 +20,10 @@ Recipes (each a published scaling, with scatter):
   Pettini & Pagel (2004) N2 calibration, [OIII]/Hbeta below the Kauffmann et al.
   (2003) line; Seyferts and LINERs add an AGN narrow-line component above the
   Kewley et al. (2001) line.
+
+``physics="prior"`` (``ard mock --physics prior``) replaces the SFH, dust and
+metallicity recipes by draws from the bagpipes layer's priors: a survey for
+the simulation-based calibration of its posteriors.
 """
 
 from __future__ import annotations
