@@ -116,7 +116,7 @@ def galaxy_population(
     ``physics="prior"`` draws age, tau, metallicity and A_V of a plain delayed-tau
     SFH from the bagpipes layer's priors (``pipes_model.sample_prior``) instead of
     the scalings: a simulation-based-calibration survey, on which the amortized
-    posteriors must cover the truth as often as they claim. The stellar mass
+    posteriors should cover the truth as often as they claim. The stellar mass
     still follows the survey's mass function (a flux-limited survey cannot hold
     a uniform mass prior; the posterior of the mass is set by the flux), and the
     lines, sigma and fibre follow the usual recipes.
