@@ -180,9 +180,6 @@ def test_amortized_coverage_on_heldout_simulations() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="open (issue 6): the mock attenuates lines 2.27x the stars (Calzetti), the model "
-                   "(eta = 1) does not: SFR 0.39, sSFR 0.40, Dust_Av 0.49, Tau 0.54 covered; with eta = 1/0.44 all seven "
-                   "pass, but that model is not the default (bench/RESULTS.md)")
 def test_amortized_posteriors_cover_the_truth_of_a_prior_drawn_mock(tmp_path: Path) -> None:
     """Simulation-based calibration through the mock survey: its own SSP code, noise, DESI files and ingest.
 

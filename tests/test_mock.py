@@ -349,8 +349,11 @@ def test_prior_physics_draws_from_the_bagpipes_priors():
     prior = {p.name: p for p in pm.PRIORS}
     assert set(g.population) <= {"star_forming", "quiescent"}
     assert np.all(g.sfh.burst_frac == 0) and np.all(g.sfh.trunc_age == 0)
-    # Av ~ U(0, 2); tau and metallicity log-uniform over the prior ranges (KS tests, not just bounds).
-    assert stats.kstest(g.av, stats.uniform(prior["Av"].low, prior["Av"].high - prior["Av"].low).cdf).pvalue > 1e-3
+    # Av: the truncated (half-)normal; tau and metallicity log-uniform over the prior ranges (KS tests, not just bounds).
+    av = prior["Av"]
+    assert av.sigma is not None
+    a, b = (av.low - av.mu) / av.sigma, (av.high - av.mu) / av.sigma
+    assert stats.kstest(g.av, stats.truncnorm(a, b, av.mu, av.sigma).cdf).pvalue > 1e-3
     for name, val in (("tau", g.sfh.tau), ("metallicity", g.sfh.metallicity)):
         lo, hi = np.log10(prior[name].low), np.log10(prior[name].high)
         assert stats.kstest(np.log10(val), stats.uniform(lo, hi - lo).cdf).pvalue > 1e-3, name

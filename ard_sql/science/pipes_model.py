@@ -10,7 +10,7 @@ Free parameters (uniform unless said otherwise)::
     age          Gyr since SF began           U(0.05, t_univ(z))
     tau          Gyr, delayed-tau e-folding   log-uniform(0.1, 10)
     metallicity  Z / Zsun (constant)          log-uniform(0.1, 2.5)
-    Av           mag, Calzetti (2000)         U(0, 2)
+    Av           mag, Calzetti (2000)         half-normal, sigma 0.6, on [0, 2]
     noise:scaling  white-noise scale factor   log-uniform(0.5, 5)   (fits only)
 
 Calibration: the model is divided by a 2nd-order Chebyshev polynomial
@@ -20,7 +20,8 @@ term is fixed to 1: without photometry the spectrum's own flux calibration
 (DESI's, good to a few per cent) is what sets the stellar mass.
 
 Fixed: redshift = Z (redrock); nebular logU = -3 (Cloudy grids of bagpipes);
-dust ``eta`` = 1 (:data:`ETA`: lines see the stars' Av);
+dust ``eta`` = 1/0.44 (:data:`ETA`: lines and stars younger than 10 Myr see
+2.27 Av, Calzetti et al. 2000);
 velocity dispersion = the pPXF layer's ``VelDisp`` when present (else 150 km/s),
 added in quadrature to DESI's instrumental sigma.
 
@@ -54,12 +55,12 @@ INSTRUMENT_SIGMA_KMS = 299792.458 / 3500.0 / 2.3548
 #: Nebular ionisation parameter (fixed).
 LOGU = -3.0
 
-#: Extra attenuation of birth clouds (bagpipes dust ``eta``; 1 = bagpipes' default: lines and young
-#: stars see the stars' Av). Calzetti et al. (2000)'s 1/0.44 was tried (bench/RESULTS.md, "Bagpipes
-#: layer"): it fixed the SFR of dusty star formers on the mock but put a production Bagpipes fit of a
-#: simulation from this very model off its truth and the amortized masses 0.23 dex from Bagpipes', so
-#: it is not the default until that is understood. A part of the model: it is in ``model_key``.
-ETA = 1.0
+#: Extra attenuation of birth clouds (bagpipes dust ``eta``): nebular lines (and stars younger than
+#: bagpipes' t_bc = 10 Myr) see ``ETA x Av``. Calzetti et al. (2000): E(B-V)_stars = 0.44 E(B-V)_gas.
+#: With bagpipes' default 1 the model read the mock's (Calzetti-attenuated) Balmer lines as too little
+#: star formation (SFR of star formers -0.38 dex); measurements in bench/RESULTS.md, "Bagpipes layer".
+#: A part of the model: it is in ``model_key``.
+ETA = 1.0 / 0.44
 
 #: Calibration polynomial coefficients c1, c2: truncated Gaussian priors (mu, sigma, bound).
 CALIB_MU, CALIB_SIGMA, CALIB_BOUND = 0.0, 0.1, 0.3
@@ -78,6 +79,30 @@ class Prior:
     high: float
     log: bool = False
     """Log-uniform (bagpipes ``prior='log_10'``) instead of uniform."""
+    sigma: float | None = None
+    """When set: a Gaussian of this width centred on ``mu``, truncated to [low, high] (bagpipes ``'Gaussian'``)."""
+    mu: float = 0.0
+
+    def from_unit(self, u: np.ndarray, high: np.ndarray | float | None = None) -> np.ndarray:
+        """Map uniform draws ``u`` in [0, 1) to this prior (inverse CDF), as bagpipes' ``prior.transform``."""
+        hi = np.asarray(self.high if high is None else high, dtype=float)
+        if self.sigma is not None:
+            from scipy.stats import truncnorm
+
+            return truncnorm.ppf(u, (self.low - self.mu) / self.sigma, (hi - self.mu) / self.sigma, self.mu, self.sigma)
+        if self.log:
+            return 10 ** (np.log10(self.low) + u * (np.log10(hi) - np.log10(self.low)))
+        return self.low + u * (hi - self.low)
+
+    def bagpipes(self, high: float | None = None) -> dict:
+        """This prior as bagpipes ``fit_instructions`` entries."""
+        out: dict = {self.name: (self.low, self.high if high is None else high)}
+        if self.sigma is not None:
+            out.update({f"{self.name}_prior": "Gaussian", f"{self.name}_prior_mu": self.mu,
+                        f"{self.name}_prior_sigma": self.sigma})
+        elif self.log:
+            out[f"{self.name}_prior"] = "log_10"
+        return out
 
 
 #: The physical free parameters, in the order of the amortized parameter vector.
@@ -87,7 +112,8 @@ PRIORS: tuple[Prior, ...] = (
     Prior("delayed", "age", 0.05, 13.0),
     Prior("delayed", "tau", 0.1, 10.0, log=True),
     Prior("delayed", "metallicity", 0.1, 2.5, log=True),
-    Prior("dust", "Av", 0.0, 2.0),
+    # Half-normal: most galaxies have a continuum A_V of a few tenths of a magnitude (docs/physics.md).
+    Prior("dust", "Av", 0.0, 2.0, sigma=0.6),
 )
 NOISE_PRIOR = Prior("noise", "scaling", 0.5, 5.0, log=True)
 
@@ -158,11 +184,8 @@ def fit_instructions(z: float, veldisp: float | None = None, *, noise: bool = Tr
     dust: dict = {"type": "Calzetti", "eta": ETA}
     t_univ = float(age_of_universe(z))
     for p in PRIORS:
-        high = min(p.high, t_univ) if p.name == "age" else p.high
         target = delayed if p.component == "delayed" else dust
-        target[p.name] = (p.low, high)
-        if p.log:
-            target[f"{p.name}_prior"] = "log_10"
+        target.update(p.bagpipes(min(p.high, t_univ) if p.name == "age" else None))
     instructions = {
         "redshift": float(z),
         "veldisp": veldisp_total(veldisp),
@@ -177,8 +200,7 @@ def fit_instructions(z: float, veldisp: float | None = None, *, noise: bool = Tr
                         f"{k}_prior_mu": CALIB_MU, f"{k}_prior_sigma": CALIB_SIGMA})
         instructions["calib"] = cal
     if noise:
-        instructions["noise"] = {"type": "white_scaled", NOISE_PRIOR.name: (NOISE_PRIOR.low, NOISE_PRIOR.high),
-                                 f"{NOISE_PRIOR.name}_prior": "log_10"}
+        instructions["noise"] = {"type": "white_scaled", **NOISE_PRIOR.bagpipes()}
     return instructions
 
 
@@ -200,8 +222,7 @@ def sample_prior(n: int, z: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     out = np.empty((n, len(PRIORS)))
     for j, p in enumerate(PRIORS):
         high = np.minimum(p.high, age_of_universe(z)) if p.name == "age" else np.full(n, p.high)
-        u = rng.random(n)
-        out[:, j] = 10 ** (np.log10(p.low) + u * (np.log10(high) - np.log10(p.low))) if p.log else p.low + u * (high - p.low)
+        out[:, j] = p.from_unit(rng.random(n), high)
     return out
 
 

