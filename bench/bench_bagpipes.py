@@ -74,6 +74,14 @@ def calibration(est, flux: np.ndarray, ivar: np.ndarray, z: np.ndarray, truth: d
     return out
 
 
+def print_calibration(title: str, cal: dict[str, list[float]]) -> None:
+    """The coverage table of :func:`calibration`, one row per quantity."""
+    print(f"\n## {title} (central-interval coverage)")
+    print("quantity    " + " ".join(f"{lv:>6.2f}" for lv in LEVELS))
+    for name, cov in cal.items():
+        print(f"{name:<11} " + " ".join(f"{c:>6.3f}" for c in cov))
+
+
 def figure(cal: dict[str, list[float]], path: Path, n: int, what: str = "held-out simulations") -> None:
     import matplotlib
 
@@ -236,10 +244,7 @@ def main() -> None:
     test = layer.cached_simulations(Path(args.cache), opts["n_test"], opts["seed"] + 7919)
     cal = calibration(est, test["flux"], test["ivar"], test["z"], {k: test[f"truth_{k}"] for k in pf.QUANTITIES})
     n = len(test["z"])
-    print(f"\n## calibration on {n} held-out simulations (central-interval coverage)")
-    print("quantity    " + " ".join(f"{lv:>6.2f}" for lv in LEVELS))
-    for name, cov in cal.items():
-        print(f"{name:<11} " + " ".join(f"{c:>6.3f}" for c in cov))
+    print_calibration(f"calibration on {n} held-out simulations", cal)
     figure(cal, Path(args.figure), n)
     print(f"figure: {args.figure}")
     q = est.percentiles_binned(test["flux"], test["ivar"], test["z"])
@@ -291,10 +296,7 @@ def main() -> None:
         mf, mi, mz, mt = mock_spectra(Path(args.ard), Path(args.truth))
         ard_est = am.AmortizedEstimator.load(layer.estimator_file(args.ard))
         mcal = calibration(ard_est, mf, mi, mz, mt)
-        print(f"\n## calibration on the {len(mz)} mock galaxies (estimator of the ARD; central-interval coverage)")
-        print("quantity    " + " ".join(f"{lv:>6.2f}" for lv in LEVELS))
-        for name, cov in mcal.items():
-            print(f"{name:<11} " + " ".join(f"{c:>6.3f}" for c in cov))
+        print_calibration(f"calibration on the {len(mz)} mock galaxies (estimator of the ARD)", mcal)
         figure(mcal, Path(args.mock_figure), len(mz), what=f"mock galaxies ({Path(args.truth).parent.name})")
         print(f"figure: {args.mock_figure}")
         if args.in_model:

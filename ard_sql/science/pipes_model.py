@@ -83,6 +83,10 @@ class Prior:
     """When set: a Gaussian of this width centred on ``mu``, truncated to [low, high] (bagpipes ``'Gaussian'``)."""
     mu: float = 0.0
 
+    def high_at(self, z: float | np.ndarray) -> np.ndarray:
+        """Upper bound at redshift ``z``: ``age`` stops at the age of the Universe there."""
+        return np.minimum(self.high, age_of_universe(z)) if self.name == "age" else np.broadcast_to(self.high, np.shape(z))
+
     def from_unit(self, u: np.ndarray, high: np.ndarray | float | None = None) -> np.ndarray:
         """Map uniform draws ``u`` in [0, 1) to this prior (inverse CDF), as bagpipes' ``prior.transform``."""
         hi = np.asarray(self.high if high is None else high, dtype=float)
@@ -182,10 +186,9 @@ def fit_instructions(z: float, veldisp: float | None = None, *, noise: bool = Tr
     """The bagpipes ``fit_instructions`` dictionary for one galaxy at redshift ``z``."""
     delayed: dict = {}
     dust: dict = {"type": "Calzetti", "eta": ETA}
-    t_univ = float(age_of_universe(z))
     for p in PRIORS:
         target = delayed if p.component == "delayed" else dust
-        target.update(p.bagpipes(min(p.high, t_univ) if p.name == "age" else None))
+        target.update(p.bagpipes(float(p.high_at(z))))
     instructions = {
         "redshift": float(z),
         "veldisp": veldisp_total(veldisp),
@@ -221,8 +224,7 @@ def sample_prior(n: int, z: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     z = np.broadcast_to(np.asarray(z, dtype=float), (n,))
     out = np.empty((n, len(PRIORS)))
     for j, p in enumerate(PRIORS):
-        high = np.minimum(p.high, age_of_universe(z)) if p.name == "age" else np.full(n, p.high)
-        out[:, j] = p.from_unit(rng.random(n), high)
+        out[:, j] = p.from_unit(rng.random(n), p.high_at(z))
     return out
 
 

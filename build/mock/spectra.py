@@ -7,10 +7,10 @@ Steps for a batch of n galaxies (all vectorised, float32 where it matters):
    the Bagpipes layer's model also dims stars younger than 10 Myr by its
    eta = 1/0.44, the mock does not: a small part of its model mismatch),
    Gaussian velocity dispersion applied in Fourier space (one FFT for the
-   batch, per-galaxy sigma). The library's own 2.51 A count as part of the dispersion (``kinematic_broadening``): a real galaxy
-   has no library resolution, so a spectrum broadened by the full SIGMA_STAR
-   on top of it would show sqrt(SIGMA_STAR^2 + 64^2) km/s at 5000 A (+7% at
-   150 km/s in a pPXF fit).
+   batch, per-galaxy sigma). The library's own 2.51 A count as part of the
+   dispersion (``kinematic_broadening``): a real galaxy has no library
+   resolution, so a spectrum broadened by the full SIGMA_STAR on top of it would
+   show sqrt(SIGMA_STAR^2 + 64^2) km/s at 5000 A (+7% at 150 km/s in a pPXF fit).
 2. ``observe``: redshift, luminosity distance (bagpipes' cosmology) ->
    1e-17 erg/s/cm2/A on the DESI brz grid (linear interpolation in ln lambda
    of a 30 km/s sampled model).
