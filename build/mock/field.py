@@ -244,7 +244,8 @@ def sample_galaxies(
     """Draw exactly ``n`` galaxies with rate nbar(z) (1 + delta)^bias inside the cone.
 
     Returns RA, DEC, Z_COSMO, Z_OBS, comoving X/Y/Z (Mpc, box frame), DELTA (truth smoothing),
-    WEB_CLASS and V_LOS (km/s).
+    WEB_CLASS, V_LOS (km/s) and V_LOS_FLOW (km/s, its coherent Zel'dovich part; the rest is the
+    random motion inside structures).
     """
     flat, zc = cone_cells(web, geom)
     rate = nbar_of_z(zc) * (1.0 + web.delta_bias.ravel()[flat]) ** bias
@@ -268,11 +269,13 @@ def sample_galaxies(
         dens = web.delta_truth.ravel()[pick]
         # Random motions inside structures grow with density (fingers of God).
         sig = sigma_v_kms * np.sqrt(np.clip(1.0 + dens, 0.2, 20.0))
-        vlos = (v * rhat).sum(axis=1) + sig * rng.standard_normal(z.size)
+        vflow = (v * rhat).sum(axis=1)
+        vlos = vflow + sig * rng.standard_normal(z.size)
         zobs = (1.0 + z) * (1.0 + vlos / C_KMS) - 1.0
         ra, dec = geom.to_radec(pos)
         for key, val in (("RA", ra), ("DEC", dec), ("Z_COSMO", z), ("Z_OBS", zobs), ("X", pos[:, 0]), ("Y", pos[:, 1]),
-                         ("Z_COMOVING", pos[:, 2]), ("DELTA", dens), ("WEB_CLASS", web.web.ravel()[pick]), ("V_LOS", vlos)):
+                         ("Z_COMOVING", pos[:, 2]), ("DELTA", dens), ("WEB_CLASS", web.web.ravel()[pick]), ("V_LOS", vlos),
+                         ("V_LOS_FLOW", vflow)):
             out.setdefault(key, []).append(val)
         have += z.size
     return {k: np.concatenate(v)[:n] for k, v in out.items()}

@@ -115,7 +115,7 @@ def build_catalog(cfg: MockConfig) -> tuple[dict[str, np.ndarray], field.CosmicW
         z = rng.normal(0, 1e-4, count) if stype == "STAR" else rng.uniform(0.5, 3.0, count)
         nan = np.full(count, np.nan)
         parts.append({"RA": ra, "DEC": dec, "Z_COSMO": z, "Z_OBS": z, "X": nan, "Y": nan, "Z_COMOVING": nan, "DELTA": nan,
-                      "WEB_CLASS": np.full(count, -1, dtype=np.int8), "V_LOS": z * C_KMS if stype == "STAR" else np.zeros(count),
+                      "WEB_CLASS": np.full(count, -1, dtype=np.int8), "V_LOS": z * C_KMS if stype == "STAR" else np.zeros(count), "V_LOS_FLOW": np.zeros(count),
                       "SAMPLE": np.full(count, "bright" if stype == "STAR" else "dark"), "SPECTYPE": np.full(count, stype)})
     cat = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     cat["TARGETID"] = TARGETID_BASE + np.arange(cfg.n, dtype=np.int64)
@@ -152,7 +152,7 @@ def _physics(cat: dict[str, np.ndarray], rows: np.ndarray, program: str, rng: np
              physics: str = "realistic") -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Truth columns of one partition (everything the spectra are built from) and the noise-free brz-grid models."""
     n = rows.size
-    t: dict[str, np.ndarray] = {k: cat[k][rows] for k in ("TARGETID", "RA", "DEC", "Z_COSMO", "V_LOS", "HEALPIX", "SPECTYPE", "DELTA", "WEB_CLASS")}
+    t: dict[str, np.ndarray] = {k: cat[k][rows] for k in ("TARGETID", "RA", "DEC", "Z_COSMO", "V_LOS", "V_LOS_FLOW", "HEALPIX", "SPECTYPE", "DELTA", "WEB_CLASS")}
     t["Z"] = cat["Z_OBS"][rows]
     t["CX"], t["CY"], t["CZ"] = cat["X"][rows], cat["Y"][rows], cat["Z_COMOVING"][rows]
     nan = np.full(n, np.nan)
@@ -316,7 +316,7 @@ def _write_truth_spectra(out: Path, program: str, pixel: int, targetid: np.ndarr
     tmp.replace(path)
 
 
-TRUTH_ORDER = ["TARGETID", "RA", "DEC", "Z", "Z_COSMO", "V_LOS", "CX", "CY", "CZ", "HEALPIX", "SURVEY", "PROGRAM", "SAMPLE", "SPECTYPE",
+TRUTH_ORDER = ["TARGETID", "RA", "DEC", "Z", "Z_COSMO", "V_LOS", "V_LOS_FLOW", "CX", "CY", "CZ", "HEALPIX", "SURVEY", "PROGRAM", "SAMPLE", "SPECTYPE",
                "POPULATION", "LOG_MASS", "LOG_MASS_FORMED", "SFR", "SSFR", "AGE_MW", "AV", "AV_GAS", "METALLICITY", "TAU", "SFH_AGE",
                "BURST_FRAC", "BURST_AGE", "BURST_TAU", "TRUNC_AGE", "AGE_UNIVERSE", "T_QUENCH", "T_QUENCH_COSMIC", "SIGMA_STAR",
                "SIGMA_GAS", "OH_GAS", "FIBER_FRAC", *[f"{ln}_Flux" for ln in spectra.LINE_NAMES], "DELTA", "WEB_CLASS",

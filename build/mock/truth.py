@@ -9,7 +9,9 @@ scatters around) or intrinsic (``instrument=False``).
 Columns of ``truth.parquet`` (units in the Parquet field metadata):
 
 TARGETID, RA, DEC (deg); Z_COSMO (cosmological), Z (observed, with peculiar
-velocity; the spectra are built at Z); V_LOS (km/s); CX, CY, CZ comoving
+velocity; the spectra are built at Z); V_LOS (km/s; Z = (1 + Z_COSMO)(1 + V_LOS/c) - 1);
+V_LOS_FLOW (km/s, the coherent Zel'dovich-flow part of V_LOS; the rest, V_LOS - V_LOS_FLOW, is
+the random motion inside structures, 150 sqrt(1 + DELTA) km/s rms); CX, CY, CZ comoving
 position (Mpc, box frame, observer at 0); HEALPIX (nside 64 nested), SURVEY,
 PROGRAM, SAMPLE (bright/dark), SPECTYPE (GALAXY/STAR/QSO), POPULATION
 (star_forming, quiescent, green_pea, post_starburst, frosting, agn_seyfert,
@@ -43,7 +45,7 @@ from . import objects, spectra
 from .ssp import C_KMS, SFHParams, star_formation_histories
 
 TRUTH_UNITS: dict[str, str] = {
-    "RA": "deg", "DEC": "deg", "V_LOS": "km / s", "CX": "Mpc", "CY": "Mpc", "CZ": "Mpc",
+    "RA": "deg", "DEC": "deg", "V_LOS": "km / s", "V_LOS_FLOW": "km / s", "CX": "Mpc", "CY": "Mpc", "CZ": "Mpc",
     "LOG_MASS": "dex(solMass)", "LOG_MASS_FORMED": "dex(solMass)", "SFR": "solMass / yr", "SSFR": "dex(1 / yr)",
     "AGE_MW": "Gyr", "AV": "mag", "AV_GAS": "mag", "TAU": "Gyr", "SFH_AGE": "Gyr", "BURST_AGE": "Gyr",
     "BURST_TAU": "Gyr", "TRUNC_AGE": "Gyr", "T_QUENCH": "Gyr", "T_QUENCH_COSMIC": "Gyr", "SIGMA_STAR": "km / s",
