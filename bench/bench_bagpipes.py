@@ -136,13 +136,8 @@ def mock_spectra(ard: Path, truth_file: Path) -> tuple[np.ndarray, np.ndarray, n
     return np.vstack(flux), np.vstack(ivar), np.concatenate(z), truth
 
 
-def mock_comparison(ard: Path, truth_file: Path) -> dict:
-    import duckdb
-
-    con = duckdb.connect()
-    df = con.sql(f"""SELECT b.*, t.* EXCLUDE (TARGETID) FROM read_parquet('{ard}/staging/bagpipes/dataset/**/*.parquet') b
-                     JOIN read_parquet('{truth_file}') t ON t.TARGETID = b.TargetID
-                     WHERE b.LogMass_p50 IS NOT NULL AND b.Physics_Source = 'amortized' AND t.SPECTYPE = 'GALAXY'""").df()
+def _truth_stats(df, min_n: int = 0) -> dict:
+    """68 % coverage and median (absolute) offset of the amortized rows in ``df`` against the mock truth."""
     out = {"n": len(df)}
     for q, col in MOCK_TRUTH.items():
         tv = df[col].to_numpy(float)
@@ -157,6 +152,19 @@ def mock_comparison(ard: Path, truth_file: Path) -> dict:
         d = np.log10(mid) - np.log10(tv) if q in ("SFR", "Metallicity", "Tau") else mid - tv
         out[q] = {"coverage68": round(cov, 3), "median_abs_d": round(float(np.median(np.abs(d))), 3),
                   "median_d": round(float(np.median(d)), 3)}
+    return out
+
+
+def mock_comparison(ard: Path, truth_file: Path, min_population: int = 20) -> dict:
+    """Amortized rows against the mock truth: all galaxies, and each population of at least ``min_population``."""
+    import duckdb
+
+    con = duckdb.connect()
+    df = con.sql(f"""SELECT b.*, t.* EXCLUDE (TARGETID) FROM read_parquet('{ard}/staging/bagpipes/dataset/**/*.parquet') b
+                     JOIN read_parquet('{truth_file}') t ON t.TARGETID = b.TargetID
+                     WHERE b.LogMass_p50 IS NOT NULL AND b.Physics_Source = 'amortized' AND t.SPECTYPE = 'GALAXY'""").df()
+    out = _truth_stats(df)
+    out["by_population"] = {pop: _truth_stats(g) for pop, g in df.groupby("POPULATION") if len(g) >= min_population}
     return out
 
 
