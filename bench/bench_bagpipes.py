@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from ard_sql import grid
 from ard_sql.build.layers import bagpipes as layer
@@ -136,7 +137,7 @@ def mock_spectra(ard: Path, truth_file: Path) -> tuple[np.ndarray, np.ndarray, n
     return np.vstack(flux), np.vstack(ivar), np.concatenate(z), truth
 
 
-def _truth_stats(df, min_n: int = 0) -> dict:
+def _truth_stats(df: pd.DataFrame) -> dict[str, object]:
     """68 % coverage and median (absolute) offset of the amortized rows in ``df`` against the mock truth."""
     out = {"n": len(df)}
     for q, col in MOCK_TRUTH.items():
@@ -155,7 +156,7 @@ def _truth_stats(df, min_n: int = 0) -> dict:
     return out
 
 
-def mock_comparison(ard: Path, truth_file: Path, min_population: int = 20) -> dict:
+def mock_comparison(ard: Path, truth_file: Path, min_population: int = 20) -> dict[str, object]:
     """Amortized rows against the mock truth: all galaxies, and each population of at least ``min_population``."""
     import duckdb
 

@@ -27,14 +27,16 @@ from pathlib import Path
 
 import numpy as np
 
-MOCK_COSMOLOGY = "FlatLambdaCDM(H0=70, Om0=0.3)"
-C_KMS = 299792.458
+MOCK_COSMOLOGY = "FlatLambdaCDM(H0=70, Om0=0.3)"  # the mock survey's own (build/mock/ssp.py)
 
 
-def accuracies(n: int, seed: int, area: float, zmax: float) -> dict[str, tuple[float, np.ndarray]]:
-    """Web_Class accuracy and confusion matrix (rows truth, columns layer) for each redshift variant."""
+def accuracies(n: int, seed: int, area: float, zmax: float) -> tuple[dict[str, tuple[float, np.ndarray]], dict[str, float]]:
+    """Web_Class accuracy and confusion matrix (rows truth, columns layer) for each redshift variant,
+    and the rms (km/s) of the flow and random parts of the line-of-sight velocity."""
     from ard_sql.build.layers import topology
+    from ard_sql.build.mock.ssp import C_KMS
     from ard_sql.build.mock.survey import MockConfig, build_catalog
+    from ard_sql.science.cosmicweb import confusion_matrix
 
     with tempfile.TemporaryDirectory() as tmp:
         cat, _ = build_catalog(MockConfig(out=Path(tmp), n=n, seed=seed, area=area, zmax=zmax))
@@ -50,14 +52,10 @@ def accuracies(n: int, seed: int, area: float, zmax: float) -> dict[str, tuple[f
     truth = cat["WEB_CLASS"][gal]
     for name, z in variants.items():
         res = topology.compute(cat["RA"], cat["DEC"], z, gal, {"cosmology": MOCK_COSMOLOGY})
-        got = res.web_code[gal]
-        ok = (got >= 0) & (truth >= 0)
-        cm = np.zeros((4, 4), int)
-        np.add.at(cm, (truth[ok], got[ok]), 1)
+        cm = confusion_matrix(truth, res.web_code[gal])
         out[name] = (float(np.trace(cm) / cm.sum()), cm)
     rms = {"flow": float(np.std(v_flow[gal])), "random": float(np.std((v - v_flow)[gal]))}
-    out["_rms"] = (rms["flow"], np.array([rms["random"]]))
-    return out
+    return out, rms
 
 
 def main() -> None:
@@ -68,10 +66,9 @@ def main() -> None:
     ap.add_argument("--zmax", type=float, default=0.15)
     args = ap.parse_args()
     t0 = time.perf_counter()
-    acc = accuracies(args.n, args.seed, args.area, args.zmax)
-    flow_rms, rand_rms = acc.pop("_rms")
+    acc, rms = accuracies(args.n, args.seed, args.area, args.zmax)
     print(f"mock: {args.area} deg^2, z < {args.zmax}, {args.n} targets, seed {args.seed}; "
-          f"rms V_LOS_FLOW {flow_rms:.0f} km/s, rms random {rand_rms[0]:.0f} km/s")
+          f"rms V_LOS_FLOW {rms['flow']:.0f} km/s, rms random {rms['random']:.0f} km/s")
     for name, (a, cm) in acc.items():
         print(f"{name:12s} accuracy {a:.4f}  confusion {cm.tolist()}")
     print(f"({time.perf_counter() - t0:.0f} s)")

@@ -22,19 +22,13 @@ import pytest
 from scipy.stats import spearmanr
 
 from ard_sql.build.layers import topology
+from ard_sql.build.mock.ssp import C_KMS
 from ard_sql.build.mock.survey import MockConfig, build_catalog
 from ard_sql.science import cosmicweb, density, positions
 from ard_sql.science.cosmicweb_synthetic import lognormal_catalog
 
 MOCK_COSMOLOGY = "FlatLambdaCDM(H0=70, Om0=0.3)"
 CHECK = dict(n=40000, seed=3, area=100.0, zmax=0.15)
-
-
-def _confusion(truth: np.ndarray, got: np.ndarray) -> np.ndarray:
-    ok = (got >= 0) & (truth >= 0)
-    cm = np.zeros((4, 4), int)
-    np.add.at(cm, (truth[ok], got[ok]), 1)
-    return cm
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +46,7 @@ def observed(check_catalog):
 
 def test_web_class_confusion_matrix_redshift_space(check_catalog, observed) -> None:
     gal, res = observed
-    cm = _confusion(check_catalog["WEB_CLASS"][gal], res.web_code[gal])
+    cm = cosmicweb.confusion_matrix(check_catalog["WEB_CLASS"][gal], res.web_code[gal])
     acc = np.trace(cm) / cm.sum()
     print("confusion (rows truth Void..Knot, columns layer):\n", cm, "\naccuracy", acc)
     assert cm.sum() > 0.95 * gal.sum()  # almost nothing masked inside a 100 deg^2 cone
@@ -66,30 +60,34 @@ def test_web_class_accuracy_real_space_reaches_the_bar(check_catalog) -> None:
     cat = check_catalog
     gal = cat["SPECTYPE"] == "GALAXY"
     res = topology.compute(cat["RA"], cat["DEC"], cat["Z_COSMO"], gal, {"cosmology": MOCK_COSMOLOGY})
-    cm = _confusion(cat["WEB_CLASS"][gal], res.web_code[gal])
+    cm = cosmicweb.confusion_matrix(cat["WEB_CLASS"][gal], res.web_code[gal])
     acc = np.trace(cm) / cm.sum()
     print("real-space confusion:\n", cm, "\naccuracy", acc)
     assert acc > 0.70  # measured 0.715
 
 
-def test_neither_part_of_the_peculiar_velocity_alone_explains_the_gap(check_catalog) -> None:
+def test_neither_part_of_the_peculiar_velocity_alone_explains_the_gap(check_catalog, observed) -> None:
     """A perfect correction of either the coherent flows or the random motions would not reach 0.70.
 
     Measured (``bench/bench_topology_rsd.py``): observed 0.629, flows only 0.661, random only 0.650,
     real space 0.715: both parts cost accuracy and each alone leaves the bar out of reach.
     """
     cat = check_catalog
-    gal = cat["SPECTYPE"] == "GALAXY"
-    c = 299792.458
+    gal, res_obs = observed
     z_cos, v, v_flow = cat["Z_COSMO"], cat["V_LOS"], cat["V_LOS_FLOW"]
-    np.testing.assert_allclose(cat["Z_OBS"][gal], ((1 + z_cos) * (1 + v / c) - 1)[gal], rtol=0, atol=1e-9)
-    acc = {}
-    for name, vv in (("flows", v_flow), ("random", v - v_flow)):
-        res = topology.compute(cat["RA"], cat["DEC"], (1 + z_cos) * (1 + vv / c) - 1, gal, {"cosmology": MOCK_COSMOLOGY})
-        cm = _confusion(cat["WEB_CLASS"][gal], res.web_code[gal])
-        acc[name] = np.trace(cm) / cm.sum()
-    print("accuracy with flows only / random motions only:", acc)
-    assert 0.64 < acc["flows"] < 0.69 and 0.63 < acc["random"] < 0.69
+    np.testing.assert_allclose(cat["Z_OBS"][gal], ((1 + z_cos) * (1 + v / C_KMS) - 1)[gal], rtol=0, atol=1e-9)
+
+    def accuracy(z: np.ndarray) -> float:
+        codes = topology.compute(cat["RA"], cat["DEC"], z, gal, {"cosmology": MOCK_COSMOLOGY}).web_code
+        cm = cosmicweb.confusion_matrix(cat["WEB_CLASS"][gal], codes[gal])
+        return np.trace(cm) / cm.sum()
+
+    cm_obs = cosmicweb.confusion_matrix(cat["WEB_CLASS"][gal], res_obs.web_code[gal])
+    acc_obs = np.trace(cm_obs) / cm_obs.sum()
+    acc = {name: accuracy((1 + z_cos) * (1 + vv / C_KMS) - 1) for name, vv in (("flows", v_flow), ("random", v - v_flow))}
+    print("accuracy observed / flows only / random motions only:", acc_obs, acc)
+    for value in acc.values():
+        assert acc_obs + 0.01 < value < 0.70  # each part costs accuracy, and removing one alone is not enough
 
 
 def test_filament_galaxies_lie_closer_to_the_skeleton_than_voids(check_catalog, observed) -> None:
@@ -233,7 +231,7 @@ def test_web_class_on_a_wide_mock(tmp_path) -> None:
     cat, _ = build_catalog(MockConfig(out=tmp_path, n=100000, seed=3, area=1000.0, zmax=0.1))
     gal = cat["SPECTYPE"] == "GALAXY"
     res = topology.compute(cat["RA"], cat["DEC"], cat["Z_OBS"], gal, {"cosmology": MOCK_COSMOLOGY})
-    cm = _confusion(cat["WEB_CLASS"][gal], res.web_code[gal])
+    cm = cosmicweb.confusion_matrix(cat["WEB_CLASS"][gal], res.web_code[gal])
     acc = np.trace(cm) / cm.sum()
     print(cm, acc)
     assert acc > 0.64

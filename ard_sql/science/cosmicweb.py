@@ -202,6 +202,15 @@ def web_class_names(codes: np.ndarray) -> np.ndarray:
     return names[np.where(codes >= 0, codes, len(WEB_CLASS_NAMES))]
 
 
+def confusion_matrix(truth: np.ndarray, got: np.ndarray) -> np.ndarray:
+    """(4, 4) counts, rows the true class and columns the assigned one; masked (< 0) codes on either side are left out."""
+    truth, got = np.asarray(truth), np.asarray(got)
+    ok = (got >= 0) & (truth >= 0)
+    cm = np.zeros((len(WEB_CLASS_NAMES),) * 2, int)
+    np.add.at(cm, (truth[ok], got[ok]), 1)
+    return cm
+
+
 # ================================================================ survey fields on a grid
 #: Default grid and T-web settings for a galaxy survey (the choice is argued in the
 #: docstring of ``build/layers/topology.py`` and measured in bench/RESULTS.md).

@@ -11,7 +11,8 @@ Columns of ``truth.parquet`` (units in the Parquet field metadata):
 TARGETID, RA, DEC (deg); Z_COSMO (cosmological), Z (observed, with peculiar
 velocity; the spectra are built at Z); V_LOS (km/s; Z = (1 + Z_COSMO)(1 + V_LOS/c) - 1);
 V_LOS_FLOW (km/s, the coherent Zel'dovich-flow part of V_LOS; the rest, V_LOS - V_LOS_FLOW, is
-the random motion inside structures, 150 sqrt(1 + DELTA) km/s rms); CX, CY, CZ comoving
+the random motion inside structures, 150 sqrt(1 + DELTA) km/s rms; for galaxies. Stars have
+V_LOS = c Z and QSOs 0, both with V_LOS_FLOW = 0); CX, CY, CZ comoving
 position (Mpc, box frame, observer at 0); HEALPIX (nside 64 nested), SURVEY,
 PROGRAM, SAMPLE (bright/dark), SPECTYPE (GALAXY/STAR/QSO), POPULATION
 (star_forming, quiescent, green_pea, post_starburst, frosting, agn_seyfert,
