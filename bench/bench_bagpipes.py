@@ -105,20 +105,26 @@ def figure(cal: dict[str, list[float]], path: Path, n: int, what: str = "held-ou
     fig.savefig(path, dpi=120)
 
 
+def amortized_mock_rows(ard: Path, truth_file: Path) -> pd.DataFrame:
+    """The layer's amortized rows of the mock's galaxies, joined with their truth rows (one query for every check)."""
+    import duckdb
+
+    return duckdb.connect().sql(f"""SELECT b.*, t.* EXCLUDE (TARGETID)
+                     FROM read_parquet('{ard}/staging/bagpipes/dataset/**/*.parquet') b
+                     JOIN read_parquet('{truth_file}') t ON t.TARGETID = b.TargetID
+                     WHERE b.LogMass_p50 IS NOT NULL AND b.Physics_Source = 'amortized' AND t.SPECTYPE = 'GALAXY'
+                     """).df()
+
+
 def mock_spectra(ard: Path, truth_file: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """Binned spectra, Z and truth (our quantities' names) of the mock galaxies the layer gave amortized rows."""
-    import duckdb
     import pyarrow.parquet as pq
 
     from ard_sql import paths, spectra_store
     from ard_sql.build import hats_writer
     from ard_sql.science import pipes_model as pm
 
-    rows = duckdb.connect().sql(f"""SELECT b.TargetID, t.* EXCLUDE (TARGETID, Z)
-                     FROM read_parquet('{ard}/staging/bagpipes/dataset/**/*.parquet') b
-                     JOIN read_parquet('{truth_file}') t ON t.TARGETID = b.TargetID
-                     WHERE b.LogMass_p50 IS NOT NULL AND b.Physics_Source = 'amortized' AND t.SPECTYPE = 'GALAXY'
-                     """).df().set_index("TargetID")
+    rows = amortized_mock_rows(ard, truth_file).set_index("TargetID")
     flux, ivar, z, tids = [], [], [], []
     for order, pixel, f in hats_writer.partition_files(ard, paths.CORE):
         core = pq.read_table(f, columns=["TargetID", "Z"]).to_pandas()
@@ -158,12 +164,7 @@ def _truth_stats(df: pd.DataFrame) -> dict[str, object]:
 
 def mock_comparison(ard: Path, truth_file: Path, min_population: int = 20) -> dict[str, object]:
     """Amortized rows against the mock truth: all galaxies, and each population of at least ``min_population``."""
-    import duckdb
-
-    con = duckdb.connect()
-    df = con.sql(f"""SELECT b.*, t.* EXCLUDE (TARGETID) FROM read_parquet('{ard}/staging/bagpipes/dataset/**/*.parquet') b
-                     JOIN read_parquet('{truth_file}') t ON t.TARGETID = b.TargetID
-                     WHERE b.LogMass_p50 IS NOT NULL AND b.Physics_Source = 'amortized' AND t.SPECTYPE = 'GALAXY'""").df()
+    df = amortized_mock_rows(ard, truth_file)
     out = _truth_stats(df)
     out["by_population"] = {pop: _truth_stats(g) for pop, g in df.groupby("POPULATION") if len(g) >= min_population}
     return out

@@ -34,7 +34,7 @@ def accuracies(n: int, seed: int, area: float, zmax: float) -> tuple[dict[str, t
     """Web_Class accuracy and confusion matrix (rows truth, columns layer) for each redshift variant,
     and the rms (km/s) of the flow and random parts of the line-of-sight velocity."""
     from ard_sql.build.layers import topology
-    from ard_sql.build.mock.ssp import C_KMS
+    from ard_sql.build.mock.field import observed_redshift
     from ard_sql.build.mock.survey import MockConfig, build_catalog
     from ard_sql.science.cosmicweb import confusion_matrix
 
@@ -45,8 +45,8 @@ def accuracies(n: int, seed: int, area: float, zmax: float) -> tuple[dict[str, t
     variants = {
         "observed": cat["Z_OBS"],
         "real space": z_cos,
-        "flows only": (1 + z_cos) * (1 + v_flow / C_KMS) - 1,
-        "random only": (1 + z_cos) * (1 + (v - v_flow) / C_KMS) - 1,
+        "flows only": observed_redshift(z_cos, v_flow),
+        "random only": observed_redshift(z_cos, v - v_flow),
     }
     out = {}
     truth = cat["WEB_CLASS"][gal]

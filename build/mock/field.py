@@ -237,6 +237,12 @@ def cone_cells(web: CosmicWeb, geom: ConeGeometry, zmin: float = 0.01) -> tuple[
     return flat, z[flat]
 
 
+def observed_redshift(z_cosmo: np.ndarray, v_los_kms: np.ndarray) -> np.ndarray:
+    """Redshift seen for a cosmological redshift and a line-of-sight peculiar velocity (km/s):
+    (1 + z_obs) = (1 + z_cosmo)(1 + v/c)."""
+    return (1.0 + np.asarray(z_cosmo)) * (1.0 + np.asarray(v_los_kms) / C_KMS) - 1.0
+
+
 def sample_galaxies(
     web: CosmicWeb, geom: ConeGeometry, nbar_of_z, bias: float, n: int, rng: np.random.Generator,
     sigma_v_kms: float = 150.0,
@@ -271,7 +277,7 @@ def sample_galaxies(
         sig = sigma_v_kms * np.sqrt(np.clip(1.0 + dens, 0.2, 20.0))
         vflow = (v * rhat).sum(axis=1)
         vlos = vflow + sig * rng.standard_normal(z.size)
-        zobs = (1.0 + z) * (1.0 + vlos / C_KMS) - 1.0
+        zobs = observed_redshift(z, vlos)
         ra, dec = geom.to_radec(pos)
         for key, val in (("RA", ra), ("DEC", dec), ("Z_COSMO", z), ("Z_OBS", zobs), ("X", pos[:, 0]), ("Y", pos[:, 1]),
                          ("Z_COMOVING", pos[:, 2]), ("DELTA", dens), ("WEB_CLASS", web.web.ravel()[pick]), ("V_LOS", vlos),
