@@ -30,8 +30,9 @@ from ard_sql import grid, paths
 from ard_sql.science import pipes_env
 from ard_sql.science import pipes_fit as pf
 
-#: A small estimator for the default tests (seconds to train; not calibrated, not meant to be).
-SMALL = {"n_sims": 300, "n_test": 0, "epochs": 4}
+#: A small estimator for the default tests (seconds to train; not calibrated, not meant to be), with
+#: its model error fitted on one calibration mock (about a minute, then cached).
+SMALL = {"n_sims": 300, "n_test": 0, "epochs": 4, "model_error_mocks": 1}
 #: Nautilus settings of the slow fit tests: few live points, one network.
 FAST_FIT = pf.FitConfig(n_live=200, n_networks=1, n_draws=200, seed=1)
 
@@ -137,6 +138,64 @@ def small_estimator():
     return AmortizedEstimator.load(path)
 
 
+def test_realise_draws_calibration_and_noise_at_the_asked_snr() -> None:
+    """One observed version of model spectra: reproducible from the seed, S/N in range, the model underneath."""
+    from ard_sql.science import amortized as am
+    from ard_sql.science import pipes_model as pm
+
+    wave = pm.fit_wavelengths()
+    model = np.tile((1.0 + 0.3 * np.sin(wave / 300.0)).astype(np.float32), (400, 1))
+    sims = {"model_flux": model, "z": np.full(400, 0.2)}
+    a = am.realise(sims, np.random.default_rng(3))
+    b = am.realise(sims, np.random.default_rng(3))
+    np.testing.assert_array_equal(a["flux"], b["flux"])
+    assert a["flux"].dtype == np.float32 and a["ivar"].dtype == np.float32
+    assert (a["snr"] >= am.SNR_MIN).all() and (a["snr"] <= am.SNR_MAX).all()
+    # noise at the asked S/N per native pixel (8 A bins hold FIT_BIN pixels)
+    snr_measured = np.median(np.abs(a["flux"]) * np.sqrt(a["ivar"]), axis=1) / np.sqrt(pm.FIT_BIN)
+    np.testing.assert_allclose(snr_measured, a["snr"], rtol=0.35)
+    # the calibration polynomial changes the shape, never by more than its prior allows
+    ratio = np.median(a["flux"][a["snr"] > 30] / model[a["snr"] > 30], axis=0)
+    assert 0.5 < ratio.min() and ratio.max() < 2.0
+    assert np.std(a["flux"][:, 0] / a["flux"][:, -1]) > 0.01  # each row its own polynomial
+
+
+def test_parallel_simulation_equals_serial() -> None:
+    """Parameters are drawn up front, so the training set does not depend on the number of workers."""
+    from ard_sql.science.amortized import simulate_training_set
+
+    one = simulate_training_set(510, seed=4, workers=1)
+    two = simulate_training_set(510, seed=4, workers=2)
+    np.testing.assert_array_equal(one["model_flux"], two["model_flux"])
+    np.testing.assert_array_equal(one["truth_LogMass"], two["truth_LogMass"])
+    assert one["model_flux"].dtype == np.float32 and np.isfinite(one["model_flux"]).all()
+
+
+def test_model_error_is_fitted_on_the_calibration_mocks_and_widens_intervals(small_estimator) -> None:
+    """The floor makes the calibration mock's 68 % intervals cover 68 %; it only ever widens them."""
+    from ard_sql.build.layers import bagpipes as layer
+    from ard_sql.science import amortized as am
+
+    _, info = layer.train_estimator(shared_cache(), layer.options(SMALL))
+    err = info["model_error"]
+    assert info["model_error_n"] > 500
+    assert all(v >= 0 for v in err.values()) and err["t_quench"] == 0.0  # the mock's t_quench is another quantity
+    assert any(v > 0 for v in err.values())
+    for q, after in info["model_error_coverage68_after"].items():
+        before = info["model_error_coverage68_before"][q]
+        assert after >= before - 1e-9
+        if err[q] > 0:  # bisected to the level: within a galaxy or two of 0.6827
+            assert abs(after - 0.6827) < 0.01, (q, after)
+    cal = layer.model_error_set(shared_cache(), 1)
+    with_err = small_estimator.percentiles_binned(cal["flux"][:50], cal["ivar"][:50], cal["z"][:50])
+    without = small_estimator.percentiles_binned(cal["flux"][:50], cal["ivar"][:50], cal["z"][:50], model_error=False)
+    width = lambda q: q[:, :, 2] - q[:, :, 0]  # noqa: E731
+    assert (width(with_err) >= width(without) - 1e-6).all()
+    j = am.QUANTITIES.index("sSFR")
+    if err["sSFR"] > 0:
+        assert (width(with_err)[:, j] > width(without)[:, j]).all()
+
+
 def model_eval_seconds() -> float:
     """Seconds of one bagpipes model evaluation (the unit a nautilus fit pays thousands of times)."""
     from ard_sql.science.pipes_sim import Simulator
@@ -195,7 +254,11 @@ def test_fits_and_simulations_draw_from_one_prior(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_amortized_coverage_on_heldout_simulations() -> None:
-    """Default estimator (6000 simulations): 68 % intervals cover the truth for 60-76 % of held-out galaxies."""
+    """Default estimator (80,000 simulations): its statistical 68 % intervals cover 60-76 % of held-out truths.
+
+    Held-out simulations are the model itself, so the model-error floor is left out here
+    (``training.json`` records it without); the prior-drawn mock test below checks the reported intervals.
+    """
     from ard_sql.build.layers import bagpipes as layer
 
     _, info = layer.train_estimator(shared_cache(), layer.options({}))

@@ -70,10 +70,11 @@ def add_noise(flux: np.ndarray, wave: np.ndarray, snr: np.ndarray, rng: np.rando
     Returns (noisy flux, ivar).
     """
     flux = np.atleast_2d(flux)
+    dtype = np.float32 if flux.dtype == np.float32 else np.float64  # float32 in, float32 out (training sets)
     snr = np.broadcast_to(np.asarray(snr, float), (len(flux),))
-    level = np.median(np.abs(flux), axis=1) / snr / np.sqrt(pixels_per_bin)
-    sigma = level[:, None] * noise_shape(wave)[None, :]
-    noisy = flux + sigma * rng.standard_normal(flux.shape)
+    level = (np.median(np.abs(flux), axis=1) / snr / np.sqrt(pixels_per_bin)).astype(dtype)
+    sigma = level[:, None] * noise_shape(wave).astype(dtype)[None, :]
+    noisy = flux + sigma * rng.standard_normal(flux.shape, dtype=dtype)
     return noisy, 1.0 / sigma**2
 
 
