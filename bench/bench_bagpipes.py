@@ -47,9 +47,8 @@ from ard_sql.science import pipes_env
 from ard_sql.science import pipes_fit as pf
 
 LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.6827, 0.8, 0.9)
-#: mock truth column -> our quantity (same definitions; see the module docstring)
-MOCK_TRUTH = {"LogMass": "LOG_MASS", "SFR": "SFR", "sSFR": "SSFR", "Age": "AGE_MW", "Dust_Av": "AV",
-              "Metallicity": "METALLICITY", "Tau": "TAU"}
+#: our quantity -> its mock truth column (same definitions; see the module docstring)
+MOCK_TRUTH = layer.MOCK_TRUTH
 
 
 def calibration(est, flux: np.ndarray, ivar: np.ndarray, z: np.ndarray, truth: dict[str, np.ndarray],
@@ -120,29 +119,13 @@ def amortized_mock_rows(ard: Path, truth_file: Path) -> pd.DataFrame:
 
 def mock_spectra(ard: Path, truth_file: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """Binned spectra, Z and truth (our quantities' names) of the mock galaxies the layer gave amortized rows."""
-    import pyarrow.parquet as pq
-
-    from ard_sql import paths, spectra_store
-    from ard_sql.build import hats_writer
-    from ard_sql.science import pipes_model as pm
-
     rows = amortized_mock_rows(ard, truth_file).set_index("TargetID")
-    flux, ivar, z, tids = [], [], [], []
-    for order, pixel, f in hats_writer.partition_files(ard, paths.CORE):
-        core = pq.read_table(f, columns=["TargetID", "Z"]).to_pandas()
-        core = core[core.TargetID.isin(rows.index)].sort_values("TargetID")
-        if core.empty:
-            continue
-        b = spectra_store.read_partition(ard, order, pixel, core.TargetID.to_numpy())
-        fb, ib = pm.bin_spectra(b.flux, b.ivar)
-        flux.append(fb)
-        ivar.append(ib)
-        z.append(core.Z.to_numpy(float))
-        tids.append(core.TargetID.to_numpy())
-    t = rows.loc[np.concatenate(tids)]
+    wanted = rows.index.to_numpy()
+    data = layer.binned_spectra(ard, lambda core: np.isin(core.column("TargetID").to_numpy(), wanted))
+    t = rows.loc[data["TargetID"]]
     truth = {q: t[col].to_numpy(float) for q, col in MOCK_TRUTH.items()}
     truth["t_quench"] = np.full(len(t), np.nan)  # the mock's T_QUENCH is another definition
-    return np.vstack(flux), np.vstack(ivar), np.concatenate(z), truth
+    return data["flux"], data["ivar"], data["z"], truth
 
 
 def _truth_stats(df: pd.DataFrame) -> dict[str, object]:

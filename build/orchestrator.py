@@ -233,7 +233,9 @@ def run_layer(opts: BuildOptions, ex: Executor, report: BuildReport, name: str) 
     # Survey-wide preparation (e.g. training an encoder) runs once, here; its token
     # (a hash of what it made) is part of every partition's fingerprint.
     token = cls().prepare(ard_dir, dict(options), opts.force) if hasattr(cls, "prepare") else ""
-    prints = {_key(o, p): _hash(version, options, token, core_state.get(_key(o, p), "")) for o, p in parts}
+    # Options that change how, not what (a cache folder, worker counts) stay out of the fingerprint.
+    semantic = {k: v for k, v in options.items() if k not in getattr(cls, "fingerprint_exempt", ())}
+    prints = {_key(o, p): _hash(version, semantic, token, core_state.get(_key(o, p), "")) for o, p in parts}
     todo = [(o, p) for o, p in parts if state.get(_key(o, p)) != prints[_key(o, p)]
             or not paths.partition_file(ard_dir, o, p, name).exists()]
     outcomes = ex.map(layer_task, todo, lambda op: (str(ard_dir), name, op[0], op[1], options),

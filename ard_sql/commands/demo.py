@@ -14,9 +14,10 @@ from ard_sql.commands._common import console, counting_bar, fail
 VOID_QUERY = "LogMass_p50 > 11.0 & Web_Class == 'Void' & SNR_Median > 10"
 #: Demo-sized layer options: bounded training so the demo builds in minutes on 2 cores, and
 #: the topology in the mock's own cosmology (a real survey keeps the layer's Planck18 default).
-#: The demo's amortized estimator sees 20,000 simulations and one calibration mock (~6 min on
+#: The demo's amortized estimator sees 20,000 simulations and one calibration mock (~5 min on
 #: 2 cores, then cached); a real build's default is 80,000 and three, which is what the numbers
-#: in bench/RESULTS.md are for (20,000 give LogMass posteriors ~0.03 dex wider at S/N > 10).
+#: in bench/RESULTS.md are for. 20,000 is the weaker estimator: its LogMass medians lay 0.15 dex
+#: from production Bagpipes fits where 80,000 give 0.05 (bench/RESULTS.md, "Bagpipes layer").
 DEMO_LAYER_OPTIONS: dict[str, dict[str, object]] = {
     "embed": {"max_seconds": 75, "train_max": 2000},
     "topology": {"cosmology": "FlatLambdaCDM(H0=70, Om0=0.3)"},

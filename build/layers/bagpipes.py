@@ -131,11 +131,15 @@ def cached_simulations(cache: Path, n: int, seed: int, log=None, workers: int = 
     return _cached_npz(Path(cache) / f"sims-{simulation_key(n, seed)}.npz", make)
 
 
+#: The held-out set's seed is the training seed plus this: a different stream, never seen in training.
+HELDOUT_SEED_OFFSET = 7919
+
+
 def heldout_set(cache: Path, opts: dict[str, Any], log=None) -> dict[str, np.ndarray]:
     """The held-out test simulations, realised with noise and calibration (a seed of their own)."""
     from ard_sql.science.amortized import realise
 
-    seed = opts["seed"] + 7919  # a different stream: held-out, never seen in training
+    seed = opts["seed"] + HELDOUT_SEED_OFFSET
     sims = cached_simulations(cache, opts["n_test"], seed, log)
     return {**sims, **realise(sims, np.random.default_rng([seed, 2]))}
 
@@ -154,15 +158,24 @@ MOCK_TRUTH = {"LogMass": "LOG_MASS", "SFR": "SFR", "sSFR": "SSFR", "Age": "AGE_M
               "Metallicity": "METALLICITY", "Tau": "TAU"}
 
 
+def model_error_key(n_mocks: int) -> str:
+    """Content key of the calibration set: mock size, seeds, mock code, binning and which galaxies count."""
+    return hashlib.sha1(json.dumps({"n": MODEL_ERROR_MOCK_N, "mocks": n_mocks, "seed0": MODEL_ERROR_SEED0,
+                                    "mock_code": _mock_code_key(), "bin": _bin_key(), "truth": MOCK_TRUTH,
+                                    "selection": "GALAXY, Z in range, MIN_GOOD_BINS"}, sort_keys=True
+                                   ).encode()).hexdigest()[:12]
+
+
 def model_error_set(cache: Path, n_mocks: int, log=None) -> dict[str, np.ndarray]:
     """Binned spectra, Z and truth of the galaxies of ``n_mocks`` prior-drawn mock surveys (cached).
 
     Each mock (``ard mock --physics prior``, 600 targets, seeds 1001...) goes
     through DESI files and the ingest like any survey, so the calibration sees
-    what the estimator sees on real data, made by another forward model.
+    what the estimator sees on real data, made by another forward model. The
+    galaxies kept are those the estimator gives values (``predict_rows``).
     """
-    key = hashlib.sha1(json.dumps({"n": MODEL_ERROR_MOCK_N, "mocks": n_mocks, "seed0": MODEL_ERROR_SEED0,
-                                   "mock_code": _mock_code_key(), "bin": _bin_key()}).encode()).hexdigest()[:12]
+    cache = Path(cache)
+    cache.mkdir(parents=True, exist_ok=True)
 
     def make() -> dict[str, np.ndarray]:
         import tempfile
@@ -176,7 +189,7 @@ def model_error_set(cache: Path, n_mocks: int, log=None) -> dict[str, np.ndarray
                 log(f"calibration mock {i + 1}/{n_mocks}: {len(parts[-1]['z'])} galaxies in {time.perf_counter() - t0:.0f} s")
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
-    return _cached_npz(Path(cache) / f"model-error-{key}.npz", make)
+    return _cached_npz(cache / f"model-error-{model_error_key(n_mocks)}.npz", make)
 
 
 def _bin_key() -> str:
@@ -185,41 +198,58 @@ def _bin_key() -> str:
     return f"{pm.FIT_BIN}:{pm.fit_wavelengths()[0]:.3f}:{pm.fit_wavelengths().size}"
 
 
+def binned_spectra(ard_dir: Path | str, select) -> dict[str, np.ndarray]:
+    """Binned spectra (``pipes_model.bin_spectra``), Z and TargetID of the core rows ``select`` keeps.
+
+    ``select(core)`` gets each partition's core table (TargetID, Z, SPECTYPE)
+    and returns a boolean mask. Rows come partition by partition, in core order.
+    """
+    from ard_sql import spectra_store
+    from ard_sql.science import pipes_model as pm
+
+    flux, ivar, z, tids = [], [], [], []
+    for order, pixel, f in hats_writer.partition_files(ard_dir, paths.CORE):
+        core = pq.read_table(f, columns=["TargetID", "Z", "SPECTYPE"])
+        keep = np.asarray(select(core), bool)
+        if not keep.any():
+            continue
+        sel = core.column("TargetID").to_numpy()[keep]
+        spec = spectra_store.read_partition(ard_dir, order, pixel, sel)
+        b_flux, b_ivar = pm.bin_spectra(spec.flux, spec.ivar)
+        flux.append(b_flux.astype(np.float32))
+        ivar.append(b_ivar.astype(np.float32))
+        z.append(core.column("Z").to_numpy(zero_copy_only=False).astype(float)[keep])
+        tids.append(sel)
+    if not tids:
+        raise ValueError(f"{ard_dir}: no core row selected")
+    return {"flux": np.vstack(flux), "ivar": np.vstack(ivar), "z": np.concatenate(z), "TargetID": np.concatenate(tids)}
+
+
 def _mock_galaxies(tmp: Path, seed: int) -> dict[str, np.ndarray]:
     """One prior-drawn mock, ingested into a scratch ARD: its galaxies' binned spectra and truth."""
-    from ard_sql import spectra_store
     from ard_sql.build.mock.survey import MockConfig, run_mock
     from ard_sql.build.options import BuildOptions
     from ard_sql.build.orchestrator import build
     from ard_sql.science import amortized as am
-    from ard_sql.science import pipes_model as pm
+    from ard_sql.science.pipes_fit import MIN_GOOD_BINS
 
     run_mock(MockConfig(out=tmp / "mock", n=MODEL_ERROR_MOCK_N, seed=seed, physics="prior", truth_spectra=False))
     report = build(BuildOptions(source=str(tmp / "mock"), out=str(tmp / "ard"), layers=[], scheduler="sync",
                                 progress=False))
     if report.errors:
         raise RuntimeError(f"bagpipes layer: calibration mock (seed {seed}) did not ingest: {report.errors}")
+
+    def galaxies_in_range(core: pa.Table) -> np.ndarray:
+        z = core.column("Z").to_numpy(zero_copy_only=False).astype(float)
+        return galaxy_mask(core) & (z >= am.Z_MIN) & (z <= am.Z_MAX)
+
+    data = binned_spectra(tmp / "ard", galaxies_in_range)
+    usable = (data["ivar"] > 0).sum(axis=1) >= MIN_GOOD_BINS  # the rows predict_rows gives values
+    data = {k: v[usable] for k, v in data.items()}
     truth = pq.read_table(tmp / "mock" / "truth.parquet",
-                          columns=["TARGETID", "SPECTYPE", *MOCK_TRUTH.values()]).to_pandas().set_index("TARGETID")
-    flux, ivar, z, tids = [], [], [], []
-    for order, pixel, f in hats_writer.partition_files(tmp / "ard", paths.CORE):
-        core = pq.read_table(f, columns=["TargetID", "Z", "SPECTYPE"])
-        keep = galaxy_mask(core)
-        zz = core.column("Z").to_numpy(zero_copy_only=False).astype(float)
-        keep &= (zz >= am.Z_MIN) & (zz <= am.Z_MAX)
-        sel = core.column("TargetID").to_numpy()[keep]
-        if sel.size == 0:
-            continue
-        spec = spectra_store.read_partition(tmp / "ard", order, pixel, sel)
-        b_flux, b_ivar = pm.bin_spectra(spec.flux, spec.ivar)
-        flux.append(b_flux.astype(np.float32))
-        ivar.append(b_ivar.astype(np.float32))
-        z.append(zz[keep])
-        tids.append(sel)
-    tid = np.concatenate(tids)
-    t = truth.loc[tid]
-    return {"flux": np.vstack(flux), "ivar": np.vstack(ivar), "z": np.concatenate(z), "TargetID": tid,
-            **{f"truth_{q}": t[col].to_numpy(float) for q, col in MOCK_TRUTH.items()}}
+                          columns=["TARGETID", *MOCK_TRUTH.values()]).to_pandas().set_index("TARGETID")
+    t = truth.loc[data["TargetID"]]
+    return {**data, **{f"truth_{q}": t[col].to_numpy(float) for q, col in MOCK_TRUTH.items()}}
 
 
 def train_estimator(cache: Path, opts: dict[str, Any], log=None) -> tuple[Path, dict[str, Any]]:
@@ -228,9 +258,11 @@ def train_estimator(cache: Path, opts: dict[str, Any], log=None) -> tuple[Path, 
 
     cfg = amortized_config(opts)
     train_key = simulation_key(cfg.n_sims, cfg.seed)
-    test_key = simulation_key(opts["n_test"], cfg.seed + 7919)
-    key = hashlib.sha1(f"{train_key}|{test_key}|{am.config_fingerprint(cfg)}|model-error "
-                       f"{opts['model_error_mocks']} {_mock_code_key()}".encode()).hexdigest()[:12]
+    test_key = simulation_key(opts["n_test"], cfg.seed + HELDOUT_SEED_OFFSET)
+    error_key = (f"{model_error_key(opts['model_error_mocks'])} level {am.MODEL_ERROR_LEVEL}"
+                 if opts["model_error_mocks"] > 0 else "none")
+    key = hashlib.sha1(f"{train_key}|{test_key}|{am.config_fingerprint(cfg)}|model-error {error_key}"
+                       .encode()).hexdigest()[:12]
     est_path, log_path = Path(cache) / f"estimator-{key}.pt", Path(cache) / f"estimator-{key}.json"
     if est_path.exists() and log_path.exists():
         return est_path, json.loads(log_path.read_text())
@@ -444,6 +476,8 @@ class BagpipesLayer:
 
     name = NAME
     version = "1"
+    #: Options that change how the layer runs, not its rows (the estimator's hash is in the token).
+    fingerprint_exempt = ("cache_dir", "batch_size", "sim_workers")
 
     def prepare(self, ard_dir: Path, options_: dict[str, Any], force: bool = False) -> str:
         """Train (or reuse) the amortized estimator; return a token naming its weights."""
@@ -483,7 +517,12 @@ class BagpipesLayer:
 
     @staticmethod
     def finalize(ard_dir: Path, options_: dict[str, Any]) -> dict[str, str]:
-        """Provenance of the estimator and the count of Bagpipes fits, for ``ard_meta``."""
+        """Provenance of the estimator and the count of Bagpipes fits, for ``ard_meta``.
+
+        ``bagpipes_amortized_heldout_coverage68`` is the statistical posterior's (held-out
+        simulations are the model itself); ``bagpipes_amortized_model_error`` is the term the
+        stored percentiles add to it.
+        """
         out: dict[str, str] = {}
         log_path = paths.artifact_dir(ard_dir, NAME) / TRAIN_LOG
         if log_path.exists():
