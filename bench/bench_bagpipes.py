@@ -47,8 +47,6 @@ from ard_sql.science import pipes_env
 from ard_sql.science import pipes_fit as pf
 
 LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.6827, 0.8, 0.9)
-#: our quantity -> its mock truth column (same definitions; see the module docstring)
-MOCK_TRUTH = layer.MOCK_TRUTH
 
 
 def calibration(est, flux: np.ndarray, ivar: np.ndarray, z: np.ndarray, truth: dict[str, np.ndarray],
@@ -123,7 +121,7 @@ def mock_spectra(ard: Path, truth_file: Path) -> tuple[np.ndarray, np.ndarray, n
     wanted = rows.index.to_numpy()
     data = layer.binned_spectra(ard, lambda core: np.isin(core.column("TargetID").to_numpy(), wanted))
     t = rows.loc[data["TargetID"]]
-    truth = {q: t[col].to_numpy(float) for q, col in MOCK_TRUTH.items()}
+    truth = {q: t[col].to_numpy(float) for q, col in layer.MOCK_TRUTH.items()}
     truth["t_quench"] = np.full(len(t), np.nan)  # the mock's T_QUENCH is another definition
     return data["flux"], data["ivar"], data["z"], truth
 
@@ -131,7 +129,7 @@ def mock_spectra(ard: Path, truth_file: Path) -> tuple[np.ndarray, np.ndarray, n
 def _truth_stats(df: pd.DataFrame) -> dict[str, object]:
     """68 % coverage and median (absolute) offset of the amortized rows in ``df`` against the mock truth."""
     out = {"n": len(df)}
-    for q, col in MOCK_TRUTH.items():
+    for q, col in layer.MOCK_TRUTH.items():
         tv = df[col].to_numpy(float)
         if q == "SFR":
             tv = np.maximum(tv, 10**am.LOG_SFR_FLOOR)

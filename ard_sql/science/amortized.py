@@ -44,9 +44,12 @@ arbitrarily close to 0 and only "below the floor" is measurable).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import multiprocessing as mp
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -123,21 +126,13 @@ def simulate_training_set(n: int, seed: int = 0, progress: bool = False, workers
         from tqdm import tqdm
 
         bar = tqdm(total=n, desc="simulating", unit="spectra")
-    if workers > 1 and len(chunks) > 1:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-
-        # spawn: the parent may hold torch/dask threads that a fork would copy half-alive
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-            results = []
-            for r, c in zip(pool.map(_simulate_chunk, chunks), chunks):
-                results.append(r)
-                if bar is not None:
-                    bar.update(len(c[1]))
-    else:
+    parallel = workers > 1 and len(chunks) > 1
+    # spawn: the parent may hold torch/dask threads that a fork would copy half-alive
+    with (ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) if parallel
+          else contextlib.nullcontext()) as pool:
         results = []
-        for c in chunks:
-            results.append(_simulate_chunk(c))
+        for r, c in zip((pool.map if parallel else map)(_simulate_chunk, chunks), chunks):
+            results.append(r)
             if bar is not None:
                 bar.update(len(c[1]))
     if bar is not None:
@@ -202,27 +197,21 @@ def features(flux: np.ndarray, ivar: np.ndarray, z: np.ndarray) -> tuple[np.ndar
     flux = np.atleast_2d(np.asarray(flux))
     ivar = np.atleast_2d(np.asarray(ivar))
     good = (ivar > 0) & np.isfinite(flux)
-    if good.all():  # simulations: no masked bin, so plain medians (5x faster than nanmedian)
+    if good.all():  # simulations: no masked bin, so float32 and plain medians (5x faster than nanmedian)
         flux, ivar = flux.astype(np.float32, copy=False), ivar.astype(np.float32, copy=False)
-        scale = np.median(np.abs(flux), axis=1)
-        scale = np.where(scale > 0, scale, 1.0)
-        snr = np.median(np.abs(flux) * np.sqrt(ivar), axis=1) / np.sqrt(pm.FIT_BIN)
-        snr = np.where(snr > 0, snr, SNR_MIN)
-        spec = np.clip(flux / scale[:, None], -5.0, 10.0)
-        scalars = np.column_stack([np.log10(scale), np.asarray(z, float), np.log10(snr), log_luminosity(scale, z)])
-        return spec.astype(np.float32), scalars.astype(np.float32)
-    flux, ivar = flux.astype(np.float64), ivar.astype(np.float64)
-    n, m = flux.shape
-    x = np.arange(m)
-    filled = np.where(good, flux, 0.0)
-    for i in np.flatnonzero(~good.all(axis=1)):  # interpolate over masked bins (rare rows)
-        g = good[i]
-        if g.sum() >= 2:
-            filled[i] = np.interp(x, x[g], flux[i, g])
-    masked = np.where(good, flux, np.nan)
-    scale = np.nanmedian(np.abs(masked), axis=1)
+        filled, median = flux, np.median
+    else:
+        flux, ivar = flux.astype(np.float64), ivar.astype(np.float64)
+        x = np.arange(flux.shape[1])
+        filled = np.where(good, flux, 0.0)
+        for i in np.flatnonzero(~good.all(axis=1)):  # interpolate over masked bins (rare rows)
+            g = good[i]
+            if g.sum() >= 2:
+                filled[i] = np.interp(x, x[g], flux[i, g])
+        median = np.nanmedian
+    scale = median(np.where(good, np.abs(flux), np.nan), axis=1)
     scale = np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)
-    snr = np.nanmedian(np.where(good, np.abs(flux) * np.sqrt(ivar), np.nan), axis=1) / np.sqrt(pm.FIT_BIN)
+    snr = median(np.where(good, np.abs(flux) * np.sqrt(ivar), np.nan), axis=1) / np.sqrt(pm.FIT_BIN)
     snr = np.where(np.isfinite(snr) & (snr > 0), snr, SNR_MIN)
     spec = np.clip(filled / scale[:, None], -5.0, 10.0)
     scalars = np.column_stack([np.log10(scale), np.asarray(z, float), np.log10(snr), log_luminosity(scale, z)])
