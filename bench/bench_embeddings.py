@@ -24,6 +24,9 @@ Usage (the ARD built from the mock with ``--layers lick,embed``)::
 
 ``--retrain`` instead trains both encoders in this process with the build's
 code and the given recipe (for trying recipes without a rebuild).
+``--head-eps 0.1 0.01`` adds rows for the ARD's own weights with the embedding
+head (centre + whitening) refitted on the layer's training sample at each
+whitening regularisation: the head alone, the same weights.
 """
 
 from __future__ import annotations
@@ -173,6 +176,23 @@ def evaluate(features: dict[str, np.ndarray], truth: pd.DataFrame, k: int = 16, 
     return pd.DataFrame(rows).set_index("representation")
 
 
+def refit_heads(ard: Path, data: dict, rows: np.ndarray, eps: float, opts: dict) -> dict[str, np.ndarray]:
+    """Both embeddings of ``rows`` from the ARD's checkpoints with their heads refitted at whitening ``eps``."""
+    from ard_sql import contract
+    from ard_sql.build.layers.embed import ASTRO_CKPT, SHEN_CKPT, training_sample
+    from ard_sql.science import shen, specformer
+
+    folder = ard / "artifacts" / "embed"
+    wave, flux, ivar = training_sample(ard, opts.get("train_max", 4000), opts.get("train_min_snr", 2.0), opts.get("seed", 0))
+    astro = specformer.load_checkpoint(folder / ASTRO_CKPT)
+    specformer.fit_embedding_head(astro, flux, ivar, out_dim=contract.EMB_ASTRO_DIM, seed=opts.get("seed", 0), eps=eps)
+    smodel = shen.load_checkpoint(folder / SHEN_CKPT)
+    shen.fit_head(smodel, *shen.tokenise_for_training(wave, flux, ivar, smodel.config), seed=opts.get("seed", 0), eps=eps)
+    f, iv = data["flux"][rows], data["ivar"][rows]
+    return {"emb_astro": specformer.embed(astro, f, iv, out_dim=contract.EMB_ASTRO_DIM),
+            "emb_shen": shen.embed(smodel, data["wave"], f, iv, out_dim=contract.EMB_SHEN_DIM)}
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -184,6 +204,8 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="embed layer option for --retrain")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--pca-extra", type=int, nargs="*", default=[16, 768])
+    ap.add_argument("--head-eps", type=float, nargs="*", default=[],
+                    help="also score the ARD's weights with heads refitted at these whitening regularisations")
     ap.add_argument("--json", type=Path, help="write the table here as JSON")
     args = ap.parse_args()
 
@@ -236,6 +258,13 @@ def main() -> None:
     for name, col in (("astro", "emb_astro"), ("shen", "emb_shen")):
         if col in emb:
             feats[col] = emb[col][gal]
+    if args.head_eps:
+        from ard_sql.build.layers.embed import _options
+
+        opts = _options(dict(kv.split("=", 1) for kv in args.set))
+        for eps in args.head_eps:
+            for col, X in refit_heads(args.ard, data, np.flatnonzero(gal), eps, opts).items():
+                feats[f"{col} (head eps {eps:g})"] = X
     Xg = rest[gal]
     for d in sorted({*widths.values(), *args.pca_extra}):
         feats[f"PCA-{d} (rest frame)"] = pca_features(Xg, d)

@@ -28,7 +28,7 @@ The embedding: the final-LayerNorm outputs of the present patch tokens
 averaged over ``pool_regions`` equal observed-wavelength ranges of the
 patch span the training spectra cover (6 x 128 = 768 for the CPU
 configuration, 1 for the full-width one), concatenated, then centred and
-PCA-whitened (regularised, eps 0.1 of the largest eigenvalue) with statistics
+PCA-whitened (regularised, ``specformer.WHITEN_EPS`` = 0.01 of the largest eigenvalue) with statistics
 of the training spectra stored with the weights (buffers ``centre``,
 ``whiten``, ``pool_span``), zero-padded to ``EMB_SHEN_DIM`` (768) when narrower.
 The regions are fixed wavelength intervals and the means are over whatever
@@ -241,35 +241,53 @@ def train(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, config: ShenConf
     ``head_max`` of the training spectra. Deterministic for a seed and thread
     count; ``max_seconds`` bounds the optimisation.
     """
-    from ard_sql.science.specformer import fit_whitening, pretrain, region_pool
+    from ard_sql.science.specformer import pretrain
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    f, e, present, _ = bin_spectra(wave, flux, ivar, config)
-    ok = present.any(1)
-    if not ok.any():
-        raise ValueError("emb_shen training: no spectrum with good pixels")
-    f, e, present = _to_torch(f[ok], e[ok], present[ok])
+    f, e, present = tokenise_for_training(wave, flux, ivar, config)
     model = ShenEncoder(config)
     t0 = time.perf_counter()
     losses, steps, stopped = pretrain(model, len(f), lambda idx: _loss(model, f[idx], e[idx], present[idx], gen), gen,
                                       epochs=epochs, batch_size=batch_size, lr=lr, warmup=warmup,
                                       max_seconds=max_seconds)
     seconds = time.perf_counter() - t0
-    model.eval()
-    with torch.no_grad():
-        cols = np.flatnonzero(present.numpy().any(0))
-        model.pool_span.copy_(torch.tensor([cols.min(), cols.max() + 1]))
-        sub = torch.from_numpy(np.sort(np.random.default_rng(seed).permutation(len(f))[:head_max]))
-        pooled = torch.cat([region_pool(model(f[j], e[j], present[j])["tokens"], config.pool_regions, present[j],
-                                        (int(cols.min()), int(cols.max()) + 1))
-                            for j in torch.split(sub, 256)])
-        centre, whiten = fit_whitening(pooled.numpy())
-        model.centre.copy_(torch.from_numpy(centre))
-        model.whiten.copy_(torch.from_numpy(whiten))
+    fit_head(model, f, e, present, seed=seed, head_max=head_max)
     return model, {"epoch_loss": losses, "steps": steps, "seconds": seconds, "head_seconds": time.perf_counter() - t0 - seconds,
                    "stopped_by_time": stopped, "n_train": int(len(f)), "config": asdict(config),
                    "recipe": {"lr": lr, "batch_size": batch_size, "warmup": warmup, "epochs": epochs}}
+
+
+@torch.no_grad()
+def fit_head(model: ShenEncoder, f: torch.Tensor, e: torch.Tensor, present: torch.Tensor, *, seed: int = 0,
+             head_max: int = 1000, eps: float | None = None) -> None:
+    """Fit the embedding head (pooled span, centre, whitening) on up to ``head_max`` tokenised spectra.
+
+    ``eps`` is the whitening regularisation (default ``specformer.WHITEN_EPS``).
+    """
+    from ard_sql.science.specformer import WHITEN_EPS, fit_whitening, region_pool
+
+    model.eval()
+    cols = np.flatnonzero(present.numpy().any(0))
+    span = (int(cols.min()), int(cols.max()) + 1)
+    model.pool_span.copy_(torch.tensor(span))
+    sub = torch.from_numpy(np.sort(np.random.default_rng(seed).permutation(len(f))[:head_max]))
+    pooled = torch.cat([region_pool(model(f[j], e[j], present[j])["tokens"], model.config.pool_regions, present[j], span)
+                        for j in torch.split(sub, 256)])
+    centre, whiten = fit_whitening(pooled.numpy(), WHITEN_EPS if eps is None else eps)
+    model.centre.copy_(torch.from_numpy(centre))
+    model.whiten.copy_(torch.from_numpy(whiten))
+
+
+def tokenise_for_training(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, config: ShenConfig
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``bin_spectra`` as tensors, spectra without a present patch dropped (raises when none is left)."""
+    f, e, present, _ = bin_spectra(wave, flux, ivar, config)
+    ok = present.any(1)
+    if not ok.any():
+        raise ValueError("emb_shen training: no spectrum with good pixels")
+    f, e, present = _to_torch(f[ok], e[ok], present[ok])
+    return f, e, present
 
 
 def resample_loglam(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, dloglam: float = 1e-4,
