@@ -306,3 +306,36 @@ def test_emb_shen_resampling_invariance_trained_longer():
     torch.set_num_threads(2)
     cos = _resampling_check(seconds=120, n_train=600)
     assert cos.min() > 0.95, cos
+
+
+# --------------------------------------------------------------------------- embedding head
+
+
+def test_whitening_regularisation_sets_the_weight_of_each_direction():
+    """After whitening, direction i has variance lambda_i / (lambda_i + eps lambda_max): eps decides how much the small ones count."""
+    from ard_sql.science.specformer import WHITEN_EPS, fit_whitening
+
+    x = np.random.default_rng(0).standard_normal((4000, 5)) * np.array([10.0, 3.0, 1.0, 0.3, 0.1])
+    lam = np.sort(np.linalg.eigvalsh(np.cov(x.T, bias=True)))
+    for eps in (0.1, 0.01):
+        centre, whiten = fit_whitening(x, eps)
+        got = np.sort(np.var((x - centre) @ whiten, axis=0))
+        np.testing.assert_allclose(got, lam / (lam + eps * lam.max()), rtol=1e-4)
+    np.testing.assert_array_equal(fit_whitening(x)[1], fit_whitening(x, WHITEN_EPS)[1])
+
+
+def test_shen_fit_head_uses_the_given_regularisation():
+    from ard_sql.science import shen
+
+    torch.manual_seed(0)
+    wave, flux, ivar = galaxy_like_spectra(200, seed=3)
+    model = shen.ShenEncoder(shen.ShenConfig(embed_dim=16, num_layers=1, num_heads=2))
+    f, e, present = shen.tokenise_for_training(wave, flux, ivar, model.config)
+    top = {}
+    for eps in (0.1, 0.01):
+        shen.fit_head(model, f, e, present, eps=eps)
+        emb = shen.embed(model, wave, flux, ivar)
+        var = np.linalg.eigvalsh(np.cov(emb.T.astype(np.float64), bias=True))
+        top[eps] = var.max()
+        assert var.max() == pytest.approx(1 / (1 + eps), rel=1e-3)
+    assert top[0.01] > top[0.1]
