@@ -145,6 +145,22 @@ def test_lines_outside_coverage_are_null_and_flagged(tpl, fast, ref):
         assert not r.flag[1] & sum(K.FLAGS[f"LINE_{nm}"] for nm in K.LINE_NAMES)
 
 
+def test_stellar_kinematics_without_any_covered_gas_line(tpl, fast, ref):
+    """Every emission line masked (e.g. bad pixels): the stars are still fitted, every line is NULL and flagged."""
+    z = np.array([0.1, 0.3])
+    wave, flux, ivar, lsf, _ = K.synthetic_batch(tpl, z, np.full(2, 150.0), np.full(2, 30.0), seed=11)
+    rest = wave[None, :] / (1 + z[:, None])
+    mask = np.zeros(flux.shape, np.int32)
+    for wl, _kind in K.LINES.values():
+        mask[np.abs(rest - wl) < wl * 1500.0 / 299792.458] = 1
+    for fitter in (fast, ref):
+        r = fitter.fit(wave, flux, ivar, mask, lsf, z)
+        assert not (r.flag & K.FLAGS["FIT_FAILED"]).any()
+        np.testing.assert_allclose(r.columns["VelDisp"], 150.0, rtol=0.05)
+        assert all(np.isnan(r.columns[c]).all() for c in LINE_COLS)
+        assert ((r.flag & K.FLAGS["LINE_OIII_5007"]) > 0).all()
+
+
 def test_unusable_spectra_are_null_and_flagged(tpl, fast, ref):
     wave, flux, ivar, lsf, _ = K.synthetic_batch(tpl, np.array([0.1, 0.1, 0.1]), np.full(3, 150.0), np.full(3, 20.0))
     ivar = ivar.copy()

@@ -413,9 +413,13 @@ class ReferenceFitter:
         start = [[0.0, cfg.sigma_start]] + [[0.0, cfg.gas_sigma_start]] * len(present)
         bounds = [[[-cfg.v_bound, cfg.v_bound], list(cfg.sigma_bounds)]] * ncomp
         comps = np.array(comps)
-        pp = ppxf(templates, galaxy, noise, cfg.velscale, start, moments=[2] * ncomp, degree=cfg.degree, mdegree=0,
-                  lam=lam, lam_temp=np.exp(self.ln_lam_tpl), component=comps, gas_component=comps > 0,
-                  gas_names=names if names else None, goodpixels=goodpix, bounds=bounds, quiet=True)
+        if ncomp > 1:
+            kin = {"start": start, "moments": [2] * ncomp, "bounds": bounds, "component": comps,
+                   "gas_component": comps > 0, "gas_names": names}
+        else:  # no gas line covered: pPXF wants one component given as plain vectors, not lists of them
+            kin = {"start": start[0], "moments": 2, "bounds": bounds[0]}
+        pp = ppxf(templates, galaxy, noise, cfg.velscale, degree=cfg.degree, mdegree=0, lam=lam,
+                  lam_temp=np.exp(self.ln_lam_tpl), goodpixels=goodpix, quiet=True, **kin)
         sol, err = np.atleast_2d(pp.sol), np.atleast_2d(pp.error) * np.sqrt(pp.chi2)
         if not (np.all(np.isfinite(sol)) and np.isfinite(pp.chi2)):
             raise FloatingPointError("non-finite pPXF solution")
