@@ -26,7 +26,9 @@ Usage (the ARD built from the mock with ``--layers lick,embed``)::
 code and the given recipe (for trying recipes without a rebuild).
 ``--head-eps 0.1 0.01`` adds rows for the ARD's own weights with the embedding
 head (centre + whitening) refitted on the layer's training sample at each
-whitening regularisation: the head alone, the same weights.
+whitening regularisation: the head alone, the same weights (give the build's
+non-default ``train_max`` / ``train_min_snr`` / ``seed`` with ``--set`` so the sample is
+the same; not with ``--retrain``, whose weights are not the ARD's).
 """
 
 from __future__ import annotations
@@ -208,6 +210,8 @@ def main() -> None:
                     help="also score the ARD's weights with heads refitted at these whitening regularisations")
     ap.add_argument("--json", type=Path, help="write the table here as JSON")
     args = ap.parse_args()
+    if args.retrain and args.head_eps:
+        ap.error("--head-eps refits the ARD's own weights; it cannot be combined with --retrain")
 
     import torch
 

@@ -331,11 +331,8 @@ def test_shen_fit_head_uses_the_given_regularisation():
     wave, flux, ivar = galaxy_like_spectra(200, seed=3)
     model = shen.ShenEncoder(shen.ShenConfig(embed_dim=16, num_layers=1, num_heads=2))
     f, e, present = shen.tokenise_for_training(wave, flux, ivar, model.config)
-    top = {}
     for eps in (0.1, 0.01):
         shen.fit_head(model, f, e, present, eps=eps)
         emb = shen.embed(model, wave, flux, ivar)
         var = np.linalg.eigvalsh(np.cov(emb.T.astype(np.float64), bias=True))
-        top[eps] = var.max()
         assert var.max() == pytest.approx(1 / (1 + eps), rel=1e-3)
-    assert top[0.01] > top[0.1]

@@ -158,7 +158,8 @@ def test_stellar_kinematics_without_any_covered_gas_line(tpl, fast, ref):
         assert not (r.flag & K.FLAGS["FIT_FAILED"]).any()
         np.testing.assert_allclose(r.columns["VelDisp"], 150.0, rtol=0.05)
         assert all(np.isnan(r.columns[c]).all() for c in LINE_COLS)
-        assert ((r.flag & K.FLAGS["LINE_OIII_5007"]) > 0).all()
+        for nm in K.LINE_NAMES:
+            assert ((r.flag & K.FLAGS[f"LINE_{nm}"]) > 0).all(), nm
 
 
 def test_unusable_spectra_are_null_and_flagged(tpl, fast, ref):

@@ -241,7 +241,7 @@ def train(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, config: ShenConf
     ``head_max`` of the training spectra. Deterministic for a seed and thread
     count; ``max_seconds`` bounds the optimisation.
     """
-    from ard_sql.science.specformer import pretrain
+    from ard_sql.science.specformer import WHITEN_EPS, pretrain
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -255,7 +255,8 @@ def train(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, config: ShenConf
     fit_head(model, f, e, present, seed=seed, head_max=head_max)
     return model, {"epoch_loss": losses, "steps": steps, "seconds": seconds, "head_seconds": time.perf_counter() - t0 - seconds,
                    "stopped_by_time": stopped, "n_train": int(len(f)), "config": asdict(config),
-                   "recipe": {"lr": lr, "batch_size": batch_size, "warmup": warmup, "epochs": epochs}}
+                   "recipe": {"lr": lr, "batch_size": batch_size, "warmup": warmup, "epochs": epochs,
+                              "whiten_eps": WHITEN_EPS}}
 
 
 @torch.no_grad()
