@@ -55,13 +55,9 @@ def recipe_inputs(args: tuple, const_noise: bool = False, mask_gas: bool = False
     if const_noise:
         ivar = np.where(ivar > 0, np.median(ivar[ivar > 0]), 0.0)
     if mask_gas:
-        from ard_sql.science.kinematics import LINES
+        from ard_sql.science.kinematics import near_lines
 
-        rest = wave / (1 + z[0])
-        near = np.zeros(wave.size, bool)
-        for wl, _kind in LINES.values():
-            near |= np.abs(rest - wl) < wl * 800.0 / 299792.458
-        mask = ((np.asarray(mask) != 0) | near[None]).astype(np.int32)
+        mask = ((np.asarray(mask) != 0) | near_lines(wave, z, 800.0)).astype(np.int32)
     return wave, flux, ivar, mask, lsf, z
 
 

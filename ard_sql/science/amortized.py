@@ -309,6 +309,11 @@ def calibrate_widths(logw: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, 
     return (0.5 * (lo + hi)).exp().numpy()
 
 
+def truth_in_target_space(truth: dict[str, np.ndarray], n: int) -> np.ndarray:
+    """(n, 8) target-space truths; quantities missing from ``truth`` are NaN."""
+    return to_target_space({q: np.asarray(truth[q], float) if q in truth else np.full(n, np.nan) for q in QUANTITIES})
+
+
 #: Coverage the model error is fitted to: that of the stored p16-p84 interval.
 MODEL_ERROR_LEVEL = (PERCENTILES[-1] - PERCENTILES[0]) / 100
 
@@ -431,8 +436,7 @@ class AmortizedEstimator:
         """
         logw, mu, sigma, scal = self._mixtures(flux, ivar, z, model_error=False)
         n = len(scal)
-        full = {q: np.asarray(truth[q], float) if q in truth else np.full(n, np.nan) for q in QUANTITIES}
-        y = self._targets(to_target_space(full), scal)
+        y = self._targets(truth_in_target_space(truth, n), scal)
         tail = (1 - level) / 2
         out = np.zeros(len(QUANTITIES))
         for j in range(len(QUANTITIES)):
@@ -547,7 +551,7 @@ def coverage(rows_or_q: np.ndarray, truth: dict[str, np.ndarray]) -> dict[str, f
     missing from ``truth`` are left out.
     """
     n = len(rows_or_q)
-    t = to_target_space({q: np.asarray(truth[q], float) if q in truth else np.full(n, np.nan) for q in QUANTITIES})
+    t = truth_in_target_space(truth, n)
     out = {}
     for j, q in enumerate(QUANTITIES):
         if q not in truth:

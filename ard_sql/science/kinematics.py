@@ -218,6 +218,15 @@ def prepare(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, mask: np.ndarr
     return Prepared(ln_lam, flux_log, noise, good, fwhm_log, fwhm_gal_log, tpl_extra, z, usable, flag)
 
 
+def near_lines(wave: np.ndarray, z: np.ndarray, half_width_kms: float) -> np.ndarray:
+    """(n, npix) bool: observed pixels within +-``half_width_kms`` of any of the 12 ``LINES`` at each redshift."""
+    rest = np.asarray(wave, float)[None, :] / (1 + np.atleast_1d(np.asarray(z, float))[:, None])
+    near = np.zeros(rest.shape, bool)
+    for wl, _kind in LINES.values():
+        near |= np.abs(rest - wl) < wl * half_width_kms / C_KMS
+    return near
+
+
 def line_pixels(prep: Prepared, rows: np.ndarray | None = None) -> np.ndarray:
     """(n, 12) fractional index on the ``prep.ln_lam`` grid of each line at each spectrum's redshift."""
     z = prep.z if rows is None else prep.z[rows]
