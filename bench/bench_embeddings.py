@@ -185,7 +185,7 @@ def refit_heads(ard: Path, data: dict, rows: np.ndarray, eps: float, opts: dict)
     from ard_sql.science import shen, specformer
 
     folder = ard / "artifacts" / "embed"
-    wave, flux, ivar = training_sample(ard, opts.get("train_max", 4000), opts.get("train_min_snr", 2.0), opts.get("seed", 0))
+    wave, flux, ivar, _ = training_sample(ard, opts.get("train_max", 4000), opts.get("train_min_snr", 2.0), opts.get("seed", 0))
     astro = specformer.load_checkpoint(folder / ASTRO_CKPT)
     specformer.fit_embedding_head(astro, flux, ivar, out_dim=contract.EMB_ASTRO_DIM, seed=opts.get("seed", 0), eps=eps)
     smodel = shen.load_checkpoint(folder / SHEN_CKPT)

@@ -258,8 +258,8 @@ def test_find_similar_returns_a_dataframe_joined_with_the_catalog(embed_ard):
 # --------------------------------------------------------------------------- resampling invariance
 
 
-def galaxy_like_spectra(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(wave, flux, ivar) on the DESI brz grid: continuum with a 4000 A break, absorption and emission lines, noise."""
+def galaxy_like_spectra(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(wave, flux, ivar, z) on the DESI brz grid: continuum with a 4000 A break, absorption and emission lines, noise."""
     rng = np.random.default_rng(seed)
     wave = grid.brz_wavelength()
     z = rng.uniform(0.05, 0.5, n)
@@ -273,7 +273,7 @@ def galaxy_like_spectra(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.n
     level = rng.uniform(2, 8, n)[:, None]
     sigma = 0.05 * level
     flux = level * flux + sigma * rng.standard_normal(flux.shape)
-    return wave, flux.astype(np.float32), np.broadcast_to(1 / sigma**2, flux.shape).astype(np.float32).copy()
+    return wave, flux.astype(np.float32), np.broadcast_to(1 / sigma**2, flux.shape).astype(np.float32).copy(), z
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -284,8 +284,10 @@ def _resampling_check(seconds: float, n_train: int) -> np.ndarray:
     from ard_sql.science import shen
 
     torch.manual_seed(0)
-    wave, flux, ivar = galaxy_like_spectra(n_train + 20, seed=1)
-    model, _ = shen.train(wave, flux[:n_train], ivar[:n_train], epochs=50, max_seconds=seconds)
+    wave, flux, ivar, z = galaxy_like_spectra(n_train + 20, seed=1)
+    # trained as the layer trains it: with the rest-frame term (z a target, never an input)
+    model, log = shen.train(wave, flux[:n_train], ivar[:n_train], z=z[:n_train], epochs=50, max_seconds=seconds)
+    assert log["recipe"]["rest_weight"] == shen.REST_WEIGHT
     test_f, test_i = flux[n_train:], ivar[n_train:]
     e_desi = shen.embed(model, wave, test_f, test_i)
     lw, lf, li = shen.resample_loglam(wave, test_f, test_i)
@@ -328,7 +330,7 @@ def test_shen_fit_head_uses_the_given_regularisation():
     from ard_sql.science import shen
 
     torch.manual_seed(0)
-    wave, flux, ivar = galaxy_like_spectra(200, seed=3)
+    wave, flux, ivar, _ = galaxy_like_spectra(200, seed=3)
     model = shen.ShenEncoder(shen.ShenConfig(embed_dim=16, num_layers=1, num_heads=2))
     f, e, present = shen.tokenise_for_training(wave, flux, ivar, model.config)
     for eps in (0.1, 0.01):
@@ -336,3 +338,43 @@ def test_shen_fit_head_uses_the_given_regularisation():
         emb = shen.embed(model, wave, flux, ivar)
         var = np.linalg.eigvalsh(np.cov(emb.T.astype(np.float64), bias=True))
         assert var.max() == pytest.approx(1 / (1 + eps), rel=1e-3)
+
+
+def test_restframe_targets_place_features_at_their_rest_wavelength():
+    from ard_sql.science import shen
+
+    wave = grid.brz_wavelength()
+    z = np.array([0.1, 0.4, np.nan])
+    rest = wave[None, :] / (1 + np.nan_to_num(z)[:, None])
+    flux = 1.0 + 5.0 * np.exp(-0.5 * ((rest - 5007.0) / 2.0) ** 2)
+    ivar = np.full_like(flux, 100.0)
+    ivar[0, 1000:1010] = 0.0  # a masked run must not count
+    target, weight = shen.restframe_targets(wave, flux, ivar, z, np.ones(3), err_floor=0.02)
+    edges = np.exp(np.log(shen.REST_RANGE[0]) + shen.REST_DLNL * np.arange(target.shape[1] + 1))
+    line_bin = np.searchsorted(edges, 5007.0) - 1
+    for row in (0, 1):
+        assert np.argmax(target[row]) == line_bin
+        covered = (edges[1:] > wave[0] / (1 + z[row])) & (edges[:-1] < wave[-1] / (1 + z[row]))
+        assert np.all(weight[row, ~covered] == 0) and np.all(weight[row, covered][1:-1] > 0)
+        # weight = 1 / (error^2 + floor^2) of an ivar-weighted mean
+        assert weight[row, line_bin] < 1 / 0.02**2
+    assert np.all(weight[2] == 0), "a row without a redshift gets no rest-frame weight"
+
+
+def test_shen_rest_term_changes_training_but_not_the_stored_model():
+    from ard_sql.science import shen
+
+    wave, flux, ivar, z = galaxy_like_spectra(64, seed=5)
+    cfg = shen.ShenConfig(embed_dim=16, num_layers=1, num_heads=2)
+    torch.set_num_threads(1)
+    plain, plog = shen.train(wave, flux, ivar, cfg, epochs=2, seed=0)
+    rest, rlog = shen.train(wave, flux, ivar, cfg, z=z, epochs=2, seed=0)
+    unknown, ulog = shen.train(wave, flux, ivar, cfg, z=np.full(64, np.nan), epochs=2, seed=0)
+    assert plog["recipe"]["rest_weight"] == 0.0 and ulog["recipe"]["rest_weight"] == 0.0
+    assert rlog["recipe"]["rest_weight"] == shen.REST_WEIGHT
+    # the decoder is a training device: the stored weights are the encoder's alone
+    assert set(rest.state_dict()) == set(plain.state_dict()) == set(shen.ShenEncoder(cfg).state_dict())
+    assert not torch.equal(rest.token_embed.weight, plain.token_embed.weight)
+    torch.testing.assert_close(unknown.token_embed.weight, plain.token_embed.weight)
+    # embedding needs no redshift
+    assert np.isfinite(shen.embed(rest, wave, flux[:4], ivar[:4])).all()

@@ -23,6 +23,18 @@ recipe:
   mask token and the model reconstructs their sub-bin fluxes, each sub-bin
   weighted by its inverse variance (a chi^2 loss, capped so that noiseless
   bins do not dominate).
+* **rest-frame term** (recipe 4): when the training spectra come with the
+  catalogue redshift, a small decoder (``RestDecoder``: one hidden layer)
+  predicts the spectrum in the rest frame (ln-lambda bins of ``REST_DLNL``
+  over ``REST_RANGE``, ivar-weighted, same normalisation and error floor)
+  from the region-pooled tokens of the unmasked, cropped spectrum; its
+  chi^2 is added with weight ``REST_WEIGHT``. The redshift is a *target*
+  during training only: the encoder still sees the observed frame and no
+  redshift, and the decoder is not part of the stored weights. It makes the
+  pooled tokens carry rest-frame features, which the observed-frame masked
+  task alone learns slowly on a CPU budget (measured in ``bench/RESULTS.md``,
+  "A rest-frame term"). Rows with a missing or flagged redshift get no
+  rest-frame weight.
 
 The embedding: the final-LayerNorm outputs of the present patch tokens
 averaged over ``pool_regions`` equal observed-wavelength ranges of the
@@ -82,6 +94,11 @@ FULL_CONFIG = ShenConfig(pool_regions=1)
 SMALL_CONFIG = ShenConfig(embed_dim=128, num_layers=2, num_heads=4)
 
 _LOG_ERR_MIN, _LOG_ERR_MAX = -4.0, 2.0
+
+#: Weight of the rest-frame term against the masked reconstruction (module docstring).
+REST_WEIGHT = 10.0
+#: Rest-frame grid of that term: ln(lambda) bins of ``REST_DLNL`` between ``REST_RANGE`` (A).
+REST_RANGE, REST_DLNL = (1800.0, 9800.0), 0.004
 
 
 def bin_spectra(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, config: ShenConfig
@@ -206,6 +223,52 @@ def embed(model: ShenEncoder, wave: np.ndarray, flux: np.ndarray, ivar: np.ndarr
     return out
 
 
+def restframe_targets(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, z: np.ndarray, scale: np.ndarray,
+                      err_floor: float) -> tuple[np.ndarray, np.ndarray]:
+    """Rest-frame targets of the training term: (n, R) flux / ``scale`` and its chi^2 weights.
+
+    Pixels are combined by inverse-variance weighted mean in ln(lambda) bins
+    of ``REST_DLNL`` over ``REST_RANGE`` after dividing the wavelength by
+    1 + ``z``; the weight is 1 / (error^2 + ``err_floor``^2), 0 where a bin
+    has no good pixel or the row's ``z`` or ``scale`` is not usable.
+    """
+    wave = np.asarray(wave, np.float64)
+    flux = np.asarray(flux, np.float64)
+    ivar = np.where(np.isfinite(flux) & np.isfinite(ivar), np.asarray(ivar, np.float64), 0.0).clip(min=0)
+    z = np.asarray(z, np.float64)
+    usable = np.isfinite(z) & (z > -0.01) & np.isfinite(scale) & (scale > 0)
+    lo = math.log(REST_RANGE[0])
+    nbin = int(math.log(REST_RANGE[1] / REST_RANGE[0]) / REST_DLNL)
+    n = len(flux)
+    col = np.floor((np.log(wave)[None, :] - np.log1p(np.where(usable, z, 0.0))[:, None] - lo) / REST_DLNL).astype(np.int64)
+    inside = (col >= 0) & (col < nbin) & (ivar > 0) & usable[:, None]
+    flat = (np.arange(n)[:, None] * nbin + col)[inside]
+    w = np.bincount(flat, ivar[inside], n * nbin).reshape(n, nbin)
+    wf = np.bincount(flat, (ivar * np.where(ivar > 0, flux, 0.0))[inside], n * nbin).reshape(n, nbin)
+    safe = np.where(usable, scale, 1.0)[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        target = np.where(w > 0, wf / w, 0.0) / safe
+        weight = np.where(w > 0, 1.0 / (1.0 / np.where(w > 0, w, 1.0) / safe**2 + err_floor**2), 0.0)
+    return np.clip(target, -20, 20).astype(np.float32), weight.astype(np.float32)
+
+
+class RestDecoder(nn.Sequential):
+    """Region-pooled tokens -> rest-frame spectrum (training only; not stored with the encoder)."""
+
+    def __init__(self, config: ShenConfig, hidden: int = 512):
+        nbin = int(math.log(REST_RANGE[1] / REST_RANGE[0]) / REST_DLNL)
+        super().__init__(nn.Linear(config.pool_regions * config.embed_dim, hidden), nn.GELU(), nn.Linear(hidden, nbin))
+
+
+def _rest_loss(model: ShenEncoder, decoder: RestDecoder, f: torch.Tensor, e: torch.Tensor, present: torch.Tensor,
+               target: torch.Tensor, weight: torch.Tensor, span: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
+    from ard_sql.science.specformer import region_pool
+
+    present = _random_crop(present, gen)
+    pooled = region_pool(model(f, e, present)["tokens"], model.config.pool_regions, present, span)
+    return (weight * (decoder(pooled) - target).square()).sum() / weight.sum().clamp(min=1e-8)
+
+
 def _random_crop(present: torch.Tensor, gen: torch.Generator, max_patches: int = 8) -> torch.Tensor:
     """Drop up to ``max_patches`` present patches at each end: teaches the encoder that coverage varies."""
     n, P = present.shape
@@ -232,31 +295,52 @@ def _loss(model: ShenEncoder, f: torch.Tensor, e: torch.Tensor, present: torch.T
 
 
 def train(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, config: ShenConfig = SMALL_CONFIG, *,
+          z: np.ndarray | None = None, rest_weight: float = REST_WEIGHT,
           epochs: int = 3, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
           max_seconds: float | None = None, warmup: int = 20, head_max: int = 1000) -> tuple[ShenEncoder, dict[str, Any]]:
     """Masked, noise-weighted reconstruction pretraining on spectra on one native grid.
 
-    The learning rate warms up linearly over ``warmup`` steps. Afterwards the
-    embedding head (pooled span, centre, whitening) is fitted on up to
-    ``head_max`` of the training spectra. Deterministic for a seed and thread
-    count; ``max_seconds`` bounds the optimisation.
+    With ``z`` (catalogue redshifts, NaN where unknown) and ``rest_weight`` > 0
+    the rest-frame term of the module docstring is added; the encoder never
+    sees ``z``. The learning rate warms up linearly over ``warmup`` steps.
+    Afterwards the embedding head (pooled span, centre, whitening) is fitted
+    on up to ``head_max`` of the training spectra. Deterministic for a seed
+    and thread count; ``max_seconds`` bounds the optimisation.
     """
     from ard_sql.science.specformer import WHITEN_EPS, pretrain
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    f, e, present = tokenise_for_training(wave, flux, ivar, config)
+    f, e, present, scale, ok = _tokenise(wave, flux, ivar, config)
     model = ShenEncoder(config)
+    rest = z is not None and rest_weight > 0
+    if rest:
+        target, weight = _to_torch(*restframe_targets(wave, flux[ok], ivar[ok], np.asarray(z)[ok], scale, config.err_floor))
+        rest = bool(weight.sum() > 0)
+    if rest:
+        cols = np.flatnonzero(present.numpy().any(0))
+        span = (int(cols.min()), int(cols.max()) + 1)
+        decoder = RestDecoder(config)
+        trained: nn.Module = nn.ModuleDict({"encoder": model, "decoder": decoder})  # one optimiser for both
+
+        def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+            return (_loss(model, f[idx], e[idx], present[idx], gen) + rest_weight
+                    * _rest_loss(model, decoder, f[idx], e[idx], present[idx], target[idx], weight[idx], span, gen))
+    else:
+        trained = model
+
+        def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+            return _loss(model, f[idx], e[idx], present[idx], gen)
     t0 = time.perf_counter()
-    losses, steps, stopped = pretrain(model, len(f), lambda idx: _loss(model, f[idx], e[idx], present[idx], gen), gen,
-                                      epochs=epochs, batch_size=batch_size, lr=lr, warmup=warmup,
-                                      max_seconds=max_seconds)
+    losses, steps, stopped = pretrain(trained, len(f), batch_loss, gen, epochs=epochs, batch_size=batch_size, lr=lr,
+                                      warmup=warmup, max_seconds=max_seconds)
     seconds = time.perf_counter() - t0
     fit_head(model, f, e, present, seed=seed, head_max=head_max)
     return model, {"epoch_loss": losses, "steps": steps, "seconds": seconds, "head_seconds": time.perf_counter() - t0 - seconds,
                    "stopped_by_time": stopped, "n_train": int(len(f)), "config": asdict(config),
                    "recipe": {"lr": lr, "batch_size": batch_size, "warmup": warmup, "epochs": epochs,
-                              "whiten_eps": WHITEN_EPS}}
+                              "whiten_eps": WHITEN_EPS, "rest_weight": rest_weight if rest else 0.0,
+                              "rest_range": REST_RANGE, "rest_dlnl": REST_DLNL}}
 
 
 @torch.no_grad()
@@ -283,12 +367,17 @@ def fit_head(model: ShenEncoder, f: torch.Tensor, e: torch.Tensor, present: torc
 def tokenise_for_training(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, config: ShenConfig
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``bin_spectra`` as tensors, spectra without a present patch dropped (raises when none is left)."""
-    f, e, present, _ = bin_spectra(wave, flux, ivar, config)
+    return _tokenise(wave, flux, ivar, config)[:3]
+
+
+def _tokenise(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, config: ShenConfig):
+    """``tokenise_for_training`` plus the kept rows' scale and the kept-row mask."""
+    f, e, present, scale = bin_spectra(wave, flux, ivar, config)
     ok = present.any(1)
     if not ok.any():
         raise ValueError("emb_shen training: no spectrum with good pixels")
     f, e, present = _to_torch(f[ok], e[ok], present[ok])
-    return f, e, present
+    return f, e, present, scale[ok], ok
 
 
 def resample_loglam(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, dloglam: float = 1e-4,

@@ -10,7 +10,8 @@ Three steps, in the orchestrator's hooks:
     standardisation and masked-chunk pretraining, narrower and shallower for a
     CPU) is trained self-supervised on a sample of the ARD's own spectra.
     ``emb_shen``: the wavelength-aware encoder (``science.shen``) is trained
-    the same way. The sample is ``train_max`` spectra (default 4000) drawn
+    the same way, plus a rest-frame term that uses the catalogue Z as a
+    training target (never as an input; see ``science.shen``). The sample is ``train_max`` spectra (default 4000) drawn
     evenly from every partition (GALAXY targets with S/N > ``train_min_snr``);
     training stops after ``epochs`` or ``max_seconds`` per encoder (default 20
     epochs, 300 s). The recipe (``RECIPE``) and the embedding heads (region
@@ -55,14 +56,19 @@ def _file_hash(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def training_sample(ard_dir: Path, n_max: int, min_snr: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(wave, flux, ivar) of up to ``n_max`` galaxy spectra drawn evenly from every partition."""
+def training_sample(ard_dir: Path, n_max: int, min_snr: float, seed: int
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(wave, flux, ivar, z) of up to ``n_max`` galaxy spectra drawn evenly from every partition.
+
+    ``z`` is the catalogue redshift, NaN where it is missing or ZWARN is set
+    (emb_shen's rest-frame training term skips those rows).
+    """
     files = hats_writer.partition_files(ard_dir, paths.CORE)
     rng = np.random.default_rng(seed)
     per = max(1, int(np.ceil(n_max / max(1, len(files)))))
-    fluxes, ivars, wave = [], [], None
+    fluxes, ivars, zs, wave = [], [], [], None
     for order, pixel, f in files:
-        core = pq.read_table(f, columns=["TargetID", "SPECTYPE", "SNR_Median"])
+        core = pq.read_table(f, columns=["TargetID", "SPECTYPE", "SNR_Median", "Z", "ZWARN"])
         gal = np.asarray(core.column("SPECTYPE").fill_null("").to_pylist(), dtype=object) == "GALAXY"
         snr = core.column("SNR_Median").fill_null(0).to_numpy()
         rows = np.flatnonzero(gal & (snr > min_snr))
@@ -72,10 +78,13 @@ def training_sample(ard_dir: Path, n_max: int, min_snr: float, seed: int) -> tup
         batch = spectra_store.read_partition(ard_dir, order, pixel, core.column("TargetID").to_numpy()[pick])
         fluxes.append(batch.flux)
         ivars.append(batch.ivar)
+        z = core.column("Z").to_numpy(zero_copy_only=False)[pick].astype(np.float64)
+        zwarn = core.column("ZWARN").fill_null(1).to_numpy()[pick]
+        zs.append(np.where(np.isfinite(z) & (zwarn == 0), z, np.nan))
         wave = batch.wave
     if not fluxes:
         raise ValueError(f"embed layer: no galaxy spectrum with SNR_Median > {min_snr} to train on in {ard_dir}")
-    return wave, np.concatenate(fluxes)[:n_max], np.concatenate(ivars)[:n_max]
+    return wave, np.concatenate(fluxes)[:n_max], np.concatenate(ivars)[:n_max], np.concatenate(zs)[:n_max]
 
 
 def _load_models(ard_dir: Path) -> tuple[Any, Any]:
@@ -90,15 +99,15 @@ def _load_models(ard_dir: Path) -> tuple[Any, Any]:
 
 
 #: Bumped when the training recipe or the embedding head changes: cached weights are then retrained.
-RECIPE = "3: crops + warmup lr 1e-3, 6-region pooling, PCA whitening eps 0.01"
+RECIPE = "4: crops + warmup lr 1e-3, 6-region pooling, PCA whitening eps 0.01, emb_shen rest-frame term"
 
 
 def train_encoders(ard_dir: Path, opts: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
     """Load or train the SpecFormer and train the emb_shen encoder on the ARD's spectra; returns both and a log."""
     from ard_sql.science import shen, specformer
 
-    wave, flux, ivar = training_sample(ard_dir, opts.get("train_max", 4000), opts.get("train_min_snr", 2.0),
-                                       opts.get("seed", 0))
+    wave, flux, ivar, z = training_sample(ard_dir, opts.get("train_max", 4000), opts.get("train_min_snr", 2.0),
+                                          opts.get("seed", 0))
     log: dict[str, Any] = {"recipe": RECIPE}
     kw = {"epochs": opts.get("epochs", 20), "max_seconds": opts.get("max_seconds", 300.0), "seed": opts.get("seed", 0)}
     if "astroclip_checkpoint" in opts:
@@ -113,7 +122,7 @@ def train_encoders(ard_dir: Path, opts: dict[str, Any]) -> tuple[Any, Any, dict[
     else:
         model, tlog = specformer.train(flux, ivar, out_dim=contract.EMB_ASTRO_DIM, **kw)
         log["astro"] = {"source": "trained self-supervised on this ARD's spectra", **tlog}
-    smodel, slog = shen.train(wave, flux, ivar, **kw)
+    smodel, slog = shen.train(wave, flux, ivar, z=z, **kw)
     log["shen"] = {"source": "trained self-supervised on this ARD's spectra", **slog}
     return model, smodel, log
 
