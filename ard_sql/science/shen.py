@@ -99,6 +99,14 @@ _LOG_ERR_MIN, _LOG_ERR_MAX = -4.0, 2.0
 REST_WEIGHT = 10.0
 #: Rest-frame grid of that term: ln(lambda) bins of ``REST_DLNL`` between ``REST_RANGE`` (A).
 REST_RANGE, REST_DLNL = (1800.0, 9800.0), 0.004
+_REST_NBIN = int(math.log(REST_RANGE[1] / REST_RANGE[0]) / REST_DLNL)
+
+
+def _clean(flux: np.ndarray, ivar: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float64 (flux, ivar) with bad pixels (non-finite flux or ivar, ivar <= 0) at ivar 0 and flux 0."""
+    flux = np.asarray(flux, np.float64)
+    ivar = np.where(np.isfinite(flux) & np.isfinite(ivar), np.asarray(ivar, np.float64), 0.0).clip(min=0)
+    return np.where(ivar > 0, flux, 0.0), ivar
 
 
 def bin_spectra(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, config: ShenConfig
@@ -111,9 +119,7 @@ def bin_spectra(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, config: Sh
     no good pixel or a non-positive median of |flux|).
     """
     wave = np.asarray(wave, np.float64)
-    flux = np.asarray(flux, np.float64)
-    ivar = np.where(np.isfinite(flux) & np.isfinite(ivar), np.asarray(ivar, np.float64), 0.0).clip(min=0)
-    flux = np.where(ivar > 0, flux, 0.0)
+    flux, ivar = _clean(flux, ivar)
     P, K = config.n_patches, config.n_sub
     pos = (np.log(wave / config.lam_min) / config.patch_dlnl) * K  # fractional sub-bin index
     col = np.floor(pos).astype(np.int64)
@@ -233,22 +239,20 @@ def restframe_targets(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, z: n
     has no good pixel or the row's ``z`` or ``scale`` is not usable.
     """
     wave = np.asarray(wave, np.float64)
-    flux = np.asarray(flux, np.float64)
-    ivar = np.where(np.isfinite(flux) & np.isfinite(ivar), np.asarray(ivar, np.float64), 0.0).clip(min=0)
+    flux, ivar = _clean(flux, ivar)
     z = np.asarray(z, np.float64)
     usable = np.isfinite(z) & (z > -0.01) & np.isfinite(scale) & (scale > 0)
-    lo = math.log(REST_RANGE[0])
-    nbin = int(math.log(REST_RANGE[1] / REST_RANGE[0]) / REST_DLNL)
-    n = len(flux)
-    col = np.floor((np.log(wave)[None, :] - np.log1p(np.where(usable, z, 0.0))[:, None] - lo) / REST_DLNL).astype(np.int64)
+    n, nbin = len(flux), _REST_NBIN
+    col = np.floor((np.log(wave)[None, :] - np.log1p(np.where(usable, z, 0.0))[:, None] - math.log(REST_RANGE[0]))
+                   / REST_DLNL).astype(np.int64)
     inside = (col >= 0) & (col < nbin) & (ivar > 0) & usable[:, None]
     flat = (np.arange(n)[:, None] * nbin + col)[inside]
     w = np.bincount(flat, ivar[inside], n * nbin).reshape(n, nbin)
-    wf = np.bincount(flat, (ivar * np.where(ivar > 0, flux, 0.0))[inside], n * nbin).reshape(n, nbin)
-    safe = np.where(usable, scale, 1.0)[:, None]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        target = np.where(w > 0, wf / w, 0.0) / safe
-        weight = np.where(w > 0, 1.0 / (1.0 / np.where(w > 0, w, 1.0) / safe**2 + err_floor**2), 0.0)
+    wf = np.bincount(flat, (ivar * flux)[inside], n * nbin).reshape(n, nbin)
+    # in units of the scale: ivar of the bin mean w s^2, chi^2 weight 1 / (1 / (w s^2) + floor^2)
+    ws2 = w * np.where(usable, scale, 1.0)[:, None] ** 2
+    target = wf / np.where(w > 0, w, 1.0) / np.where(usable, scale, 1.0)[:, None]
+    weight = ws2 / (1.0 + err_floor**2 * ws2)
     return np.clip(target, -20, 20).astype(np.float32), weight.astype(np.float32)
 
 
@@ -256,8 +260,8 @@ class RestDecoder(nn.Sequential):
     """Region-pooled tokens -> rest-frame spectrum (training only; not stored with the encoder)."""
 
     def __init__(self, config: ShenConfig, hidden: int = 512):
-        nbin = int(math.log(REST_RANGE[1] / REST_RANGE[0]) / REST_DLNL)
-        super().__init__(nn.Linear(config.pool_regions * config.embed_dim, hidden), nn.GELU(), nn.Linear(hidden, nbin))
+        super().__init__(nn.Linear(config.pool_regions * config.embed_dim, hidden), nn.GELU(),
+                         nn.Linear(hidden, _REST_NBIN))
 
 
 def _rest_loss(model: ShenEncoder, decoder: RestDecoder, f: torch.Tensor, e: torch.Tensor, present: torch.Tensor,
@@ -317,20 +321,18 @@ def train(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, config: ShenConf
     if rest:
         target, weight = _to_torch(*restframe_targets(wave, flux[ok], ivar[ok], np.asarray(z)[ok], scale, config.err_floor))
         rest = bool(weight.sum() > 0)
-    if rest:
-        cols = np.flatnonzero(present.numpy().any(0))
-        span = (int(cols.min()), int(cols.max()) + 1)
-        decoder = RestDecoder(config)
-        trained: nn.Module = nn.ModuleDict({"encoder": model, "decoder": decoder})  # one optimiser for both
+    span = token_span(present)
+    decoder = RestDecoder(config) if rest else None
+    # one optimiser for the encoder and (while training only) the decoder
+    trained = nn.ModuleDict({"encoder": model, "decoder": decoder}) if rest else model
 
-        def batch_loss(idx: torch.Tensor) -> torch.Tensor:
-            return (_loss(model, f[idx], e[idx], present[idx], gen) + rest_weight
-                    * _rest_loss(model, decoder, f[idx], e[idx], present[idx], target[idx], weight[idx], span, gen))
-    else:
-        trained = model
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        loss = _loss(model, f[idx], e[idx], present[idx], gen)
+        if decoder is not None:
+            loss = loss + rest_weight * _rest_loss(model, decoder, f[idx], e[idx], present[idx], target[idx],
+                                                   weight[idx], span, gen)
+        return loss
 
-        def batch_loss(idx: torch.Tensor) -> torch.Tensor:
-            return _loss(model, f[idx], e[idx], present[idx], gen)
     t0 = time.perf_counter()
     losses, steps, stopped = pretrain(trained, len(f), batch_loss, gen, epochs=epochs, batch_size=batch_size, lr=lr,
                                       warmup=warmup, max_seconds=max_seconds)
@@ -353,8 +355,7 @@ def fit_head(model: ShenEncoder, f: torch.Tensor, e: torch.Tensor, present: torc
     from ard_sql.science.specformer import WHITEN_EPS, fit_whitening, region_pool
 
     model.eval()
-    cols = np.flatnonzero(present.numpy().any(0))
-    span = (int(cols.min()), int(cols.max()) + 1)
+    span = token_span(present)
     model.pool_span.copy_(torch.tensor(span))
     sub = torch.from_numpy(np.sort(np.random.default_rng(seed).permutation(len(f))[:head_max]))
     pooled = torch.cat([region_pool(model(f[j], e[j], present[j])["tokens"], model.config.pool_regions, present[j], span)
@@ -362,6 +363,12 @@ def fit_head(model: ShenEncoder, f: torch.Tensor, e: torch.Tensor, present: torc
     centre, whiten = fit_whitening(pooled.numpy(), WHITEN_EPS if eps is None else eps)
     model.centre.copy_(torch.from_numpy(centre))
     model.whiten.copy_(torch.from_numpy(whiten))
+
+
+def token_span(present: torch.Tensor) -> tuple[int, int]:
+    """(first, last + 1) patch present in any of the (n, P) ``present`` rows: the span the pooling regions divide."""
+    cols = np.flatnonzero(present.numpy().any(0))
+    return int(cols.min()), int(cols.max()) + 1
 
 
 def tokenise_for_training(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, config: ShenConfig
