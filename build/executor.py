@@ -22,6 +22,7 @@ entry naming the layer, the partition and the reason.
 from __future__ import annotations
 
 import contextlib
+import os
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -39,6 +40,30 @@ class Outcome:
     item: Any
     result: Any = None
     error: str | None = None
+
+
+@contextlib.contextmanager
+def _parent_environ_kept() -> Iterator[None]:
+    """Undo, in this process, the variables a Dask nanny sets for its worker (``pre-spawn-environ``).
+
+    A ``LocalCluster``'s nannies live in this process and write e.g.
+    ``OMP_NUM_THREADS=1`` into its environment before spawning a worker; torch
+    imported afterwards would then run the main process's own work (the
+    embed layer's training) on one thread of the machine's cores.
+    """
+    import dask
+
+    keys = set(dask.config.get("distributed.nanny.pre-spawn-environ", {}) or {}) | {
+        "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"}
+    saved = {k: os.environ.get(k) for k in keys}
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def call_captured(fn: Callable[..., Any], *args: Any) -> tuple[bool, Any]:
@@ -66,10 +91,11 @@ class Executor:
         from dask.distributed import Client, LocalCluster
 
         if self.kind in ("processes", "threads"):
-            self._cluster = LocalCluster(
-                n_workers=self.workers, threads_per_worker=1, processes=self.kind == "processes",
-                dashboard_address=None, silence_logs=40,
-            )
+            with _parent_environ_kept():
+                self._cluster = LocalCluster(
+                    n_workers=self.workers, threads_per_worker=1, processes=self.kind == "processes",
+                    dashboard_address=None, silence_logs=40,
+                )
             self.client = Client(self._cluster)
         else:
             try:
@@ -79,10 +105,11 @@ class Executor:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.client is not None:
-            self.client.close()
-        if self._cluster is not None:
-            self._cluster.close()
+        with _parent_environ_kept():  # a nanny that restarted a worker set them again
+            if self.client is not None:
+                self.client.close()
+            if self._cluster is not None:
+                self._cluster.close()
 
     def map(self, fn: Callable[..., Any], items: Sequence[Any], args: Callable[[Any], tuple], label: str,
             progress: bool = True) -> list[Outcome]:

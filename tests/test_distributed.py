@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import h5py
 import numpy as np
 import pyarrow as pa
@@ -71,3 +72,16 @@ def test_unreachable_scheduler_is_a_clear_error(tmp_path):
     with pytest.raises(ConnectionError, match="cannot reach the dask scheduler"):
         build(BuildOptions(source=str(root), out=str(tmp_path / "ard"), layers=[],
                            scheduler="tcp://127.0.0.1:1", progress=False))
+
+
+def test_local_cluster_leaves_this_process_thread_settings_alone(monkeypatch):
+    """Dask's nannies write OMP_NUM_THREADS=1 into the parent: the build's own torch work would run on one core."""
+    from ard_sql.build.executor import Executor
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("MKL_NUM_THREADS", "2")
+    with Executor("processes", workers=1) as ex:
+        assert ex.client.submit(lambda: __import__("os").environ.get("OMP_NUM_THREADS")).result() == "1"
+        assert "OMP_NUM_THREADS" not in os.environ
+        assert os.environ["MKL_NUM_THREADS"] == "2"
+    assert "OMP_NUM_THREADS" not in os.environ
