@@ -189,7 +189,7 @@ def refit_heads(ard: Path, data: dict, rows: np.ndarray, eps: float, opts: dict)
     astro = specformer.load_checkpoint(folder / ASTRO_CKPT)
     specformer.fit_embedding_head(astro, flux, ivar, out_dim=contract.EMB_ASTRO_DIM, seed=opts.get("seed", 0), eps=eps)
     smodel = shen.load_checkpoint(folder / SHEN_CKPT)
-    shen.fit_head(smodel, *shen.tokenise_for_training(wave, flux, ivar, smodel.config), seed=opts.get("seed", 0), eps=eps)
+    shen.fit_head(smodel, wave, flux, ivar, seed=opts.get("seed", 0), eps=eps)
     f, iv = data["flux"][rows], data["ivar"][rows]
     return {"emb_astro": specformer.embed(astro, f, iv, out_dim=contract.EMB_ASTRO_DIM),
             "emb_shen": shen.embed(smodel, data["wave"], f, iv, out_dim=contract.EMB_SHEN_DIM)}

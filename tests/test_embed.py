@@ -332,12 +332,42 @@ def test_shen_fit_head_uses_the_given_regularisation():
     torch.manual_seed(0)
     wave, flux, ivar, _ = galaxy_like_spectra(200, seed=3)
     model = shen.ShenEncoder(shen.ShenConfig(embed_dim=16, num_layers=1, num_heads=2))
-    f, e, present = shen.tokenise_for_training(wave, flux, ivar, model.config)
     for eps in (0.1, 0.01):
-        shen.fit_head(model, f, e, present, eps=eps)
+        shen.fit_head(model, wave, flux, ivar, eps=eps, grid_noise_weight=0.0)
         emb = shen.embed(model, wave, flux, ivar)
         var = np.linalg.eigvalsh(np.cov(emb.T.astype(np.float64), bias=True))
         assert var.max() == pytest.approx(1 / (1 + eps), rel=1e-3)
+
+
+def test_fit_whitening_damps_the_noise_directions():
+    from ard_sql.science.specformer import fit_whitening
+
+    x = np.random.default_rng(0).normal(size=(4000, 3)) * np.array([3.0, 2.0, 1.0])
+    noise = np.diag([0.0, 0.0, 15.0])  # the third axis is mostly noise: 1 + 15
+    centre, whiten = fit_whitening(x, 0.0, noise)
+    var = np.var((x - centre) @ whiten, axis=0)
+    got = np.sort(var)
+    np.testing.assert_allclose(got, np.sort([1.0, 1.0, 1.0 / 16.0]), rtol=0.05)
+
+
+def test_shen_grid_noise_damping_makes_the_head_grid_steadier():
+    """The head fitted with grid-noise damping moves less when the same spectra are read on another grid."""
+    from ard_sql.science import shen
+
+    wave, flux, ivar, z = galaxy_like_spectra(240, seed=5)
+    model, _ = shen.train(wave, flux[:160], ivar[:160], shen.ShenConfig(embed_dim=32, num_layers=1, num_heads=2),
+                          z=z[:160], epochs=2, batch_size=32)
+    lw, lf, li = shen.resample_loglam(wave, flux[160:], ivar[160:], 1e-4)
+
+    def worst_cosine() -> float:
+        a, b = shen.embed(model, wave, flux[160:], ivar[160:]), shen.embed(model, lw, lf, li)
+        return float(np.min(np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))))
+
+    shen.fit_head(model, wave, flux[:160], ivar[:160], grid_noise_weight=0.0)
+    plain = worst_cosine()
+    shen.fit_head(model, wave, flux[:160], ivar[:160])
+    assert shen.GRID_NOISE_WEIGHT > 0
+    assert worst_cosine() > plain
 
 
 def test_restframe_targets_place_features_at_their_rest_wavelength():

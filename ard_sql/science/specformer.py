@@ -230,12 +230,19 @@ def region_pool(tokens: torch.Tensor, regions: int, weights: torch.Tensor | None
     return torch.cat(out, dim=1)
 
 
-def fit_whitening(pooled: np.ndarray, eps: float = WHITEN_EPS) -> tuple[np.ndarray, np.ndarray]:
-    """Centre (D,) and regularised PCA-whitening matrix (D, D) of pooled training embeddings."""
+def fit_whitening(pooled: np.ndarray, eps: float = WHITEN_EPS, noise: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Centre (D,) and regularised PCA-whitening matrix (D, D) of pooled training embeddings.
+
+    ``noise`` (D, D), when given, is added to the covariance before whitening, so
+    that directions where it is large are scaled down (emb_shen passes the
+    covariance of what changes when the same spectra are read on another grid).
+    """
     x = np.asarray(pooled, np.float64)
     x = x[np.isfinite(x).all(axis=1)]
     centre = x.mean(0)
-    lam, vec = np.linalg.eigh(np.cov((x - centre).T, bias=True).reshape(x.shape[1], x.shape[1]))
+    cov = np.cov((x - centre).T, bias=True).reshape(x.shape[1], x.shape[1])
+    lam, vec = np.linalg.eigh(cov if noise is None else cov + noise)
     lam = lam.clip(min=0)
     whiten = vec / np.sqrt(lam + eps * max(lam.max(), 1e-30))
     return centre.astype(np.float32), whiten.astype(np.float32)

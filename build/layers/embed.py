@@ -99,7 +99,7 @@ def _load_models(ard_dir: Path) -> tuple[Any, Any]:
 
 
 #: Bumped when the training recipe or the embedding head changes: cached weights are then retrained.
-RECIPE = "4: crops + warmup lr 1e-3, 6-region pooling, PCA whitening eps 0.01, emb_shen rest-frame term"
+RECIPE = "5: crops + warmup lr 1e-3, 6-region pooling, PCA whitening eps 0.01, emb_shen rest-frame term and grid-noise damping"
 
 
 def train_encoders(ard_dir: Path, opts: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
