@@ -353,7 +353,7 @@ def train(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, config: ShenConf
     losses, steps, stopped = pretrain(trained, len(f), batch_loss, gen, epochs=epochs, batch_size=batch_size, lr=lr,
                                       warmup=warmup, max_seconds=max_seconds)
     seconds = time.perf_counter() - t0
-    fit_head(model, wave, flux, ivar, seed=seed, head_max=head_max)
+    fit_head(model, wave, flux, ivar, seed=seed, head_max=head_max, span=span)
     return model, {"epoch_loss": losses, "steps": steps, "seconds": seconds, "head_seconds": time.perf_counter() - t0 - seconds,
                    "stopped_by_time": stopped, "n_train": int(len(f)), "config": asdict(config),
                    "recipe": {"lr": lr, "batch_size": batch_size, "warmup": warmup, "epochs": epochs,
@@ -364,7 +364,8 @@ def train(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, config: ShenConf
 
 @torch.no_grad()
 def fit_head(model: ShenEncoder, wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, *, seed: int = 0,
-             head_max: int = 1000, eps: float | None = None, grid_noise_weight: float = GRID_NOISE_WEIGHT) -> None:
+             head_max: int = 1000, eps: float | None = None, grid_noise_weight: float = GRID_NOISE_WEIGHT,
+             span: tuple[int, int] | None = None) -> None:
     """Fit the embedding head (pooled span, centre, whitening) on up to ``head_max`` of the spectra.
 
     ``eps`` is the whitening regularisation (default ``specformer.WHITEN_EPS``).
@@ -372,12 +373,14 @@ def fit_head(model: ShenEncoder, wave: np.ndarray, flux: np.ndarray, ivar: np.nd
     log-lambda grid (``GRID_NOISE_DLOGLAM``) and the directions in which their
     pooled tokens move are damped (``GRID_NOISE_WEIGHT``): at the whitening's
     small eps, those directions otherwise carry a noise that differs from grid
-    to grid (bench/RESULTS.md, "Grid-noise damping").
+    to grid (bench/RESULTS.md, "Grid-noise damping"). ``span`` is the pooled
+    patch span of all the spectra (``token_span``) when the caller has it already.
     """
     from ard_sql.science.specformer import WHITEN_EPS, fit_whitening, region_pool
 
     model.eval()
-    span = token_span(tokenise_for_training(wave, flux, ivar, model.config)[2])
+    if span is None:
+        span = token_span(tokenise_for_training(wave, flux, ivar, model.config)[2])
     model.pool_span.copy_(torch.tensor(span))
     sub = np.sort(np.random.default_rng(seed).permutation(len(flux))[:head_max])
 
