@@ -178,21 +178,72 @@ def evaluate(features: dict[str, np.ndarray], truth: pd.DataFrame, k: int = 16, 
     return pd.DataFrame(rows).set_index("representation")
 
 
-def refit_heads(ard: Path, data: dict, rows: np.ndarray, eps: float, opts: dict) -> dict[str, np.ndarray]:
-    """Both embeddings of ``rows`` from the ARD's checkpoints with their heads refitted at whitening ``eps``."""
+def refit_heads(ard: Path, data: dict, rows: np.ndarray, eps: float | None, opts: dict,
+                astro_ckpt: Path | None = None, shen_ckpt: Path | None = None) -> dict[str, np.ndarray]:
+    """Embeddings of ``rows`` from checkpoints (default: the ARD's) with their heads refitted at whitening ``eps``.
+
+    The head is fitted on the layer's training sample of ``ard``, as a build
+    fits it; ``eps`` None is the layer's default. With one checkpoint given,
+    only that embedding is returned.
+    """
     from ard_sql import contract
     from ard_sql.build.layers.embed import ASTRO_CKPT, SHEN_CKPT, training_sample
     from ard_sql.science import shen, specformer
 
-    folder = ard / "artifacts" / "embed"
-    wave, flux, ivar, _ = training_sample(ard, opts.get("train_max", 4000), opts.get("train_min_snr", 2.0), opts.get("seed", 0))
-    astro = specformer.load_checkpoint(folder / ASTRO_CKPT)
-    specformer.fit_embedding_head(astro, flux, ivar, out_dim=contract.EMB_ASTRO_DIM, seed=opts.get("seed", 0), eps=eps)
-    smodel = shen.load_checkpoint(folder / SHEN_CKPT)
-    shen.fit_head(smodel, wave, flux, ivar, seed=opts.get("seed", 0), eps=eps)
+    if astro_ckpt is None and shen_ckpt is None:
+        folder = ard / "artifacts" / "embed"
+        astro_ckpt, shen_ckpt = folder / ASTRO_CKPT, folder / SHEN_CKPT
     f, iv = data["flux"][rows], data["ivar"][rows]
-    return {"emb_astro": specformer.embed(astro, f, iv, out_dim=contract.EMB_ASTRO_DIM),
-            "emb_shen": shen.embed(smodel, data["wave"], f, iv, out_dim=contract.EMB_SHEN_DIM)}
+    out = {}
+    if astro_ckpt is not None:
+        astro = load_with_head(ard, astro_ckpt, opts, eps)
+        out["emb_astro"] = specformer.embed(astro, f, iv, out_dim=contract.EMB_ASTRO_DIM)
+    if shen_ckpt is not None:
+        smodel = load_with_head(ard, shen_ckpt, opts, eps)
+        out["emb_shen"] = shen.embed(smodel, data["wave"], f, iv, out_dim=contract.EMB_SHEN_DIM)
+    return out
+
+
+def load_with_head(ard: Path, ckpt: Path, opts: dict, eps: float | None = None):
+    """An encoder checkpoint (``specformer*`` or ``shen*``) with its embedding head fitted on the ARD's training sample, as a build fits it."""
+    from ard_sql import contract
+    from ard_sql.build.layers.embed import training_sample
+    from ard_sql.science import shen, specformer
+
+    wave, flux, ivar, _ = training_sample(ard, opts.get("train_max", 4000), opts.get("train_min_snr", 2.0), opts.get("seed", 0))
+    if ckpt.name.startswith("specformer"):
+        model = specformer.load_checkpoint(ckpt)
+        specformer.fit_embedding_head(model, flux, ivar, out_dim=contract.EMB_ASTRO_DIM, seed=opts.get("seed", 0),
+                                      **({} if eps is None else {"eps": eps}))
+    else:
+        model = shen.load_checkpoint(ckpt)
+        shen.fit_head(model, wave, flux, ivar, seed=opts.get("seed", 0), eps=eps)
+    return model
+
+
+def resampling_cosines(model, data: dict, pick: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """emb_shen of ``pick`` on the native grid against the same spectra rebinned to log-lambda grids: cosines per grid."""
+    from ard_sql.science import shen
+
+    f, iv = data["flux"][pick], data["ivar"][pick]
+    e0 = shen.embed(model, data["wave"], f, iv)
+    out = []
+    for label, lo, hi in (("same range", None, None), ("SDSS range 3800-9200 A", 3800.0, 9200.0)):
+        lw, lf, li = shen.resample_loglam(data["wave"], f, iv, 1e-4, lo, hi)
+        e1 = shen.embed(model, lw, lf, li)
+        out.append((label, np.sum(e0 * e1, 1) / (np.linalg.norm(e0, axis=1) * np.linalg.norm(e1, axis=1))))
+    return out
+
+
+def _checkpoint_files(paths: list[Path]) -> list[Path]:
+    """The .ckpt files named, folders expanded (sorted by encoder, then by training seconds)."""
+    files = [f for p in paths for f in (sorted(p.glob("*.ckpt")) if p.is_dir() else [p])]
+
+    def key(f: Path) -> tuple:
+        tail = f.stem.rsplit("_", 1)[-1].rstrip("s")
+        return (f.parent.name, f.name.split("_")[0], float(tail) if tail.replace(".", "").isdigit() else 0.0)
+
+    return sorted(files, key=key)
 
 
 # --------------------------------------------------------------------------- main
@@ -208,6 +259,9 @@ def main() -> None:
     ap.add_argument("--pca-extra", type=int, nargs="*", default=[16, 768])
     ap.add_argument("--head-eps", type=float, nargs="*", default=[],
                     help="also score the ARD's weights with heads refitted at these whitening regularisations")
+    ap.add_argument("--checkpoints", type=Path, nargs="*", default=[],
+                    help="also score these encoder checkpoints (shen*.ckpt / specformer*.ckpt, or folders of them, "
+                         "e.g. bench/gpu_embeddings.py's snapshots), heads fitted on the ARD's training sample")
     ap.add_argument("--json", type=Path, help="write the table here as JSON")
     args = ap.parse_args()
     if args.retrain and args.head_eps:
@@ -248,12 +302,7 @@ def main() -> None:
 
     shen_model = shen_m if args.retrain else shen.load_checkpoint(args.ard / "artifacts" / "embed" / "shen.ckpt")
     pick = np.flatnonzero(gal)[:: max(1, gal.sum() // 300)][:300]
-    f, iv = data["flux"][pick], data["ivar"][pick]
-    e0 = shen.embed(shen_model, data["wave"], f, iv)
-    for label, lo, hi in (("same range", None, None), ("SDSS range 3800-9200 A", 3800.0, 9200.0)):
-        lw, lf, li = shen.resample_loglam(data["wave"], f, iv, 1e-4, lo, hi)
-        e1 = shen.embed(shen_model, lw, lf, li)
-        cos = np.sum(e0 * e1, 1) / (np.linalg.norm(e0, axis=1) * np.linalg.norm(e1, axis=1))
+    for label, cos in resampling_cosines(shen_model, data, pick):
         print(f"emb_shen DESI grid vs log-lambda grid (dloglam 1e-4, {label}), {len(pick)} galaxies: "
               f"cosine min {np.nanmin(cos):.4f}, 1st pct {np.nanpercentile(cos, 1):.4f}, median {np.nanmedian(cos):.4f}")
 
@@ -269,6 +318,23 @@ def main() -> None:
         for eps in args.head_eps:
             for col, X in refit_heads(args.ard, data, np.flatnonzero(gal), eps, opts).items():
                 feats[f"{col} (head eps {eps:g})"] = X
+    if args.checkpoints:
+        from ard_sql.build.layers.embed import _options
+        from ard_sql.science import specformer
+
+        opts = _options(dict(kv.split("=", 1) for kv in args.set))
+        rows = np.flatnonzero(gal)
+        for ckpt in _checkpoint_files(args.checkpoints):
+            kind = "astro" if ckpt.name.startswith("specformer") else "shen"
+            model = load_with_head(args.ard, ckpt, opts)
+            label = f"emb_{kind} ({ckpt.parent.name}/{ckpt.stem})"
+            if kind == "astro":
+                feats[label] = specformer.embed(model, data["flux"][rows], data["ivar"][rows], out_dim=768)
+            else:
+                feats[label] = shen.embed(model, data["wave"], data["flux"][rows], data["ivar"][rows], out_dim=768)
+                cos = resampling_cosines(model, data, pick)[0][1]
+                print(f"{label}: resampling cosine min {np.nanmin(cos):.4f}, median {np.nanmedian(cos):.4f}")
+            print(f"scored {ckpt} ({time.perf_counter() - t0:.0f} s)", flush=True)
     Xg = rest[gal]
     for d in sorted({*widths.values(), *args.pca_extra}):
         feats[f"PCA-{d} (rest frame)"] = pca_features(Xg, d)

@@ -408,3 +408,78 @@ def test_shen_rest_term_changes_training_but_not_the_stored_model():
     torch.testing.assert_close(unknown.token_embed.weight, plain.token_embed.weight)
     # embedding needs no redshift
     assert np.isfinite(shen.embed(rest, wave, flux[:4], ivar[:4])).all()
+
+
+# --------------------------------------------------------------------------- devices and training hooks
+
+
+def test_device_choice():
+    from ard_sql.science.specformer import resolve_device
+
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device(None) == resolve_device("auto")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            resolve_device("cuda")
+
+
+def test_a_wrong_device_option_fails_before_training(embed_ard):
+    from ard_sql.build.layers.embed import train_encoders
+
+    with pytest.raises(ValueError, match="embed layer option device='nonsense'"):
+        train_encoders(embed_ard, {**TINY, "device": "nonsense"})
+
+
+def test_training_calls_back_every_step_and_trains_a_given_model_in_place():
+    """The hook bench/gpu_embeddings.py snapshots weights with; a given model is the one trained and returned on the CPU."""
+    from ard_sql.science import shen, specformer
+
+    torch.set_num_threads(1)
+    wave, flux, ivar, z = galaxy_like_spectra(48, seed=7)
+    cfg = shen.ShenConfig(embed_dim=16, num_layers=1, num_heads=2)
+    torch.manual_seed(0)
+    given = shen.ShenEncoder(cfg)
+    seen: list[tuple[int, float]] = []
+    model, log = shen.train(wave, flux, ivar, z=z, epochs=2, batch_size=16, seed=0, device="cpu",
+                            model=given, callback=lambda steps, seconds: seen.append((steps, seconds)))
+    assert model is given and log["device"] == "cpu" and next(model.parameters()).device.type == "cpu"
+    assert [s for s, _ in seen] == list(range(1, log["steps"] + 1)) and log["steps"] == 6
+    assert all(b >= a for (_, a), (_, b) in zip(seen, seen[1:]))
+    assert not torch.equal(given.token_embed.weight, shen.ShenEncoder(cfg).token_embed.weight)
+
+    calls = []
+    acfg = specformer.SpecFormerConfig(embed_dim=16, num_layers=1, num_heads=2, dropout=0.0)
+    kw = {"epochs": 1, "batch_size": 16, "crop": None, "out_dim": 32, "device": "cpu", "seed": 0}
+    torch.manual_seed(0)
+    given = specformer.SpecFormer(acfg)
+    astro, alog = specformer.train(flux, ivar, model=given, callback=lambda steps, seconds: calls.append(steps), **kw)
+    assert astro is given and calls == [1, 2, 3] and alog["device"] == "cpu"
+    # seeded before it is built, a given SpecFormer trains exactly as train() would train its own
+    # (without dropout, which would draw from torch's global generator in another state)
+    fresh, _ = specformer.train(flux, ivar, acfg, **kw)
+    torch.testing.assert_close(fresh.data_embed.weight, given.data_embed.weight, rtol=0, atol=0)
+
+
+def test_gpu_pack_round_trip_is_within_a_tenth_of_sigma():
+    """bench/gpu_embeddings.py's pack: flux to 0.05 sigma, ivar to 0.5%, bad pixels kept bad."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_embeddings", Path(__file__).parents[1] / "bench" / "gpu_embeddings.py")
+    gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu)
+    rng = np.random.default_rng(0)
+    ivar = 10 ** rng.uniform(-4, 4, (5, 300))
+    flux = rng.normal(0, 1, ivar.shape) / np.sqrt(ivar) + rng.uniform(-3, 30, (5, 1)) / np.sqrt(ivar)
+    ivar[0, :10] = 0.0
+    flux[1, 5] = np.nan
+    fq, iq, clipped = gpu.quantise(flux, ivar)
+    assert fq.dtype == iq.dtype == np.int16 and clipped == 0
+    f2, i2 = gpu.dequantise(fq, iq)
+    good = (ivar > 0) & np.isfinite(flux)
+    assert np.array_equal(i2 > 0, good) and np.all(f2[~good] == 0)
+    assert np.max(np.abs(f2 - flux)[good] * np.sqrt(ivar[good])) < 0.051
+    assert np.max(np.abs(i2[good] / ivar[good] - 1)) < 0.0051
+    with pytest.raises(ValueError, match="range"):
+        gpu.quantise(np.ones((1, 2)), np.array([[1.0, 1e300]]))
+

@@ -64,6 +64,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -229,16 +230,19 @@ def _to_torch(*arrays: np.ndarray) -> list[torch.Tensor]:
 def embed(model: ShenEncoder, wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray,
           out_dim: int | None = None, batch_size: int = 64) -> np.ndarray:
     """Return (n, out_dim) float32 ``emb_shen`` vectors; NaN rows for spectra that cannot be normalised."""
+    from ard_sql.science.specformer import model_device
+
     model.eval()
     d = model.config.pool_regions * model.config.embed_dim
     out_dim = out_dim or d
     if out_dim < d:
         raise ValueError(f"encoder width {d} exceeds the emb_shen column width {out_dim}")
     out = np.zeros((len(flux), out_dim), np.float32)
+    device = model_device(model)
     for i in range(0, len(flux), batch_size):
         f, e, present, scale = bin_spectra(wave, flux[i:i + batch_size], ivar[i:i + batch_size], model.config)
-        ft, et, pt = _to_torch(f, e, present)
-        emb = model.embedding(ft, et, pt).numpy()
+        ft, et, pt = (t.to(device) for t in _to_torch(f, e, present))
+        emb = model.embedding(ft, et, pt).cpu().numpy()
         emb[~present.any(1)] = np.nan
         out[i:i + batch_size, :d] = emb
         out[i:i + batch_size][~present.any(1)] = np.nan
@@ -294,8 +298,9 @@ def _random_crop(present: torch.Tensor, gen: torch.Generator, max_patches: int =
     n, P = present.shape
     rank = present.cumsum(1)
     count = rank[:, -1:]
-    lo = torch.randint(0, max_patches + 1, (n, 1), generator=gen)
-    hi = torch.randint(0, max_patches + 1, (n, 1), generator=gen)
+    # drawn on the generator's (CPU) side: the same crops on any device
+    lo = torch.randint(0, max_patches + 1, (n, 1), generator=gen).to(present.device)
+    hi = torch.randint(0, max_patches + 1, (n, 1), generator=gen).to(present.device)
     keep = (rank > lo) & (rank <= count - hi)
     out = present & keep
     # never crop a spectrum to nothing
@@ -305,7 +310,7 @@ def _random_crop(present: torch.Tensor, gen: torch.Generator, max_patches: int =
 def _loss(model: ShenEncoder, f: torch.Tensor, e: torch.Tensor, present: torch.Tensor,
           gen: torch.Generator) -> torch.Tensor:
     present = _random_crop(present, gen)
-    masked = (torch.rand(present.shape, generator=gen) < model.config.mask_fraction) & present
+    masked = (torch.rand(present.shape, generator=gen) < model.config.mask_fraction).to(present.device) & present
     recon = model(f, e, present, masked)["reconstructions"]
     # inverse-variance weights with a floor; empty sub-bins (e = inf) weigh 0
     w = 1.0 / (e.square() + model.config.err_floor ** 2)
@@ -317,7 +322,9 @@ def _loss(model: ShenEncoder, f: torch.Tensor, e: torch.Tensor, present: torch.T
 def train(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, config: ShenConfig = SMALL_CONFIG, *,
           z: np.ndarray | None = None, rest_weight: float = REST_WEIGHT,
           epochs: int = 3, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
-          max_seconds: float | None = None, warmup: int = 20, head_max: int = 1000) -> tuple[ShenEncoder, dict[str, Any]]:
+          max_seconds: float | None = None, warmup: int = 20, head_max: int = 1000,
+          device: str | torch.device | None = "auto", callback: Callable[[int, float], None] | None = None,
+          model: ShenEncoder | None = None) -> tuple[ShenEncoder, dict[str, Any]]:
     """Masked, noise-weighted reconstruction pretraining on spectra on one native grid.
 
     With ``z`` (catalogue redshifts, NaN where unknown) and ``rest_weight`` > 0
@@ -325,20 +332,29 @@ def train(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, config: ShenConf
     sees ``z``. The learning rate warms up linearly over ``warmup`` steps.
     Afterwards the embedding head (pooled span, centre, whitening) is fitted
     on up to ``head_max`` of the training spectra. Deterministic for a seed
-    and thread count; ``max_seconds`` bounds the optimisation.
+    and thread count; ``max_seconds`` bounds the optimisation. Training and the
+    head run on ``device`` (``specformer.resolve_device``); the model is
+    returned on the CPU. ``callback`` goes to ``specformer.pretrain``; a
+    ``model`` given is trained in place (its ``config`` wins over ``config``;
+    the rest-frame decoder's initial weights then come from a different state
+    of torch's global generator than without one).
     """
-    from ard_sql.science.specformer import WHITEN_EPS, pretrain
+    from ard_sql.science.specformer import WHITEN_EPS, pretrain, resolve_device
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
+    dev = resolve_device(device)
+    config = model.config if model is not None else config
     f, e, present, scale, ok = _tokenise(wave, flux, ivar, config)
-    model = ShenEncoder(config)
+    span = token_span(present)
+    f, e, present = f.to(dev), e.to(dev), present.to(dev)
+    model = (model or ShenEncoder(config)).to(dev)
     rest = z is not None and rest_weight > 0
     if rest:
         target, weight = _to_torch(*restframe_targets(wave, flux[ok], ivar[ok], np.asarray(z)[ok], scale, config.err_floor))
         rest = bool(weight.sum() > 0)
-    span = token_span(present)
-    decoder = RestDecoder(config) if rest else None
+        target, weight = target.to(dev), weight.to(dev)
+    decoder = RestDecoder(config).to(dev) if rest else None
     # one optimiser for the encoder and (while training only) the decoder
     trained = nn.ModuleDict({"encoder": model, "decoder": decoder}) if rest else model
 
@@ -351,12 +367,13 @@ def train(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, config: ShenConf
 
     t0 = time.perf_counter()
     losses, steps, stopped = pretrain(trained, len(f), batch_loss, gen, epochs=epochs, batch_size=batch_size, lr=lr,
-                                      warmup=warmup, max_seconds=max_seconds)
+                                      warmup=warmup, max_seconds=max_seconds, callback=callback)
     seconds = time.perf_counter() - t0
     fit_head(model, wave, flux, ivar, seed=seed, head_max=head_max, span=span)
+    model.to("cpu")
     return model, {"epoch_loss": losses, "steps": steps, "seconds": seconds, "head_seconds": time.perf_counter() - t0 - seconds,
                    "stopped_by_time": stopped, "n_train": int(len(f)), "config": asdict(config),
-                   "recipe": {"lr": lr, "batch_size": batch_size, "warmup": warmup, "epochs": epochs,
+                   "device": str(dev), "recipe": {"lr": lr, "batch_size": batch_size, "warmup": warmup, "epochs": epochs,
                               "whiten_eps": WHITEN_EPS, "rest_weight": rest_weight if rest else 0.0,
                               "rest_range": REST_RANGE, "rest_dlnl": REST_DLNL,
                               "grid_noise_weight": GRID_NOISE_WEIGHT, "grid_noise_dloglam": GRID_NOISE_DLOGLAM}}
@@ -376,7 +393,7 @@ def fit_head(model: ShenEncoder, wave: np.ndarray, flux: np.ndarray, ivar: np.nd
     to grid (bench/RESULTS.md, "Grid-noise damping"). ``span`` is the pooled
     patch span of all the spectra (``token_span``) when the caller has it already.
     """
-    from ard_sql.science.specformer import WHITEN_EPS, fit_whitening, region_pool
+    from ard_sql.science.specformer import WHITEN_EPS, fit_whitening, model_device, region_pool
 
     model.eval()
     if span is None:
@@ -384,12 +401,14 @@ def fit_head(model: ShenEncoder, wave: np.ndarray, flux: np.ndarray, ivar: np.nd
     model.pool_span.copy_(torch.tensor(span))
     sub = np.sort(np.random.default_rng(seed).permutation(len(flux))[:head_max])
 
+    device = model_device(model)
+
     def pooled(w: np.ndarray, fl: np.ndarray, iv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         f, e, present, _ = bin_spectra(w, fl, iv, model.config)
-        f, e, present = _to_torch(f, e, present)
+        f, e, present = (t.to(device) for t in _to_torch(f, e, present))
         out = torch.cat([region_pool(model(f[j], e[j], present[j])["tokens"], model.config.pool_regions, present[j], span)
                          for j in torch.split(torch.arange(len(f)), 256)])
-        return out.numpy().astype(np.float64), present.numpy().any(1)
+        return out.cpu().numpy().astype(np.float64), present.cpu().numpy().any(1)
 
     x, ok = pooled(wave, flux[sub], ivar[sub])
     noise = None
@@ -404,7 +423,7 @@ def fit_head(model: ShenEncoder, wave: np.ndarray, flux: np.ndarray, ivar: np.nd
 
 def token_span(present: torch.Tensor) -> tuple[int, int]:
     """(first, last + 1) patch present in any of the (n, P) ``present`` rows: the span the pooling regions divide."""
-    cols = np.flatnonzero(present.numpy().any(0))
+    cols = np.flatnonzero(present.cpu().numpy().any(0))
     return int(cols.min()), int(cols.max()) + 1
 
 

@@ -205,7 +205,8 @@ class SpecFormer(nn.Module):
         starts = starts + torch.arange(nc) * section
         pos = torch.arange(t)
         masked = ((pos[None, None, :] >= starts[..., None]) & (pos[None, None, :] < starts[..., None] + c.mask_chunk_width)).any(1)
-        return tokens.masked_fill(masked[..., None], 0.0)
+        # drawn on the generator's (CPU) side: the same masks on any device
+        return tokens.masked_fill(masked.to(tokens.device)[..., None], 0.0)
 
 
 WHITEN_EPS = 0.01
@@ -217,12 +218,32 @@ raised every kNN regression of emb_shen and its rare-population precision
 (bench/RESULTS.md, "Whitening regularisation")."""
 
 
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``"auto"`` (or None): the first CUDA GPU when torch sees one, else the CPU; otherwise ``torch.device(device)``.
+
+    Only training and the embedding heads use it; the random draws (masks,
+    crops, batch order) always come from a CPU generator, so a seed gives the
+    same sequence of batches on any device.
+    """
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU")
+    return dev
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device a model's parameters are on."""
+    return next(model.parameters()).device
+
+
 def region_pool(tokens: torch.Tensor, regions: int, weights: torch.Tensor | None = None,
                 span: tuple[int, int] | None = None) -> torch.Tensor:
     """(B, T, D) token outputs -> (B, regions * D): weighted means over ``regions`` equal runs of ``span``."""
     b, t, d = tokens.shape
     lo, hi = span or (0, t)
-    w = torch.ones(b, t, dtype=tokens.dtype) if weights is None else weights.to(tokens.dtype)
+    w = torch.ones(b, t, dtype=tokens.dtype, device=tokens.device) if weights is None else weights.to(tokens.dtype)
     out = []
     for idx in np.array_split(np.arange(lo, hi), regions):
         ww = w[:, idx, None]
@@ -269,10 +290,11 @@ def fill_bad_pixels(flux: np.ndarray, ivar: np.ndarray) -> np.ndarray:
 def pooled_tokens(model: SpecFormer, flux: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """(n, regions * embed_dim) region-pooled patch-token outputs of finite (n, L) spectra (no centring)."""
     regions = getattr(model, "emb_regions", 1)
+    device = model_device(model)
     out = []
     for i in range(0, len(flux), batch_size):
-        emb = model(torch.from_numpy(np.ascontiguousarray(flux[i:i + batch_size])))["embedding"]
-        out.append(region_pool(emb[:, 1:], regions).numpy())
+        emb = model(torch.from_numpy(np.ascontiguousarray(flux[i:i + batch_size])).to(device))["embedding"]
+        out.append(region_pool(emb[:, 1:], regions).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, regions * model.config.embed_dim), np.float32)
 
 
@@ -327,12 +349,15 @@ def embed(model: SpecFormer, flux: np.ndarray, ivar: np.ndarray | None = None, o
 
 
 def pretrain(model: nn.Module, n: int, batch_loss: Callable[[torch.Tensor], torch.Tensor], gen: torch.Generator, *,
-             epochs: int, batch_size: int, lr: float, warmup: int, max_seconds: float | None) -> tuple[list[float], int, bool]:
+             epochs: int, batch_size: int, lr: float, warmup: int, max_seconds: float | None,
+             callback: Callable[[int, float], None] | None = None) -> tuple[list[float], int, bool]:
     """The self-supervised loop both encoders share: AdamW with a linear warm-up over shuffled batches.
 
     ``batch_loss(indices)`` returns the loss of one batch of training rows.
     Stops after ``epochs`` or once ``max_seconds`` have passed; returns
     (mean loss per epoch, steps, whether the time limit stopped it).
+    ``callback(steps, seconds)``, when given, is called after every step
+    (progress display, snapshots of the weights).
     """
     t0 = time.perf_counter()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
@@ -351,6 +376,8 @@ def pretrain(model: nn.Module, n: int, batch_loss: Callable[[torch.Tensor], torc
             sched.step()
             epoch_loss.append(loss.item())
             steps += 1
+            if callback is not None:
+                callback(steps, time.perf_counter() - t0)
             if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
                 stopped = True
                 break
@@ -363,7 +390,8 @@ def pretrain(model: nn.Module, n: int, batch_loss: Callable[[torch.Tensor], torc
 def train(flux: np.ndarray, ivar: np.ndarray | None = None, config: SpecFormerConfig = SMALL_CONFIG, *,
           epochs: int = 3, batch_size: int = 16, lr: float = 1e-3, seed: int = 0,
           max_seconds: float | None = None, model: SpecFormer | None = None, crop: int | None = 256,
-          warmup: int = 20, out_dim: int = 768) -> tuple[SpecFormer, dict[str, Any]]:
+          warmup: int = 20, out_dim: int = 768, device: str | torch.device | None = "auto",
+          callback: Callable[[int, float], None] | None = None) -> tuple[SpecFormer, dict[str, Any]]:
     """Masked-chunk pretraining on (n, L) spectra; returns the model and a log (losses, seconds, steps).
 
     Each step sees the mean/std token plus a random window of ``crop`` patch
@@ -374,6 +402,8 @@ def train(flux: np.ndarray, ivar: np.ndarray | None = None, config: SpecFormerCo
     embedding head (regions, centre, whitening) is fitted for ``out_dim``.
     Deterministic for a given seed and thread count. ``max_seconds`` stops
     training early (recorded in the log) so a CPU build stays bounded.
+    Training and the head run on ``device`` (``resolve_device``); the model is
+    returned on the CPU. ``callback`` goes to ``pretrain``.
     """
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -383,9 +413,10 @@ def train(flux: np.ndarray, ivar: np.ndarray | None = None, config: SpecFormerCo
     flux = flux[np.isfinite(flux).all(axis=1)]
     if len(flux) == 0:
         raise ValueError("SpecFormer training: no spectrum with good pixels")
-    model = model or SpecFormer(config)
+    dev = resolve_device(device)
+    model = (model or SpecFormer(config)).to(dev)
     c = model.config
-    data = torch.from_numpy(flux)
+    data = torch.from_numpy(flux).to(dev)
 
     def batch_loss(idx: torch.Tensor) -> torch.Tensor:
         target = model.preprocess(data[idx])
@@ -393,7 +424,7 @@ def train(flux: np.ndarray, ivar: np.ndarray | None = None, config: SpecFormerCo
         positions = None
         if crop and crop < n_tok:
             start = 1 + int(torch.randint(0, n_tok - crop + 1, (1,), generator=gen))
-            positions = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(start, start + crop)])
+            positions = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(start, start + crop)]).to(dev)
             target = target[:, positions]
         # AstroCLIP's masked fraction, in chunks of its width, on whatever length this step sees
         chunks = max(1, min(c.mask_num_chunks, round(c.mask_num_chunks * (target.shape[1] - 1) / max(1, n_tok))))
@@ -406,14 +437,15 @@ def train(flux: np.ndarray, ivar: np.ndarray | None = None, config: SpecFormerCo
 
     t0 = time.perf_counter()
     losses, steps, stopped = pretrain(model, len(data), batch_loss, gen, epochs=epochs, batch_size=batch_size,
-                                      lr=lr, warmup=warmup, max_seconds=max_seconds)
+                                      lr=lr, warmup=warmup, max_seconds=max_seconds, callback=callback)
     seconds = time.perf_counter() - t0
     model.eval()
     t1 = time.perf_counter()
     fit_embedding_head(model, flux, out_dim=out_dim, seed=seed)
+    model.to("cpu")
     return model, {"epoch_loss": losses, "steps": steps, "seconds": seconds, "head_seconds": time.perf_counter() - t1,
                    "stopped_by_time": stopped, "n_train": int(len(data)), "config": asdict(model.config),
-                   "recipe": {"lr": lr, "batch_size": batch_size, "crop": crop, "warmup": warmup, "epochs": epochs,
+                   "device": str(dev), "recipe": {"lr": lr, "batch_size": batch_size, "crop": crop, "warmup": warmup, "epochs": epochs,
                               "regions": model.emb_regions, "whiten_eps": WHITEN_EPS}}
 
 

@@ -14,7 +14,11 @@ Three steps, in the orchestrator's hooks:
     training target (never as an input; see ``science.shen``). The sample is ``train_max`` spectra (default 4000) drawn
     evenly from every partition (GALAXY targets with S/N > ``train_min_snr``);
     training stops after ``epochs`` or ``max_seconds`` per encoder (default 20
-    epochs, 300 s). The recipe (``RECIPE``) and the embedding heads (region
+    epochs, 300 s). Training runs on ``device`` (default ``auto``: a CUDA GPU
+    when torch sees one, else the CPU; the device is logged). On a GPU the
+    20-epoch cap, not the time, ends training (emb_shen: ~1300 steps in about a
+    minute); bench/RESULTS.md ("Training on a GPU") shows that ten times more
+    steps do not pay for themselves, so the defaults are the same on both. The recipe (``RECIPE``) and the embedding heads (region
     pooling + PCA whitening fitted on the sample; also fitted for published
     AstroCLIP weights) are described in ``science.specformer`` / ``science.shen``. The checkpoints go to ``artifacts/embed/`` and are reused
     while the options and the core are unchanged; which weights were used,
@@ -43,7 +47,7 @@ from ard_sql.build import hats_writer
 from ard_sql.build.layers.base import Partition, parse_options
 
 _OPTIONS = {"astroclip_checkpoint": str, "train_max": int, "train_min_snr": float, "epochs": int,
-            "max_seconds": float, "seed": int, "batch_size": int}
+            "max_seconds": float, "seed": int, "batch_size": int, "device": str}
 ASTRO_CKPT, SHEN_CKPT, TRAIN_LOG = "specformer.ckpt", "shen.ckpt", "training.json"
 _MODELS: dict[str, Any] = {}
 
@@ -106,10 +110,15 @@ def train_encoders(ard_dir: Path, opts: dict[str, Any]) -> tuple[Any, Any, dict[
     """Load or train the SpecFormer and train the emb_shen encoder on the ARD's spectra; returns both and a log."""
     from ard_sql.science import shen, specformer
 
+    try:  # before any work: a wrong device fails the build at once
+        specformer.resolve_device(opts.get("device", "auto"))
+    except (ValueError, RuntimeError) as exc:
+        raise ValueError(f"embed layer option device={opts['device']!r}: {exc}") from exc
     wave, flux, ivar, z = training_sample(ard_dir, opts.get("train_max", 4000), opts.get("train_min_snr", 2.0),
                                           opts.get("seed", 0))
     log: dict[str, Any] = {"recipe": RECIPE}
-    kw = {"epochs": opts.get("epochs", 20), "max_seconds": opts.get("max_seconds", 300.0), "seed": opts.get("seed", 0)}
+    kw = {"epochs": opts.get("epochs", 20), "max_seconds": opts.get("max_seconds", 300.0), "seed": opts.get("seed", 0),
+          "device": opts.get("device", "auto")}
     if "astroclip_checkpoint" in opts:
         import time
 
