@@ -31,14 +31,11 @@ import argparse
 import io
 import json
 import lzma
-import sys
 import time
-import types
 from pathlib import Path
 
 import numpy as np
 
-_ROOT = Path(__file__).resolve().parents[1]
 _LOG_STEP = np.log(1.01)
 _FLUX_STEP = 0.1
 _NO_IVAR = -32768
@@ -94,26 +91,14 @@ def unpack(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return (d["wave"], *dequantise(d["flux_q"], d["ivar_q"]), d["z"])
 
 
-def _science_modules() -> tuple[types.ModuleType, types.ModuleType]:
-    """``science.shen`` and ``science.specformer`` without importing ``ard_sql`` (and its DuckDB) first."""
-    if "ard_sql" not in sys.modules:
-        try:
-            import ard_sql  # noqa: F401
-        except ImportError:  # the GPU machine: only torch, numpy and scipy are there
-            pkg = types.ModuleType("ard_sql")
-            pkg.__path__ = [str(_ROOT / "ard_sql")]
-            sys.modules["ard_sql"] = pkg
-    from ard_sql.science import shen, specformer
-
-    return shen, specformer
-
-
 def train(pack_path: Path, encoder: str, seconds: float, snapshots: list[float], out: Path,
           device: str = "auto", seed: int = 0) -> dict:
     """Train one encoder from a pack for ``seconds``; save its weights at each snapshot time and at the end."""
     import torch
 
-    shen, specformer = _science_modules()
+    from standalone import science
+
+    shen, specformer = science("shen", "specformer")
     wave, flux, ivar, z = unpack(pack_path)
     out.mkdir(parents=True, exist_ok=True)
     # as train() seeds before it builds a model: the same initial encoder weights (emb_shen's

@@ -28,7 +28,9 @@ derivatives; the gas lines are evaluated only in windows of +-6 sigma around eac
 (disjoint nearest-line cells), never on the whole spectrum; the all-template steps run
 their FFTs in single precision (products and solves in double), a few rows at a time.
 On 2 CPU cores (one thread each) it is about 20x faster than pPXF per spectrum for the same
-results (bench/bench_ppxf.py; bench/RESULTS.md).
+results (bench/bench_ppxf.py; bench/RESULTS.md). On a GPU (an H100) it gives the CPU's results to
+float rounding but only 1.1-1.5x the speed of 16 CPU threads: launch-bound, not tuned for one
+(bench/bench_fastfit_devices.py).
 
 Convergence: a spectrum stops iterating when the Gauss-Newton model predicts that no step can
 lower chi2 by more than ``chi2_tol`` x max(1, reduced chi2), or when every parameter's next
