@@ -24,6 +24,10 @@ Usage (the ARD built from the mock with ``--layers lick,embed``)::
 
 ``--retrain`` instead trains both encoders in this process with the build's
 code and the given recipe (for trying recipes without a rebuild).
+``--checkpoints FILE|DIR ...`` scores other encoder weights (``specformer*.ckpt``,
+``shen*.ckpt``; e.g. ``bench/gpu_embeddings.py``'s snapshots) with their heads
+fitted on the ARD's training sample as a build fits them, plus emb_shen's
+resampling check for each.
 ``--head-eps 0.1 0.01`` adds rows for the ARD's own weights with the embedding
 head (centre + whitening) refitted on the layer's training sample at each
 whitening regularisation: the head alone, the same weights (give the build's
@@ -178,30 +182,24 @@ def evaluate(features: dict[str, np.ndarray], truth: pd.DataFrame, k: int = 16, 
     return pd.DataFrame(rows).set_index("representation")
 
 
-def refit_heads(ard: Path, data: dict, rows: np.ndarray, eps: float | None, opts: dict,
-                astro_ckpt: Path | None = None, shen_ckpt: Path | None = None) -> dict[str, np.ndarray]:
-    """Embeddings of ``rows`` from checkpoints (default: the ARD's) with their heads refitted at whitening ``eps``.
+def refit_heads(ard: Path, data: dict, rows: np.ndarray, eps: float, opts: dict) -> dict[str, np.ndarray]:
+    """Both embeddings of ``rows`` from the ARD's checkpoints with their heads refitted at whitening ``eps``."""
+    from ard_sql.build.layers.embed import ASTRO_CKPT, SHEN_CKPT
 
-    The head is fitted on the layer's training sample of ``ard``, as a build
-    fits it; ``eps`` None is the layer's default. With one checkpoint given,
-    only that embedding is returned.
-    """
+    folder = ard / "artifacts" / "embed"
+    return {f"emb_{kind}": embed_rows(load_with_head(ard, folder / name, opts, eps), data, rows)
+            for kind, name in (("astro", ASTRO_CKPT), ("shen", SHEN_CKPT))}
+
+
+def embed_rows(model, data: dict, rows: np.ndarray) -> np.ndarray:
+    """The column vectors of spectra ``rows`` from an emb_astro (SpecFormer) or emb_shen model."""
     from ard_sql import contract
-    from ard_sql.build.layers.embed import ASTRO_CKPT, SHEN_CKPT, training_sample
     from ard_sql.science import shen, specformer
 
-    if astro_ckpt is None and shen_ckpt is None:
-        folder = ard / "artifacts" / "embed"
-        astro_ckpt, shen_ckpt = folder / ASTRO_CKPT, folder / SHEN_CKPT
     f, iv = data["flux"][rows], data["ivar"][rows]
-    out = {}
-    if astro_ckpt is not None:
-        astro = load_with_head(ard, astro_ckpt, opts, eps)
-        out["emb_astro"] = specformer.embed(astro, f, iv, out_dim=contract.EMB_ASTRO_DIM)
-    if shen_ckpt is not None:
-        smodel = load_with_head(ard, shen_ckpt, opts, eps)
-        out["emb_shen"] = shen.embed(smodel, data["wave"], f, iv, out_dim=contract.EMB_SHEN_DIM)
-    return out
+    if isinstance(model, specformer.SpecFormer):
+        return specformer.embed(model, f, iv, out_dim=contract.EMB_ASTRO_DIM)
+    return shen.embed(model, data["wave"], f, iv, out_dim=contract.EMB_SHEN_DIM)
 
 
 def load_with_head(ard: Path, ckpt: Path, opts: dict, eps: float | None = None):
@@ -320,18 +318,14 @@ def main() -> None:
                 feats[f"{col} (head eps {eps:g})"] = X
     if args.checkpoints:
         from ard_sql.build.layers.embed import _options
-        from ard_sql.science import specformer
 
         opts = _options(dict(kv.split("=", 1) for kv in args.set))
-        rows = np.flatnonzero(gal)
         for ckpt in _checkpoint_files(args.checkpoints):
             kind = "astro" if ckpt.name.startswith("specformer") else "shen"
             model = load_with_head(args.ard, ckpt, opts)
             label = f"emb_{kind} ({ckpt.parent.name}/{ckpt.stem})"
-            if kind == "astro":
-                feats[label] = specformer.embed(model, data["flux"][rows], data["ivar"][rows], out_dim=768)
-            else:
-                feats[label] = shen.embed(model, data["wave"], data["flux"][rows], data["ivar"][rows], out_dim=768)
+            feats[label] = embed_rows(model, data, np.flatnonzero(gal))
+            if kind == "shen":
                 cos = resampling_cosines(model, data, pick)[0][1]
                 print(f"{label}: resampling cosine min {np.nanmin(cos):.4f}, median {np.nanmedian(cos):.4f}")
             print(f"scored {ckpt} ({time.perf_counter() - t0:.0f} s)", flush=True)
