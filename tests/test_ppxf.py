@@ -72,10 +72,6 @@ def _ngc3522():
     return wave, flux[None], ivar[None], mask[None], lsf, np.array([z])
 
 
-@pytest.mark.xfail(strict=False, reason="open (issue 5): with the BC03-MILES templates (the only library here) the "
-                   "reference fit gives 104.0 +- 1.4 km/s (102.5 at SDSS's native 69 km/s sampling; 102-106 for "
-                   "additive degrees 4-12); pPXF's own SDSS example recipe on the same templates gives 102.2 with a "
-                   "Gaussian LOSVD and 98.6 with h3/h4: template mismatch, see bench/RESULTS.md")
 def test_reference_ngc3522_recovers_sdss_sigma(ref, fast):
     """SDSS DR18 pipeline: sigma = 97.4 +- 2.4 km/s; ours within 5 km/s, in both modes."""
     args = _ngc3522()

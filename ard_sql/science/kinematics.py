@@ -120,9 +120,19 @@ def _interp_many(x_out: np.ndarray, x: np.ndarray, *ys: np.ndarray) -> list[np.n
 
 
 def resample_templates(lam: np.ndarray, flux: np.ndarray, velscale: float) -> tuple[np.ndarray, np.ndarray]:
-    """Cubic-spline (npix, ntemp) templates onto a ln(lambda) grid of step ``velscale``; returns (flux, ln_lam)."""
-    ln_lam = log_grid(lam, velscale)
-    return CubicSpline(lam, flux, axis=0)(np.exp(ln_lam)), ln_lam
+    """(npix, ntemp) templates onto a ln(lambda) grid of step ``velscale``, as pPXF prepares them; returns (flux, ln_lam).
+
+    pPXF's own flux-conserving ``log_rebin`` (what ``ppxf.sps_util.sps_lib`` does): each log pixel
+    is the mean of the template over its width. That adds the pixel's boxcar (sigma =
+    velscale / sqrt(12), 14 km/s at 50 km/s) to the templates' stated FWHM, which pPXF's convention
+    leaves uncounted; sampling the templates by a spline instead gives ~1-2 km/s larger sigma at
+    100 km/s. Both fitters follow pPXF here, so that VelDisp agrees with pPXF as it is run on the
+    same templates (bench/RESULTS.md, "Template rebinning").
+    """
+    from ppxf.ppxf_util import log_rebin
+
+    out, ln_lam, _ = log_rebin(lam, flux, velscale=velscale)
+    return out, ln_lam
 
 
 def log_grid(wave: np.ndarray, velscale: float) -> np.ndarray:
@@ -491,7 +501,9 @@ def synthetic_batch(template_path, z: np.ndarray, sigma: np.ndarray, snr: np.nda
     v_star = np.zeros(n) if v_star is None else np.asarray(v_star, float)
     wave = brz_wavelength()
     fine_vs = 5.0
-    fine, ln_fine = resample_templates(tpl.lam, tpl.flux, fine_vs)
+    # sampled by a spline, not rebinned: a 5 km/s grid is much finer than the templates' pixels
+    ln_fine = log_grid(tpl.lam, fine_vs)
+    fine = CubicSpline(tpl.lam, tpl.flux, axis=0)(np.exp(ln_fine))
     fwhm_t = float(np.median(tpl.fwhm))
     flux = np.empty((n, wave.size))
     lsf = np.empty((n, wave.size))
