@@ -70,7 +70,7 @@ class PpxfLayer:
     """Per-partition kinematics and emission lines."""
 
     name = "ppxf"
-    version = "2"
+    version = "3"  # 3: templates log-rebinned as pPXF does (VelDisp moves by ~1-2%)
 
     def run(self, part: Partition) -> pa.Table:
         """Fit every galaxy of the partition; NULLs and flags where a fit is impossible."""
