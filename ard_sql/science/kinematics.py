@@ -122,17 +122,26 @@ def _interp_many(x_out: np.ndarray, x: np.ndarray, *ys: np.ndarray) -> list[np.n
 def resample_templates(lam: np.ndarray, flux: np.ndarray, velscale: float) -> tuple[np.ndarray, np.ndarray]:
     """(npix, ntemp) templates onto a ln(lambda) grid of step ``velscale``, as pPXF prepares them; returns (flux, ln_lam).
 
-    pPXF's own flux-conserving ``log_rebin`` (what ``ppxf.sps_util.sps_lib`` does): each log pixel
-    is the mean of the template over its width. That adds the pixel's boxcar (sigma =
-    velscale / sqrt(12), 14 km/s at 50 km/s) to the templates' stated FWHM, which pPXF's convention
-    leaves uncounted; sampling the templates by a spline instead gives ~1-2 km/s larger sigma at
-    100 km/s. Both fitters follow pPXF here, so that VelDisp agrees with pPXF as it is run on the
-    same templates (bench/RESULTS.md, "Template rebinning").
+    pPXF's flux-conserving log-rebinning (``ppxf.ppxf_util.log_rebin``, what ``sps_lib`` does; the
+    same pixel borders and grid, written here so that the fast mode does not run pPXF's code): the
+    template is a step function over its pixels, and each log pixel gets its exact mean over the
+    pixel's width. That adds the pixel's boxcar (sigma = velscale / sqrt(12), 14 km/s at 50 km/s)
+    to the templates' stated FWHM, which pPXF's convention leaves uncounted; sampling the templates
+    by a spline instead gives ~1-2 km/s larger sigma at 100 km/s. Both fitters follow pPXF here, so
+    that VelDisp agrees with pPXF as it is run on the same templates (bench/RESULTS.md, "Template
+    rebinning").
     """
-    from ppxf.ppxf_util import log_rebin
-
-    out, ln_lam, _ = log_rebin(lam, flux, velscale=velscale)
-    return out, ln_lam
+    lam = np.asarray(lam, np.float64)
+    flux = np.asarray(flux, np.float64)
+    lim = 1.5 * lam[[0, -1]] - 0.5 * lam[[1, -2]]
+    borders = np.concatenate([lim[:1], (lam[1:] + lam[:-1]) / 2, lim[1:]])
+    m = int(C_KMS * np.log(lim[1] / lim[0]) / velscale)
+    new = np.exp(np.log(lim[0]) + velscale / C_KMS * np.arange(m + 1))
+    # integral of the step function from the first border to each new border
+    cum = np.concatenate([np.zeros((1,) + flux.shape[1:]), np.cumsum(flux * np.diff(borders)[:, None], axis=0)])
+    k = (np.searchsorted(borders, new) - 1).clip(0, lam.size - 1)
+    integral = cum[k] + (new - borders[k])[:, None] * flux[k]
+    return np.diff(integral, axis=0) / np.diff(new)[:, None], 0.5 * np.log(new[1:] * new[:-1])
 
 
 def log_grid(wave: np.ndarray, velscale: float) -> np.ndarray:
