@@ -3,7 +3,7 @@
 The fast fitter runs on a CUDA GPU whenever torch sees one (``FastFitter``'s
 device defaults to it), and a failed batch becomes NULLs and flags rather than
 a crashed build, so a GPU-only fault would pass silently. This benchmark fits
-the same template-made spectra (``kinematics.synthetic_batch``, known truth) on
+the same template-made spectra (``kinematics.synthetic_sample``, known truth) on
 the CPU and on each device asked for, and prints per device the time per
 spectrum, the NULL count and the agreement with the truth, and between the
 devices the agreement of VelDisp and the line fluxes.
@@ -25,20 +25,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-
-def spectra(tpl: Path, n: int, seed: int = 0):
-    """(wave, flux, ivar, lsf, z, sigma, line_flux) of ``n`` template-made spectra with known kinematics and lines."""
-    from standalone import science
-
-    (kinematics,) = science("kinematics")
-    rng = np.random.default_rng(seed)
-    z = rng.uniform(0.02, 0.45, n)
-    sigma = rng.uniform(70, 300, n)
-    base = np.array([0.6, 0.8, 0.26, 0.47, 1.0, 0.5, 1.5, 0.35, 2.86, 1.0, 0.45, 0.35])
-    lines = 30 * base[None, :] * rng.uniform(0.2, 1.5, (n, 1))
-    wave, flux, ivar, lsf, _ = kinematics.synthetic_batch(tpl, z, sigma, rng.uniform(8, 40, n), lines, seed=seed)
-    return wave, flux, ivar, lsf, z, sigma, lines
 
 
 def run(fitter, data, rows: slice) -> tuple[dict, float]:
@@ -86,7 +72,7 @@ def main() -> None:
     if args.templates is None:
         (templates,) = science("templates")
         args.templates = templates.template_file(None)
-    data = spectra(args.templates, args.n)
+    data = kinematics.synthetic_sample(args.templates, args.n)
     sigma_true = data[5]
     summary: dict = {"n": args.n, "cpu_n": args.cpu_n, "torch": torch.__version__,
                      "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "runs": {}}

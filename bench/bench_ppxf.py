@@ -55,13 +55,9 @@ def _mock(n: int, workdir: Path):
 
 
 def _synthetic(n: int, tpl: Path):
-    from ard_sql.science.kinematics import synthetic_batch
+    from ard_sql.science.kinematics import synthetic_sample
 
-    rng = np.random.default_rng(0)
-    z = rng.uniform(0.02, 0.45, n)
-    base = np.array([0.6, 0.8, 0.26, 0.47, 1.0, 0.5, 1.5, 0.35, 2.86, 1.0, 0.45, 0.35])
-    lines = 30 * base[None, :] * rng.uniform(0.2, 1.5, (n, 1))
-    wave, flux, ivar, lsf, _ = synthetic_batch(tpl, z, rng.uniform(70, 300, n), rng.uniform(8, 40, n), lines)
+    wave, flux, ivar, lsf, z, _ = synthetic_sample(tpl, n)
     return wave, flux, ivar, None, lsf, z
 
 

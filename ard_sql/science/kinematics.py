@@ -538,3 +538,19 @@ def synthetic_batch(template_path, z: np.ndarray, sigma: np.ndarray, snr: np.nda
     ivar = np.where(good, 1.0 / noise**2, 0.0)
     truth = {"sigma": sigma, "v_star": v_star, "z": z, "line_flux": line_flux, "gas_sigma": gas_sigma}
     return wave, flux.astype(np.float32), ivar.astype(np.float32), lsf, truth
+
+
+def synthetic_sample(template_path, n: int, seed: int = 0):
+    """``n`` spectra of ``synthetic_batch`` spanning the layer's range, for benches: (wave, flux, ivar, lsf, z, sigma).
+
+    z 0.02-0.45, sigma 70-300 km/s, S/N 8-40 per pixel, and the 12 lines in fixed
+    star-forming ratios scaled by 0.2-1.5 (uniform draws from ``seed``).
+    """
+    rng = np.random.default_rng(seed)
+    z = rng.uniform(0.02, 0.45, n)
+    sigma = rng.uniform(70, 300, n)
+    base = np.array([0.6, 0.8, 0.26, 0.47, 1.0, 0.5, 1.5, 0.35, 2.86, 1.0, 0.45, 0.35])
+    lines = 30 * base[None, :] * rng.uniform(0.2, 1.5, (n, 1))
+    wave, flux, ivar, lsf, _ = synthetic_batch(template_path, z, sigma, rng.uniform(8, 40, n), lines, seed=seed)
+    return wave, flux, ivar, lsf, z, sigma
+
