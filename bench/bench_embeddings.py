@@ -182,13 +182,21 @@ def evaluate(features: dict[str, np.ndarray], truth: pd.DataFrame, k: int = 16, 
     return pd.DataFrame(rows).set_index("representation")
 
 
-def refit_heads(ard: Path, data: dict, rows: np.ndarray, eps: float, opts: dict) -> dict[str, np.ndarray]:
-    """Both embeddings of ``rows`` from the ARD's checkpoints with their heads refitted at whitening ``eps``."""
+def refit_heads(ard: Path, data: dict, rows: np.ndarray, eps: float, sample: tuple, seed: int = 0
+                ) -> dict[str, np.ndarray]:
+    """Both embeddings of ``rows`` from the ARD's checkpoints with their heads refitted on ``sample`` at whitening ``eps``."""
     from ard_sql.build.layers.embed import ASTRO_CKPT, SHEN_CKPT
 
     folder = ard / "artifacts" / "embed"
-    return {f"emb_{kind}": embed_rows(load_with_head(ard, folder / name, opts, eps), data, rows)
+    return {f"emb_{kind}": embed_rows(load_with_head(folder / name, sample, eps, seed), data, rows)
             for kind, name in (("astro", ASTRO_CKPT), ("shen", SHEN_CKPT))}
+
+
+def head_sample(ard: Path, opts: dict) -> tuple:
+    """The embed layer's training sample of ``ard`` (wave, flux, ivar, z), which its heads are fitted on."""
+    from ard_sql.build.layers.embed import training_sample
+
+    return training_sample(ard, opts.get("train_max", 4000), opts.get("train_min_snr", 2.0), opts.get("seed", 0))
 
 
 def embed_rows(model, data: dict, rows: np.ndarray) -> np.ndarray:
@@ -202,20 +210,20 @@ def embed_rows(model, data: dict, rows: np.ndarray) -> np.ndarray:
     return shen.embed(model, data["wave"], f, iv, out_dim=contract.EMB_SHEN_DIM)
 
 
-def load_with_head(ard: Path, ckpt: Path, opts: dict, eps: float | None = None):
-    """An encoder checkpoint (``specformer*`` or ``shen*``) with its embedding head fitted on the ARD's training sample, as a build fits it."""
+def load_with_head(ckpt: Path, sample: tuple, eps: float | None = None, seed: int = 0):
+    """An encoder checkpoint (``specformer*`` or ``shen*``) with its embedding head fitted on ``sample``
+    (``head_sample``), as a build fits it."""
     from ard_sql import contract
-    from ard_sql.build.layers.embed import training_sample
     from ard_sql.science import shen, specformer
 
-    wave, flux, ivar, _ = training_sample(ard, opts.get("train_max", 4000), opts.get("train_min_snr", 2.0), opts.get("seed", 0))
+    wave, flux, ivar, _ = sample
     if ckpt.name.startswith("specformer"):
         model = specformer.load_checkpoint(ckpt)
-        specformer.fit_embedding_head(model, flux, ivar, out_dim=contract.EMB_ASTRO_DIM, seed=opts.get("seed", 0),
+        specformer.fit_embedding_head(model, flux, ivar, out_dim=contract.EMB_ASTRO_DIM, seed=seed,
                                       **({} if eps is None else {"eps": eps}))
     else:
         model = shen.load_checkpoint(ckpt)
-        shen.fit_head(model, wave, flux, ivar, seed=opts.get("seed", 0), eps=eps)
+        shen.fit_head(model, wave, flux, ivar, seed=seed, eps=eps)
     return model
 
 
@@ -275,11 +283,13 @@ def main() -> None:
     gal = ~truth["POPULATION"].isin(["star", "qso"]).to_numpy() & truth["POPULATION"].notna().to_numpy()
     print(f"loaded {len(core)} spectra ({gal.sum()} galaxies) in {time.perf_counter() - t0:.1f} s")
 
+    from ard_sql.build.layers.embed import _options
+
+    opts = _options(dict(kv.split("=", 1) for kv in args.set))
     train_info = {}
     if args.retrain:
-        from ard_sql.build.layers.embed import _options, embed_spectra, train_encoders
+        from ard_sql.build.layers.embed import embed_spectra, train_encoders
 
-        opts = _options(dict(kv.split("=", 1) for kv in args.set))
         astro_m, shen_m, train_info = train_encoders(args.ard, opts)
         emb = embed_spectra(astro_m, shen_m, data["wave"], data["flux"], data["ivar"])
     else:
@@ -309,20 +319,14 @@ def main() -> None:
     for name, col in (("astro", "emb_astro"), ("shen", "emb_shen")):
         if col in emb:
             feats[col] = emb[col][gal]
-    if args.head_eps:
-        from ard_sql.build.layers.embed import _options
-
-        opts = _options(dict(kv.split("=", 1) for kv in args.set))
-        for eps in args.head_eps:
-            for col, X in refit_heads(args.ard, data, np.flatnonzero(gal), eps, opts).items():
-                feats[f"{col} (head eps {eps:g})"] = X
+    sample = head_sample(args.ard, opts) if args.head_eps or args.checkpoints else None
+    for eps in args.head_eps:
+        for col, X in refit_heads(args.ard, data, np.flatnonzero(gal), eps, sample, opts.get("seed", 0)).items():
+            feats[f"{col} (head eps {eps:g})"] = X
     if args.checkpoints:
-        from ard_sql.build.layers.embed import _options
-
-        opts = _options(dict(kv.split("=", 1) for kv in args.set))
         for ckpt in _checkpoint_files(args.checkpoints):
             kind = "astro" if ckpt.name.startswith("specformer") else "shen"
-            model = load_with_head(args.ard, ckpt, opts)
+            model = load_with_head(ckpt, sample, seed=opts.get("seed", 0))
             label = f"emb_{kind} ({ckpt.parent.name}/{ckpt.stem})"
             feats[label] = embed_rows(model, data, np.flatnonzero(gal))
             if kind == "shen":
