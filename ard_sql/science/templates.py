@@ -22,7 +22,7 @@ kept by default: MILES has FWHM = 2.51 A (Falcon-Barroso et al. 2011), constant
 in Angstrom. Check on this grid (``measure_template_fwhm``): the
 autocorrelation of the continuum-divided 10 Gyr solar template gives an upper
 bound of 2.9-3.1 A in 4400-7300 A (intrinsic line widths add to the LSF), and
-the NGC 3522 fit (``tests/test_ppxf.py``) gives 101.6 +- 1.5 km/s (fast mode 102.3) against the
+the NGC 3522 fit (``tests/test_ppxf.py``) gives 101.6 +- 1.5 km/s (fast mode 102.0) against the
 SDSS pipeline's 97.4 +- 2.4 with the SDSS WDISP resolution, with the templates log-rebinned as
 pPXF does (``kinematics.resample_templates``; 104.0 when they were spline-sampled).
 Outside MILES the grid switches library (0.5 A sampling below 3540 A, 1 A at
