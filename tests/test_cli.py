@@ -149,3 +149,29 @@ def test_build_errors_exit_cleanly(tmp_path):
     assert res.exit_code == 2 and "no coadd/redrock" in flat(res.output)
     res = ard("build", tmp_path / "empty", "--out", tmp_path / "ard", "--layers", "nosuchlayer")
     assert res.exit_code == 2 and "unknown layer" in flat(res.output)
+
+
+def test_layer_shortcut_options_reach_the_build(monkeypatch, tmp_path):
+    """``--ppxf-mode`` and ``--astroclip-checkpoint`` are the issue's spellings of two layer options."""
+    import ard_sql.build.orchestrator as orchestrator
+
+    seen = {}
+
+    def capture(opts):
+        seen.update(opts.layer_options)
+        raise orchestrator.BuildFailed("captured")
+
+    monkeypatch.setattr(orchestrator, "build", capture)
+    ckpt = tmp_path / "astroclip.ckpt"
+    ckpt.write_bytes(b"x")
+    res = ard("build", "--out", tmp_path / "a", "--ppxf-mode", "reference", "--astroclip-checkpoint", ckpt)
+    assert res.exit_code != 0 and "captured" in res.output
+    assert seen == {"ppxf": {"mode": "reference"}, "embed": {"astroclip_checkpoint": str(ckpt.resolve())}}
+
+
+def test_layer_shortcut_options_reject_bad_values(tmp_path):
+    res = ard("build", "--out", tmp_path / "a", "--ppxf-mode", "quick")
+    assert res.exit_code != 0 and "--ppxf-mode must be 'fast' or 'reference'" in flat(res.output)
+    assert not (tmp_path / "a").exists()
+    res = ard("build", "--out", tmp_path / "a", "--astroclip-checkpoint", tmp_path / "none.ckpt")
+    assert res.exit_code != 0 and "no such file" in flat(res.output) and "none.ckpt" in flat(res.output)

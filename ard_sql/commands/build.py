@@ -23,6 +23,13 @@ def build(
     order: int = typer.Option(None, "--order", help="HEALPix order of the partitions (0-6); default: chosen from the counts."),
     force: bool = typer.Option(False, "--force", help="Rebuild every partition, even unchanged ones."),
     set_: list[str] = typer.Option([], "--set", help="Layer option layer.key=value (repeatable), e.g. --set ppxf.mode=fast."),
+    ppxf_mode: str = typer.Option(None, "--ppxf-mode", metavar="fast|reference",
+                                  help="pPXF layer: the batched fitter (fast, the default) or pPXF itself (reference); "
+                                       "the same as --set ppxf.mode=MODE."),
+    astroclip_checkpoint: Path = typer.Option(None, "--astroclip-checkpoint", metavar="PATH",
+                                              help="embed layer: published AstroCLIP SpecFormer weights (a local "
+                                                   "file; nothing is fetched) for emb_astro instead of training; the "
+                                                   "same as --set embed.astroclip_checkpoint=PATH."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
     """Build (or update) an ARD: ingest, layers, then ard.duckdb and build-report.json.
@@ -43,6 +50,14 @@ def build(
                             order=order, force=force, progress=progress)
         for assignment in set_:
             opts.set(assignment)
+        if ppxf_mode is not None:
+            if ppxf_mode not in ("fast", "reference"):
+                raise OptionError(f"--ppxf-mode must be 'fast' or 'reference', got {ppxf_mode!r}")
+            opts.set(f"ppxf.mode={ppxf_mode}")
+        if astroclip_checkpoint is not None:
+            if not astroclip_checkpoint.is_file():
+                raise OptionError(f"--astroclip-checkpoint {astroclip_checkpoint}: no such file")
+            opts.layer_options.setdefault("embed", {})["astroclip_checkpoint"] = str(astroclip_checkpoint.resolve())
     except OptionError as exc:
         raise fail(str(exc)) from None
     try:
