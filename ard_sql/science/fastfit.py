@@ -37,7 +37,7 @@ dense products over all pixels involve only the composite template and its two
 derivatives; the gas lines are evaluated only in windows of +-4 sigma around each line
 (disjoint nearest-line cells), never on the whole spectrum; the all-template steps run
 their FFTs in single precision (products and solves in double), a few rows at a time.
-With one thread each it is 21-23x faster than pPXF per spectrum (20.6-21.3x on a harder sample) for the same
+With one thread each it is 22-25x faster than pPXF per spectrum (20.6-22.1x on a harder sample) for the same
 results (bench/bench_ppxf.py; bench/RESULTS.md). On a GPU (an H100) it gives the CPU's results to
 float rounding but only 1.1-1.5x the speed of 16 CPU threads: launch-bound, not tuned for one
 (bench/bench_fastfit_devices.py).

@@ -155,29 +155,35 @@ def _smooth_rows(y: np.ndarray, var: np.ndarray, bad: np.ndarray, sig_px: np.nda
     """Gaussian smoothing of each row with per-pixel width ``sig_px`` (the kernel belongs to the output pixel).
 
     Returns the smoothed ``y``, the propagated variance (diagonal: sum k^2 var) and the kernel-weighted
-    fraction of ``bad`` pixels. The kernel taps are made on the fly by recurrence,
-    exp(q k^2) = exp(q (k-1)^2) r_k with r_k = r_(k-1) exp(2q), so no (taps, n, npix) array is held.
+    fraction of ``bad`` pixels. Each row's kernel reaches +-4 of its own largest sigma, so a spectrum is
+    prepared the same whatever else is in its batch; rows of the same reach are done together. The
+    kernel taps are made on the fly by recurrence, exp(q k^2) = exp(q (k-1)^2) r_k with
+    r_k = r_(k-1) exp(2q), so no (taps, n, npix) array is held, and the sums go through preallocated
+    buffers (large numpy temporaries cost a page fault per use).
     """
-    half = max(1, int(np.ceil(4 * np.nanmax(sig_px, initial=0.25))))
     npix = y.shape[1]
-    q = -0.5 / np.maximum(sig_px, 1e-3) ** 2
-    pad = lambda a: np.pad(a, [(0, 0), (half, half)], mode="edge")  # noqa: E731
-    yp, vp, bp = pad(y), pad(var), pad(bad.astype(np.float64))
-    acc_y, acc_v, acc_b = y.copy(), var.copy(), bad.astype(np.float64)
-    norm = np.ones_like(q)
-    g = np.ones_like(q)
-    r = np.exp(q)
-    e2q = r * r
-    for k in range(1, half + 1):
-        g *= r
-        r *= e2q
-        g2 = g * g
-        lo, hi = slice(half - k, half - k + npix), slice(half + k, half + k + npix)
-        acc_y += g * (yp[:, lo] + yp[:, hi])
-        acc_v += g2 * (vp[:, lo] + vp[:, hi])
-        acc_b += g * (bp[:, lo] + bp[:, hi])
-        norm += 2 * g
-    return acc_y / norm, acc_v / norm**2, acc_b / norm
+    reach = np.maximum(1, np.ceil(4 * np.nanmax(np.nan_to_num(sig_px), axis=1, initial=0.25))).astype(int)
+    out_y, out_v, out_b = np.empty(y.shape), np.empty(y.shape), np.empty(y.shape)
+    for half in np.unique(reach):
+        rows = np.flatnonzero(reach == half)
+        q = -0.5 / np.maximum(sig_px[rows], 1e-3) ** 2
+        pad = lambda a: np.pad(a, [(0, 0), (half, half)], mode="edge")  # noqa: E731
+        yp, vp, bp = pad(y[rows]), pad(var[rows]), pad(bad[rows].astype(np.float64))
+        acc_y, acc_v, acc_b = y[rows].astype(np.float64), var[rows].astype(np.float64), bad[rows].astype(np.float64)
+        norm, g, r = np.ones_like(q), np.ones_like(q), np.exp(q)
+        e2q, g2, tmp = r * r, np.empty_like(q), np.empty_like(q)
+        for k in range(1, half + 1):
+            g *= r
+            r *= e2q
+            np.multiply(g, g, out=g2)
+            lo, hi = slice(half - k, half - k + npix), slice(half + k, half + k + npix)
+            for acc, padded, wk in ((acc_y, yp, g), (acc_v, vp, g2), (acc_b, bp, g)):
+                np.add(padded[:, lo], padded[:, hi], out=tmp)
+                tmp *= wk
+                acc += tmp
+            norm += 2 * g
+        out_y[rows], out_v[rows], out_b[rows] = acc_y / norm, acc_v / norm**2, acc_b / norm
+    return out_y, out_v, out_b
 
 
 def prepare(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None, lsf_sigma: np.ndarray,
