@@ -156,6 +156,26 @@ def test_stellar_kinematics_without_any_covered_gas_line(tpl, fast, ref):
             assert ((r.flag & K.FLAGS[f"LINE_{nm}"]) > 0).all(), nm
 
 
+def test_a_spectrum_is_prepared_the_same_whatever_its_batch():
+    """The resolution matching of one spectrum does not depend on the other spectra of its batch."""
+    from ard_sql import grid
+
+    wave = grid.brz_wavelength()
+    rng = np.random.default_rng(5)
+    flux = 1 + 0.1 * rng.standard_normal((2, wave.size))
+    ivar = np.full(flux.shape, 100.0)
+    ivar[0, 500:520] = 0  # masked pixels: their kernel-weighted fraction is propagated too
+    lsf = np.full(wave.size, 0.75)  # DESI-like: sharper than the templates, so the galaxy is smoothed
+    cfg = K.FitConfig()
+    alone = K.prepare(wave, flux[:1], ivar[:1], None, lsf, np.array([0.05]), 2.51, cfg)
+    # a z = 0.6 neighbour needs a kernel twice as wide
+    batch = K.prepare(wave, flux, ivar, None, lsf, np.array([0.05, 0.6]), 2.51, cfg)
+    np.testing.assert_array_equal(alone.flux[0], batch.flux[0])
+    np.testing.assert_array_equal(alone.noise[0], batch.noise[0])
+    np.testing.assert_array_equal(alone.good[0], batch.good[0])
+    assert not np.array_equal(alone.flux[0], K.prepare(wave, flux[:1], ivar[:1], None, lsf, np.array([0.6]), 2.51, cfg).flux[0])
+
+
 def test_unusable_spectra_are_null_and_flagged(tpl, fast, ref):
     wave, flux, ivar, lsf, _ = K.synthetic_batch(tpl, np.array([0.1, 0.1, 0.1]), np.full(3, 150.0), np.full(3, 20.0))
     ivar = ivar.copy()
