@@ -70,7 +70,7 @@ class PpxfLayer:
     """Per-partition kinematics and emission lines."""
 
     name = "ppxf"
-    version = "3"  # 3: templates log-rebinned as pPXF does (VelDisp moves by ~1-2%)
+    version = "4"  # 3: templates log-rebinned as pPXF does (VelDisp moves by ~1-2%); 4: fast fitter's three passes and +-4 sigma line windows, per-spectrum smoothing reach
 
     def run(self, part: Partition) -> pa.Table:
         """Fit every galaxy of the partition; NULLs and flags where a fit is impossible."""
