@@ -8,6 +8,7 @@ from scipy import ndimage
 
 from ard_sql.science.cosmicweb import (
     MASKED_CODE,
+    WebOptions,
     classify_tweb,
     symmetric_eigenvalues,
     tidal_eigenvalues,
@@ -87,6 +88,28 @@ def test_classify_counts_and_masks() -> None:
     assert codes.dtype == np.int8
     assert codes.tolist() == [2, 3, 0, 3, MASKED_CODE]
     assert web_class_names(codes).tolist() == ["Filament", "Knot", "Void", "Knot", None]
+
+
+def test_three_thresholds_apply_to_the_sorted_eigenvalues() -> None:
+    # eigenvalues in any order; thresholds (0.1, 0.3, 0.55) for lambda1 >= lambda2 >= lambda3
+    ev = np.array([[0.2, 0.05, 0.0], [0.4, 0.2, 0.0], [0.35, 0.5, 0.0], [0.6, 0.5, 0.4], [0.6, 0.7, 0.56], [np.nan, 0, 0]])
+    codes = classify_tweb(ev, lambda_th=(0.1, 0.3, 0.55))
+    assert codes.tolist() == [1, 1, 2, 2, 3, MASKED_CODE]
+    # one threshold repeated three times is the classic T-web
+    rng = np.random.default_rng(0)
+    ev = rng.normal(0, 0.3, (1000, 3))
+    np.testing.assert_array_equal(classify_tweb(ev, (0.2, 0.2, 0.2)), classify_tweb(ev, 0.2))
+    with pytest.raises(ValueError, match="non-decreasing"):
+        classify_tweb(ev, (0.3, 0.1, 0.5))
+    with pytest.raises(ValueError, match="non-decreasing"):
+        classify_tweb(ev, (0.1, 0.3))
+
+
+def test_web_options_take_three_thresholds_from_json_and_reject_bad_ones() -> None:
+    assert WebOptions.from_dict({"lambda_th": [0.1, 0.3, 0.55]}).lambda_th == (0.1, 0.3, 0.55)
+    assert WebOptions.from_dict({}).lambda_th == 0.2
+    with pytest.raises(ValueError, match="lambda_th"):
+        WebOptions.from_dict({"lambda_th": [0.5, 0.1, 0.2]})
 
 
 def test_bad_input_is_rejected() -> None:
