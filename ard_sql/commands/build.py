@@ -51,8 +51,10 @@ def build(
         for assignment in set_:
             opts.set(assignment)
         if ppxf_mode is not None:
-            if ppxf_mode not in ("fast", "reference"):
-                raise OptionError(f"--ppxf-mode must be 'fast' or 'reference', got {ppxf_mode!r}")
+            from ard_sql.build.layers.ppxf import MODES
+
+            if ppxf_mode not in MODES:
+                raise OptionError("--ppxf-mode must be " + " or ".join(map(repr, MODES)) + f", got {ppxf_mode!r}")
             opts.set(f"ppxf.mode={ppxf_mode}")
         if astroclip_checkpoint is not None:
             if not astroclip_checkpoint.is_file():
