@@ -283,9 +283,9 @@ def main() -> None:
     gal = ~truth["POPULATION"].isin(["star", "qso"]).to_numpy() & truth["POPULATION"].notna().to_numpy()
     print(f"loaded {len(core)} spectra ({gal.sum()} galaxies) in {time.perf_counter() - t0:.1f} s")
 
-    from ard_sql.build.layers.embed import _options
+    from ard_sql.build.layers.embed import options as embed_options
 
-    opts = _options(dict(kv.split("=", 1) for kv in args.set))
+    opts = embed_options(dict(kv.split("=", 1) for kv in args.set))
     train_info = {}
     if args.retrain:
         from ard_sql.build.layers.embed import embed_spectra, train_encoders

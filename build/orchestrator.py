@@ -304,6 +304,22 @@ def layers_to_run(opts: BuildOptions, report: BuildReport) -> list[str]:
     return available_layers()
 
 
+def check_layer_options(opts: BuildOptions, layers: list[str]) -> None:
+    """Every option given to a layer this build runs, checked by the layer's ``check_options`` before any work.
+
+    A bad value would otherwise fail only when the layer reaches its first
+    partition, after ingest and every earlier layer, and once per partition.
+    """
+    for name in layers:
+        given = opts.layer_options.get(name)
+        check = getattr(load_layer_class(name), "check_options", None)
+        if given and check is not None:
+            try:
+                check(dict(given))
+            except (ValueError, TypeError) as exc:
+                raise BuildFailed(f"layer options: {exc}") from None
+
+
 def build(opts: BuildOptions) -> BuildReport:
     """Run a whole build as ``opts`` says; return the report (also written to ``build-report.json``).
 
@@ -314,6 +330,7 @@ def build(opts: BuildOptions) -> BuildReport:
     opts.out = str(ard_dir)
     report = BuildReport(started=_now(), source=str(opts.source or ""))
     layers = layers_to_run(opts, report)
+    check_layer_options(opts, layers)
     ard_dir.mkdir(parents=True, exist_ok=True)
     previous = database.read_provenance(ard_dir)
     prov = previous or database.Provenance()

@@ -553,3 +553,26 @@ def test_deleted_source_partition_is_removed_by_a_clean_build(tmp_path):
     assert not report.errors
     rows = core_rows(out, "TargetID, HEALPIX")
     assert len(rows) == len(truth["targets"]) - 6 and all(r["HEALPIX"] != 40000 for r in rows)
+
+
+# ------------------------------------------------------------------ layer options
+@pytest.mark.parametrize("layer, given, says", [
+    ("ppxf", {"mode": "bogus"}, "mode must be one of"),
+    ("lick", {"max_bad_fraction": 0.3}, "unknown option"),
+    ("embed", {"device": "nonesuch"}, "device 'nonesuch'"),
+    ("embed", {"astroclip_checkpoint": "/no/such/weights.ckpt"}, "no such file"),
+    ("topology", {"cosmology": "Planck99"}, "Planck99"),
+    ("topology", {"lambda_th": [0.3, 0.2, 0.1]}, "lambda_th"),
+    ("bagpipes", {"n_sims": "many"}, "many"),
+])
+def test_bad_layer_options_fail_before_any_work(tmp_path, survey_dir, layer, given, says):
+    """A bad option fails at once, naming the layer's problem, before ingest writes anything."""
+    from ard_sql.build.orchestrator import BuildFailed
+
+    root, _ = survey_dir
+    out = tmp_path / "ard"
+    opts = BuildOptions(source=str(root), out=str(out), layers=[layer], scheduler="sync", progress=False,
+                        layer_options={layer: given})
+    with pytest.raises(BuildFailed, match=says):
+        build(opts)
+    assert not out.exists()

@@ -478,6 +478,7 @@ class BagpipesLayer:
     version = "1"
     #: Options that change how the layer runs, not its rows (the estimator's hash is in the token).
     fingerprint_exempt = ("cache_dir", "batch_size", "sim_workers")
+    check_options = staticmethod(options)
 
     def prepare(self, ard_dir: Path, options_: dict[str, Any], force: bool = False) -> str:
         """Train (or reuse) the amortized estimator; return a token naming its weights."""

@@ -52,8 +52,25 @@ ASTRO_CKPT, SHEN_CKPT, TRAIN_LOG = "specformer.ckpt", "shen.ckpt", "training.jso
 _MODELS: dict[str, Any] = {}
 
 
-def _options(options: dict[str, Any]) -> dict[str, Any]:
-    return parse_options("embed", options, _OPTIONS)
+def options(raw: dict[str, Any]) -> dict[str, Any]:
+    """The layer's options, types converted; an unknown name is a ValueError."""
+    return parse_options("embed", raw, _OPTIONS)
+
+
+def check_options(raw: dict[str, Any]) -> dict[str, Any]:
+    """``options`` plus what only the build's own machine can check: a missing checkpoint file or a
+    device that is neither ``auto``, ``cpu`` nor a CUDA device torch sees is a ValueError."""
+    from ard_sql.science.specformer import resolve_device
+
+    opts = options(raw)
+    if "astroclip_checkpoint" in opts and not Path(opts["astroclip_checkpoint"]).is_file():
+        raise ValueError(f"embed layer: astroclip_checkpoint {opts['astroclip_checkpoint']}: no such file")
+    if "device" in opts:
+        try:
+            resolve_device(opts["device"])
+        except (RuntimeError, ValueError) as exc:
+            raise ValueError(f"embed layer: device {opts['device']!r}: {exc}") from None
+    return opts
 
 
 def _file_hash(path: Path) -> str:
@@ -150,12 +167,13 @@ class EmbedLayer:
 
     name = "embed"
     version = "2"
+    check_options = staticmethod(check_options)
 
-    def prepare(self, ard_dir: Path, options: dict[str, Any], force: bool = False) -> str:
+    def prepare(self, ard_dir: Path, options_: dict[str, Any], force: bool = False) -> str:
         """Load or train the two encoders; return a token naming the weights."""
         from ard_sql.science import shen, specformer
 
-        opts = _options(options)
+        opts = check_options(options_)
         folder = paths.artifact_dir(ard_dir, "embed")
         folder.mkdir(parents=True, exist_ok=True)
         log_path = folder / TRAIN_LOG
@@ -176,7 +194,7 @@ class EmbedLayer:
 
     def run(self, part: Partition) -> pa.Table:
         """Embed every spectrum of the partition (NULL vectors where a spectrum has no good pixel)."""
-        opts = _options(part.options)
+        opts = options(part.options)
         astro_model, shen_model = _load_models(part.ard_dir)
         spec = part.spectra()
         bs = opts.get("batch_size", 64)

@@ -11,6 +11,8 @@ Options (``BuildOptions.layer_options["lick"]``):
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pyarrow as pa
 
@@ -20,15 +22,21 @@ from ard_sql.science import lick
 _OPTIONS = {"max_bad_frac": float}
 
 
+def options(raw: dict[str, Any]) -> dict[str, Any]:
+    """The layer's options, types converted; an unknown name is a ValueError."""
+    return parse_options("lick", raw, _OPTIONS)
+
+
 class LickLayer:
     """Per-partition layer measuring the indices of :data:`ard_sql.science.lick.INDICES`."""
 
     name = "lick"
     version = "1"
+    check_options = staticmethod(options)
 
     def run(self, part: Partition) -> pa.Table:
         """Return TargetID + the lick columns for every core row of ``part``."""
-        opts = parse_options(self.name, part.options, _OPTIONS)
+        opts = options(part.options)
         targetid = part.core.column("TargetID").to_numpy()
         if len(targetid) == 0:
             return lick.lick_arrow_schema().empty_table()

@@ -40,6 +40,14 @@ _OPTIONS = {"mode": str, "templates": str, "reference_fraction": float, "batch_s
 AGREEMENT_LINES = ("OIII_5007", "Halpha")
 
 
+def options(raw: dict[str, Any]) -> dict[str, Any]:
+    """The layer's options, types converted; an unknown name or a mode not in ``MODES`` is a ValueError."""
+    opts = parse_options("ppxf", raw, _OPTIONS)
+    if opts.get("mode", "fast") not in MODES:
+        raise ValueError(f"ppxf layer: mode must be one of {MODES}, got {opts['mode']!r}")
+    return opts
+
+
 def agreement_file(ard_dir: Path | str, order: int, pixel: int) -> Path:
     """Fast-vs-reference pairs of one partition."""
     return paths.artifact_dir(ard_dir, "ppxf") / "agreement" / paths.pixel_relpath(order, pixel)
@@ -72,12 +80,12 @@ class PpxfLayer:
     name = "ppxf"
     version = "4"  # 3: templates log-rebinned as pPXF does (VelDisp moves by ~1-2%); 4: fast fitter's three passes and +-4 sigma line windows, per-spectrum smoothing reach
 
+    check_options = staticmethod(options)
+
     def run(self, part: Partition) -> pa.Table:
         """Fit every galaxy of the partition; NULLs and flags where a fit is impossible."""
-        opts = parse_options(self.name, part.options, _OPTIONS)
+        opts = options(part.options)
         mode = opts.get("mode", "fast")
-        if mode not in MODES:
-            raise ValueError(f"ppxf layer: mode must be one of {MODES}, got {mode!r}")
         tpl = template_file(part.ard_dir, TemplateConfig(path=opts.get("templates")))
         targetid = part.core.column("TargetID").to_numpy()
         z = part.core.column("Z").to_numpy(zero_copy_only=False).astype(float)

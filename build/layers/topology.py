@@ -112,6 +112,15 @@ def split_options(options: dict[str, Any] | None) -> tuple[dict[str, Any], cosmi
     return mine, web
 
 
+def check_options(options: dict[str, Any] | None) -> None:
+    """``split_options`` plus the cosmology's name: anything either rejects is a ValueError."""
+    mine, _ = split_options(options)
+    try:
+        positions.get_cosmology(mine.get("cosmology"))
+    except ValueError as exc:
+        raise ValueError(f"topology layer: {exc}") from None
+
+
 @dataclass
 class TopologyResult:
     """Per-object columns (``n`` rows, NaN / -1 where undefined) and the skeleton."""
@@ -192,6 +201,7 @@ class TopologyLayer:
     name = "topology"
     version = "2"
     core_columns = ("ZWARN", "SPECTYPE")
+    check_options = staticmethod(check_options)
 
     def run_global(self, ard_dir: Path, core: pa.Table, options: dict[str, Any]) -> dict[int, pa.Table]:
         """Return, per partition pixel, TargetID + the topology columns."""
