@@ -16,7 +16,9 @@ spectrum shifted to rest frame with the catalogue redshift, resampled on a
 log-lambda grid 2250-9800 A, divided by its median, uncovered pixels set to the
 sample mean; PCA by SVD). The PCA dimension is the embedding's effective
 width (the trained encoder's ``embed_dim``, the rest of the column is zero
-padding); PCA with more components is also reported.
+padding); PCA with more components is also reported. A last row is PCA of the
+same width on the *observed-frame* spectra (no redshift: the information the
+encoders get), which shows how much of the baseline's lead is the redshift.
 
 Usage (the ARD built from the mock with ``--layers lick,embed``)::
 
@@ -336,6 +338,11 @@ def main() -> None:
     Xg = rest[gal]
     for d in sorted({*widths.values(), *args.pca_extra}):
         feats[f"PCA-{d} (rest frame)"] = pca_features(Xg, d)
+    # the same information as the encoders (observed frame, no redshift): how much of the gap is the redshift
+    obs = restframe_pca_input(data["wave"], data["flux"], data["ivar"], np.zeros(len(core)),
+                              lo=float(data["wave"][0]), hi=float(data["wave"][-1]))
+    d = max(widths.values())
+    feats[f"PCA-{d} (observed frame, no z)"] = pca_features(obs[gal], d)
     res = evaluate(feats, truth[gal].reset_index())
     pd.set_option("display.width", 200)
     print(res.round(3).to_string())
