@@ -93,10 +93,11 @@ class Layer(Protocol):
 #     token (a hash of what it made) that joins every partition's fingerprint,
 #     so new weights re-run every partition.
 # ``check_options(options: dict)`` (a staticmethod; what it returns is not used)
-#     the layer's options parsed and checked exactly as its run will parse
-#     them; raises ValueError naming the bad one. The orchestrator calls it for
-#     every layer given options before any work, so a typo fails at once, not
-#     per partition after an hour of other layers. Global layers have it too.
+#     the layer's options parsed as its run parses them, plus what only the
+#     build's own machine can check (a file, a device); raises ValueError
+#     naming the bad one. The orchestrator calls it for every layer of the
+#     build that was given options, before any work, so a typo fails at once,
+#     not per partition after an hour of other layers. Global layers have it too.
 # ``finalize(ard_dir: Path, options: dict) -> dict[str, str]`` (a staticmethod)
 #     survey-wide work after the partitions (e.g. the HNSW indexes, agreement
 #     figures); the returned pairs go into ``ard_meta`` (section 'build').
