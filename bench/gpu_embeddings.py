@@ -101,8 +101,8 @@ def train(pack_path: Path, encoder: str, seconds: float, snapshots: list[float],
     shen, specformer = science("shen", "specformer")
     wave, flux, ivar, z = unpack(pack_path)
     out.mkdir(parents=True, exist_ok=True)
-    # as train() seeds before it builds a model: the same initial encoder weights (emb_shen's
-    # training-only rest-frame decoder then starts from other random weights: see shen.train)
+    # as train() seeds before it builds a model: the same initial encoder weights (the
+    # training-only rest-frame decoders then start from other random weights: see shen.train)
     torch.manual_seed(seed)
     model = shen.ShenEncoder(shen.SMALL_CONFIG) if encoder == "shen" else specformer.SpecFormer(specformer.SMALL_CONFIG)
     save = shen.save_checkpoint if encoder == "shen" else specformer.save_checkpoint
@@ -121,7 +121,7 @@ def train(pack_path: Path, encoder: str, seconds: float, snapshots: list[float],
     if encoder == "shen":
         model, log = shen.train(wave, flux, ivar, z=z, **kw)
     else:
-        model, log = specformer.train(flux, ivar, out_dim=768, **kw)
+        model, log = specformer.train(flux, ivar, wave=wave, z=z, out_dim=768, **kw)
     save(model, out / f"{name}_{seconds:g}s.ckpt", {"steps": log["steps"], "seconds": log["seconds"]})
     saved.append({"file": f"{name}_{seconds:g}s.ckpt", "steps": log["steps"], "seconds": log["seconds"]})
     info = {"encoder": encoder, "device": log["device"], "n_train": log["n_train"], "wall": time.perf_counter() - t0,

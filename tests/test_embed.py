@@ -281,13 +281,13 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _resampling_check(seconds: float, n_train: int) -> np.ndarray:
-    from ard_sql.science import shen
+    from ard_sql.science import restframe, shen
 
     torch.manual_seed(0)
     wave, flux, ivar, z = galaxy_like_spectra(n_train + 20, seed=1)
     # trained as the layer trains it: with the rest-frame term (z a target, never an input)
     model, log = shen.train(wave, flux[:n_train], ivar[:n_train], z=z[:n_train], epochs=50, max_seconds=seconds)
-    assert log["recipe"]["rest_weight"] == shen.REST_WEIGHT
+    assert log["recipe"]["rest_weight"] == restframe.REST_WEIGHT
     test_f, test_i = flux[n_train:], ivar[n_train:]
     e_desi = shen.embed(model, wave, test_f, test_i)
     lw, lf, li = shen.resample_loglam(wave, test_f, test_i)
@@ -371,7 +371,7 @@ def test_shen_grid_noise_damping_makes_the_head_grid_steadier():
 
 
 def test_restframe_targets_place_features_at_their_rest_wavelength():
-    from ard_sql.science import shen
+    from ard_sql.science import restframe
 
     wave = grid.brz_wavelength()
     z = np.array([0.1, 0.4, np.nan])
@@ -379,8 +379,8 @@ def test_restframe_targets_place_features_at_their_rest_wavelength():
     flux = 1.0 + 5.0 * np.exp(-0.5 * ((rest - 5007.0) / 2.0) ** 2)
     ivar = np.full_like(flux, 100.0)
     ivar[0, 1000:1010] = 0.0  # a masked run must not count
-    target, weight = shen.restframe_targets(wave, flux, ivar, z, np.ones(3), err_floor=0.02)
-    edges = np.exp(np.log(shen.REST_RANGE[0]) + shen.REST_DLNL * np.arange(target.shape[1] + 1))
+    target, weight = restframe.restframe_targets(wave, flux, ivar, z, np.ones(3), err_floor=0.02)
+    edges = np.exp(np.log(restframe.REST_RANGE[0]) + restframe.REST_DLNL * np.arange(target.shape[1] + 1))
     line_bin = np.searchsorted(edges, 5007.0) - 1
     for row in (0, 1):
         assert np.argmax(target[row]) == line_bin
@@ -391,8 +391,24 @@ def test_restframe_targets_place_features_at_their_rest_wavelength():
     assert np.all(weight[2] == 0), "a row without a redshift gets no rest-frame weight"
 
 
+def test_window_weight_keeps_only_the_rest_range_a_window_covers():
+    """SpecFormer trains on windows of the spectrum: rest-frame bins outside the window's range weigh nothing."""
+    from ard_sql.science import restframe
+
+    weight = torch.ones(2, restframe.REST_NBIN)
+    ln1pz = torch.log1p(torch.tensor([0.1, 0.5]))
+    out = restframe.window_weight(weight, np.log(4000.0), np.log(5000.0), ln1pz)
+    centres = np.exp(np.log(restframe.REST_RANGE[0]) + restframe.REST_DLNL * (np.arange(restframe.REST_NBIN) + 0.5))
+    for row, z in enumerate((0.1, 0.5)):
+        kept = out[row].numpy() > 0
+        assert kept.any()
+        assert centres[kept].min() >= 4000 / (1 + z) - 10 and centres[kept].max() <= 5000 / (1 + z) + 10
+        inside = (centres > 4000 / (1 + z) + 10) & (centres < 5000 / (1 + z) - 10)
+        assert kept[inside].all()
+
+
 def test_shen_rest_term_changes_training_but_not_the_stored_model():
-    from ard_sql.science import shen
+    from ard_sql.science import restframe, shen
 
     wave, flux, ivar, z = galaxy_like_spectra(64, seed=5)
     cfg = shen.ShenConfig(embed_dim=16, num_layers=1, num_heads=2)
@@ -401,13 +417,33 @@ def test_shen_rest_term_changes_training_but_not_the_stored_model():
     rest, rlog = shen.train(wave, flux, ivar, cfg, z=z, epochs=2, seed=0)
     unknown, ulog = shen.train(wave, flux, ivar, cfg, z=np.full(64, np.nan), epochs=2, seed=0)
     assert plog["recipe"]["rest_weight"] == 0.0 and ulog["recipe"]["rest_weight"] == 0.0
-    assert rlog["recipe"]["rest_weight"] == shen.REST_WEIGHT
+    assert rlog["recipe"]["rest_weight"] == restframe.REST_WEIGHT
     # the decoder is a training device: the stored weights are the encoder's alone
     assert set(rest.state_dict()) == set(plain.state_dict()) == set(shen.ShenEncoder(cfg).state_dict())
     assert not torch.equal(rest.token_embed.weight, plain.token_embed.weight)
     torch.testing.assert_close(unknown.token_embed.weight, plain.token_embed.weight)
     # embedding needs no redshift
     assert np.isfinite(shen.embed(rest, wave, flux[:4], ivar[:4])).all()
+
+
+@pytest.mark.parametrize("crop", [None, 64])
+def test_specformer_rest_term_changes_training_but_not_the_stored_model(crop):
+    """emb_astro's rest-frame term, on the whole spectrum and on training windows: the stored weights stay AstroCLIP's."""
+    from ard_sql.science import restframe, specformer
+
+    wave, flux, ivar, z = galaxy_like_spectra(32, seed=5)
+    cfg = specformer.SpecFormerConfig(embed_dim=16, num_layers=1, num_heads=2, dropout=0.0)
+    torch.set_num_threads(1)
+    kw = {"epochs": 2, "batch_size": 16, "crop": crop, "out_dim": 32, "device": "cpu", "seed": 0}
+    plain, plog = specformer.train(flux, ivar, cfg, **kw)
+    rest, rlog = specformer.train(flux, ivar, cfg, wave=wave, z=z, **kw)
+    unknown, ulog = specformer.train(flux, ivar, cfg, wave=wave, z=np.full(32, np.nan), **kw)
+    assert plog["recipe"]["rest_weight"] == 0.0 and ulog["recipe"]["rest_weight"] == 0.0
+    assert rlog["recipe"]["rest_weight"] == restframe.REST_WEIGHT
+    assert set(rest.state_dict()) == set(plain.state_dict()) == set(specformer.SpecFormer(cfg).state_dict())
+    assert not torch.equal(rest.data_embed.weight, plain.data_embed.weight)
+    torch.testing.assert_close(unknown.data_embed.weight, plain.data_embed.weight)
+    assert np.isfinite(specformer.embed(rest, flux[:4], ivar[:4], out_dim=32)).all()
 
 
 # --------------------------------------------------------------------------- devices and training hooks

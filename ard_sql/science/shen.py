@@ -23,18 +23,14 @@ recipe:
   mask token and the model reconstructs their sub-bin fluxes, each sub-bin
   weighted by its inverse variance (a chi^2 loss, capped so that noiseless
   bins do not dominate).
-* **rest-frame term** (recipe 4): when the training spectra come with the
-  catalogue redshift, a small decoder (``RestDecoder``: one hidden layer)
-  predicts the spectrum in the rest frame (ln-lambda bins of ``REST_DLNL``
-  over ``REST_RANGE``, ivar-weighted, same normalisation and error floor)
-  from the region-pooled tokens of the unmasked, cropped spectrum; its
-  chi^2 is added with weight ``REST_WEIGHT``. The redshift is a *target*
-  during training only: the encoder still sees the observed frame and no
-  redshift, and the decoder is not part of the stored weights. It makes the
-  pooled tokens carry rest-frame features, which the observed-frame masked
-  task alone learns slowly on a CPU budget (measured in ``bench/RESULTS.md``,
-  "A rest-frame term"). Rows with a missing or flagged redshift get no
-  rest-frame weight.
+* **rest-frame term** (recipe 4; ``science.restframe``): when the training
+  spectra come with the catalogue redshift, a small decoder predicts the
+  spectrum in the rest frame from the region-pooled tokens of the unmasked,
+  cropped spectrum, and its chi^2 (same normalisation and error floor as the
+  masked loss) is added with weight ``REST_WEIGHT``. The redshift is a
+  *target* during training only: the encoder still sees the observed frame
+  and no redshift, and the decoder is not part of the stored weights
+  (measured in ``bench/RESULTS.md``, "A rest-frame term").
 
 The embedding: the final-LayerNorm outputs of the present patch tokens
 averaged over ``pool_regions`` equal observed-wavelength ranges of the
@@ -73,6 +69,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ard_sql.science.restframe import REST_DLNL, REST_RANGE, REST_WEIGHT, RestDecoder, rest_chi2, restframe_targets
+
 
 @dataclass(frozen=True)
 class ShenConfig:
@@ -106,12 +104,6 @@ FULL_CONFIG = ShenConfig(pool_regions=1)
 SMALL_CONFIG = ShenConfig(embed_dim=128, num_layers=2, num_heads=4)
 
 _LOG_ERR_MIN, _LOG_ERR_MAX = -4.0, 2.0
-
-#: Weight of the rest-frame term against the masked reconstruction (module docstring).
-REST_WEIGHT = 10.0
-#: Rest-frame grid of that term: ln(lambda) bins of ``REST_DLNL`` between ``REST_RANGE`` (A).
-REST_RANGE, REST_DLNL = (1800.0, 9800.0), 0.004
-_REST_NBIN = int(math.log(REST_RANGE[1] / REST_RANGE[0]) / REST_DLNL)
 
 #: Grid-noise damping of the embedding head (recipe 5): the head spectra are also read on a
 #: log10-lambda grid of ``GRID_NOISE_DLOGLAM`` and the covariance of the change in their pooled
@@ -249,48 +241,13 @@ def embed(model: ShenEncoder, wave: np.ndarray, flux: np.ndarray, ivar: np.ndarr
     return out
 
 
-def restframe_targets(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, z: np.ndarray, scale: np.ndarray,
-                      err_floor: float) -> tuple[np.ndarray, np.ndarray]:
-    """Rest-frame targets of the training term: (n, R) flux / ``scale`` and its chi^2 weights.
-
-    Pixels are combined by inverse-variance weighted mean in ln(lambda) bins
-    of ``REST_DLNL`` over ``REST_RANGE`` after dividing the wavelength by
-    1 + ``z``; the weight is 1 / (error^2 + ``err_floor``^2), 0 where a bin
-    has no good pixel or the row's ``z`` or ``scale`` is not usable.
-    """
-    wave = np.asarray(wave, np.float64)
-    flux, ivar = _clean(flux, ivar)
-    z = np.asarray(z, np.float64)
-    usable = np.isfinite(z) & (z > -0.01) & np.isfinite(scale) & (scale > 0)
-    n, nbin = len(flux), _REST_NBIN
-    col = np.floor((np.log(wave)[None, :] - np.log1p(np.where(usable, z, 0.0))[:, None] - math.log(REST_RANGE[0]))
-                   / REST_DLNL).astype(np.int64)
-    inside = (col >= 0) & (col < nbin) & (ivar > 0) & usable[:, None]
-    flat = (np.arange(n)[:, None] * nbin + col)[inside]
-    w = np.bincount(flat, ivar[inside], n * nbin).reshape(n, nbin)
-    wf = np.bincount(flat, (ivar * flux)[inside], n * nbin).reshape(n, nbin)
-    # in units of the scale: ivar of the bin mean w s^2, chi^2 weight 1 / (1 / (w s^2) + floor^2)
-    ws2 = w * np.where(usable, scale, 1.0)[:, None] ** 2
-    target = wf / np.where(w > 0, w, 1.0) / np.where(usable, scale, 1.0)[:, None]
-    weight = ws2 / (1.0 + err_floor**2 * ws2)
-    return np.clip(target, -20, 20).astype(np.float32), weight.astype(np.float32)
-
-
-class RestDecoder(nn.Sequential):
-    """Region-pooled tokens -> rest-frame spectrum (training only; not stored with the encoder)."""
-
-    def __init__(self, config: ShenConfig, hidden: int = 512):
-        super().__init__(nn.Linear(config.pool_regions * config.embed_dim, hidden), nn.GELU(),
-                         nn.Linear(hidden, _REST_NBIN))
-
-
 def _rest_loss(model: ShenEncoder, decoder: RestDecoder, f: torch.Tensor, e: torch.Tensor, present: torch.Tensor,
                target: torch.Tensor, weight: torch.Tensor, span: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
     from ard_sql.science.specformer import region_pool
 
     present = _random_crop(present, gen)
     pooled = region_pool(model(f, e, present)["tokens"], model.config.pool_regions, present, span)
-    return (weight * (decoder(pooled) - target).square()).sum() / weight.sum().clamp(min=1e-8)
+    return rest_chi2(decoder, pooled, target, weight)
 
 
 def _random_crop(present: torch.Tensor, gen: torch.Generator, max_patches: int = 8) -> torch.Tensor:
@@ -354,7 +311,7 @@ def train(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, config: ShenConf
         target, weight = _to_torch(*restframe_targets(wave, flux[ok], ivar[ok], np.asarray(z)[ok], scale, config.err_floor))
         rest = bool(weight.sum() > 0)
         target, weight = target.to(dev), weight.to(dev)
-    decoder = RestDecoder(config).to(dev) if rest else None
+    decoder = RestDecoder(config.pool_regions * config.embed_dim).to(dev) if rest else None
     # one optimiser for the encoder and (while training only) the decoder
     trained = nn.ModuleDict({"encoder": model, "decoder": decoder}) if rest else model
 

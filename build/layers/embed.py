@@ -10,8 +10,9 @@ Three steps, in the orchestrator's hooks:
     standardisation and masked-chunk pretraining, narrower and shallower for a
     CPU) is trained self-supervised on a sample of the ARD's own spectra.
     ``emb_shen``: the wavelength-aware encoder (``science.shen``) is trained
-    the same way, plus a rest-frame term that uses the catalogue Z as a
-    training target (never as an input; see ``science.shen``). The sample is ``train_max`` spectra (default 4000) drawn
+    the same way. Both trainings add a rest-frame term that uses the
+    catalogue Z as a training target, never as an input (``science.restframe``;
+    for published AstroCLIP weights nothing is trained). The sample is ``train_max`` spectra (default 4000) drawn
     evenly from every partition (GALAXY targets with S/N > ``train_min_snr``);
     training stops after ``epochs`` or ``max_seconds`` per encoder (default 20
     epochs, 300 s). Training runs on ``device`` (default ``auto``: a CUDA GPU
@@ -120,7 +121,7 @@ def _load_models(ard_dir: Path) -> tuple[Any, Any]:
 
 
 #: Bumped when the training recipe or the embedding head changes: cached weights are then retrained.
-RECIPE = "5: crops + warmup lr 1e-3, 6-region pooling, PCA whitening eps 0.01, emb_shen rest-frame term and grid-noise damping"
+RECIPE = "6: crops + warmup lr 1e-3, 6-region pooling, PCA whitening eps 0.01, rest-frame term for both encoders, emb_shen grid-noise damping"
 
 
 def train_encoders(ard_dir: Path, opts: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
@@ -146,7 +147,7 @@ def train_encoders(ard_dir: Path, opts: dict[str, Any]) -> tuple[Any, Any, dict[
                         "config": model.config.__dict__, "head_seconds": time.perf_counter() - t0,
                         "regions": model.emb_regions}
     else:
-        model, tlog = specformer.train(flux, ivar, out_dim=contract.EMB_ASTRO_DIM, **kw)
+        model, tlog = specformer.train(flux, ivar, wave=wave, z=z, out_dim=contract.EMB_ASTRO_DIM, **kw)
         log["astro"] = {"source": "trained self-supervised on this ARD's spectra", **tlog}
     smodel, slog = shen.train(wave, flux, ivar, z=z, **kw)
     log["shen"] = {"source": "trained self-supervised on this ARD's spectra", **slog}
