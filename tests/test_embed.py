@@ -83,7 +83,10 @@ def test_layer_writes_vectors_indexes_and_meta(embed_ard):
     for col in ("emb_astro", "emb_shen"):
         assert paths.index_file(embed_ard, col).exists()
     meta = dict(db.sql("SELECT name, value FROM ard_meta").fetchall())
-    assert "trained self-supervised" in meta["embed_astro_source"]
+    for enc in ("astro", "shen"):
+        # both trained with the rest-frame term: ard_meta says what the redshift was used for
+        assert "trained self-supervised" in meta[f"embed_{enc}_source"]
+        assert "catalogue Z as a rest-frame training target (never an input)" in meta[f"embed_{enc}_source"]
     assert "embed_astro_training" in meta and "embed_shen_training" in meta
     assert json.loads(meta["index_emb_shen"])["n"] == 26
 

@@ -148,10 +148,17 @@ def train_encoders(ard_dir: Path, opts: dict[str, Any]) -> tuple[Any, Any, dict[
                         "regions": model.emb_regions}
     else:
         model, tlog = specformer.train(flux, ivar, wave=wave, z=z, out_dim=contract.EMB_ASTRO_DIM, **kw)
-        log["astro"] = {"source": "trained self-supervised on this ARD's spectra", **tlog}
+        log["astro"] = {"source": _trained_source(tlog), **tlog}
     smodel, slog = shen.train(wave, flux, ivar, z=z, **kw)
-    log["shen"] = {"source": "trained self-supervised on this ARD's spectra", **slog}
+    log["shen"] = {"source": _trained_source(slog), **slog}
     return model, smodel, log
+
+
+def _trained_source(tlog: dict[str, Any]) -> str:
+    """``ard_meta``'s words for weights the build trained: the redshift's role is said where it had one."""
+    if tlog["recipe"].get("rest_weight", 0.0) > 0:
+        return "trained self-supervised on this ARD's spectra, with the catalogue Z as a rest-frame training target (never an input)"
+    return "trained self-supervised on this ARD's spectra"
 
 
 def embed_spectra(astro_model: Any, shen_model: Any, wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray,
