@@ -37,6 +37,8 @@ REST_WEIGHT = 10.0
 #: Rest-frame grid of the targets: ln(lambda) bins of ``REST_DLNL`` between ``REST_RANGE`` (A).
 REST_RANGE, REST_DLNL = (1800.0, 9800.0), 0.004
 REST_NBIN = int(math.log(REST_RANGE[1] / REST_RANGE[0]) / REST_DLNL)
+#: Error floor (in units of the spectrum's median) of the chi^2 weights: noiseless bins do not dominate.
+ERR_FLOOR = 0.02
 
 
 def restframe_targets(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, z: np.ndarray, scale: np.ndarray,

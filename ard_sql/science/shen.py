@@ -69,7 +69,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ard_sql.science.restframe import REST_DLNL, REST_RANGE, REST_WEIGHT, RestDecoder, rest_chi2, restframe_targets
+from ard_sql.science.restframe import ERR_FLOOR, REST_DLNL, REST_RANGE, REST_WEIGHT, RestDecoder, rest_chi2, restframe_targets
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ class ShenConfig:
     num_heads: int = 8
     dropout: float = 0.0
     mask_fraction: float = 0.3
-    err_floor: float = 0.02
+    err_floor: float = ERR_FLOOR
     """Error floor (in median-flux units) in the reconstruction weights: caps 1/err^2."""
     pool_regions: int = 6
     """Wavelength regions pooled separately into the embedding (``pool_regions x embed_dim`` numbers)."""

@@ -66,7 +66,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ard_sql.science.restframe import REST_DLNL, REST_RANGE, REST_WEIGHT, RestDecoder, rest_chi2, restframe_targets, window_weight
+from ard_sql.science.restframe import ERR_FLOOR, REST_DLNL, REST_RANGE, REST_WEIGHT, RestDecoder, rest_chi2, restframe_targets, window_weight
 
 
 @dataclass(frozen=True)
@@ -436,10 +436,10 @@ def train(flux: np.ndarray, ivar: np.ndarray | None = None, config: SpecFormerCo
     rest = None
     if wave is not None and z is not None and rest_weight > 0:
         iv = np.asarray(ivar, np.float64)[keep] if ivar is not None else np.isfinite(raw[keep]).astype(np.float64)
-        target, weight = restframe_targets(wave, raw[keep], iv, np.asarray(z, np.float64)[keep],
-                                           _median_scale(raw[keep], iv), err_floor=0.02)
+        zk = np.asarray(z, np.float64)[keep]
+        target, weight = restframe_targets(wave, raw[keep], iv, zk, _median_scale(raw[keep], iv), ERR_FLOOR)
         if weight.sum() > 0:
-            ln1pz = np.log1p(np.where(np.isfinite(z), z, 0.0))[keep]
+            ln1pz = np.log1p(np.where(np.isfinite(zk) & (zk > -0.01), zk, 0.0))
             rest = {"target": torch.from_numpy(target).to(dev), "weight": torch.from_numpy(weight).to(dev),
                     "ln1pz": torch.from_numpy(ln1pz.astype(np.float32)).to(dev),
                     "lnlam": np.log(np.asarray(wave, np.float64)),
