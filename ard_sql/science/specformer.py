@@ -418,7 +418,9 @@ def train(flux: np.ndarray, ivar: np.ndarray | None = None, config: SpecFormerCo
     thread count. ``max_seconds`` stops training early (recorded in the log)
     so a CPU build stays bounded. Training and the head run on ``device``
     (``resolve_device``); the model is returned on the CPU. ``callback`` goes
-    to ``pretrain``.
+    to ``pretrain``. A ``model`` given is trained in place; with the
+    rest-frame term its decoder's initial weights then come from a different
+    state of torch's global generator than without one.
     """
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
