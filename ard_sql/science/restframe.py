@@ -41,6 +41,19 @@ REST_NBIN = int(math.log(REST_RANGE[1] / REST_RANGE[0]) / REST_DLNL)
 ERR_FLOOR = 0.02
 
 
+def clean_pixels(flux: np.ndarray, ivar: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float64 (flux, ivar) with bad pixels (non-finite flux or ivar, ivar <= 0) at ivar 0 and flux 0."""
+    flux = np.asarray(flux, np.float64)
+    ivar = np.where(np.isfinite(flux) & np.isfinite(ivar), np.asarray(ivar, np.float64), 0.0).clip(min=0)
+    return np.where(ivar > 0, flux, 0.0), ivar
+
+
+def usable_redshift(z: np.ndarray) -> np.ndarray:
+    """Rows whose catalogue redshift can place a rest-frame target (finite, > -0.01)."""
+    z = np.asarray(z, np.float64)
+    return np.isfinite(z) & (z > -0.01)
+
+
 def restframe_targets(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, z: np.ndarray, scale: np.ndarray,
                       err_floor: float) -> tuple[np.ndarray, np.ndarray]:
     """Rest-frame targets of the training term: (n, ``REST_NBIN``) flux / ``scale`` and its chi^2 weights.
@@ -52,12 +65,10 @@ def restframe_targets(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, z: n
     pixels (non-finite flux or ivar, ivar <= 0) are left out.
     """
     wave = np.asarray(wave, np.float64)
-    flux = np.asarray(flux, np.float64)
-    ivar = np.where(np.isfinite(flux) & np.isfinite(ivar), np.asarray(ivar, np.float64), 0.0).clip(min=0)
-    flux = np.where(ivar > 0, flux, 0.0)
+    flux, ivar = clean_pixels(flux, ivar)
     z = np.asarray(z, np.float64)
     scale = np.asarray(scale, np.float64)
-    usable = np.isfinite(z) & (z > -0.01) & np.isfinite(scale) & (scale > 0)
+    usable = usable_redshift(z) & np.isfinite(scale) & (scale > 0)
     n, nbin = len(flux), REST_NBIN
     col = np.floor((np.log(wave)[None, :] - np.log1p(np.where(usable, z, 0.0))[:, None] - math.log(REST_RANGE[0]))
                    / REST_DLNL).astype(np.int64)

@@ -69,7 +69,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ard_sql.science.restframe import ERR_FLOOR, REST_DLNL, REST_RANGE, REST_WEIGHT, RestDecoder, rest_chi2, restframe_targets
+from ard_sql.science.restframe import (ERR_FLOOR, REST_DLNL, REST_RANGE, REST_WEIGHT, RestDecoder, clean_pixels, rest_chi2,
+                                       restframe_targets)
 
 
 @dataclass(frozen=True)
@@ -111,13 +112,6 @@ _LOG_ERR_MIN, _LOG_ERR_MAX = -4.0, 2.0
 GRID_NOISE_DLOGLAM, GRID_NOISE_WEIGHT = 1.5e-4, 1000.0
 
 
-def _clean(flux: np.ndarray, ivar: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """float64 (flux, ivar) with bad pixels (non-finite flux or ivar, ivar <= 0) at ivar 0 and flux 0."""
-    flux = np.asarray(flux, np.float64)
-    ivar = np.where(np.isfinite(flux) & np.isfinite(ivar), np.asarray(ivar, np.float64), 0.0).clip(min=0)
-    return np.where(ivar > 0, flux, 0.0), ivar
-
-
 def bin_spectra(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, config: ShenConfig
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Normalise and tokenise spectra given on a common native grid ``wave`` (L,).
@@ -128,7 +122,7 @@ def bin_spectra(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, config: Sh
     no good pixel or a non-positive median of |flux|).
     """
     wave = np.asarray(wave, np.float64)
-    flux, ivar = _clean(flux, ivar)
+    flux, ivar = clean_pixels(flux, ivar)
     P, K = config.n_patches, config.n_sub
     pos = (np.log(wave / config.lam_min) / config.patch_dlnl) * K  # fractional sub-bin index
     col = np.floor(pos).astype(np.int64)

@@ -66,7 +66,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ard_sql.science.restframe import ERR_FLOOR, REST_DLNL, REST_RANGE, REST_WEIGHT, RestDecoder, rest_chi2, restframe_targets, window_weight
+from ard_sql.science.restframe import (ERR_FLOOR, REST_DLNL, REST_RANGE, REST_WEIGHT, RestDecoder, rest_chi2, restframe_targets,
+                                       usable_redshift, window_weight)
 
 
 @dataclass(frozen=True)
@@ -307,6 +308,11 @@ def pooled_tokens(model: SpecFormer, flux: np.ndarray, batch_size: int = 64) -> 
     return np.concatenate(out) if out else np.zeros((0, regions * model.config.embed_dim), np.float32)
 
 
+def _head_regions(out_dim: int, config: SpecFormerConfig) -> int:
+    """Regions pooled into an ``out_dim`` column: the most that fit (the rest-frame term pools the same)."""
+    return max(1, out_dim // config.embed_dim)
+
+
 def fit_embedding_head(model: SpecFormer, flux: np.ndarray, ivar: np.ndarray | None = None, *,
                        out_dim: int = 768, n_max: int = 1000, seed: int = 0, batch_size: int = 64,
                        eps: float = WHITEN_EPS) -> dict[str, Any]:
@@ -318,7 +324,7 @@ def fit_embedding_head(model: SpecFormer, flux: np.ndarray, ivar: np.ndarray | N
     flux = flux[np.isfinite(flux).all(axis=1)]
     if len(flux) > n_max:
         flux = flux[np.sort(np.random.default_rng(seed).choice(len(flux), n_max, replace=False))]
-    model.emb_regions = max(1, out_dim // model.config.embed_dim)
+    model.emb_regions = _head_regions(out_dim, model.config)
     model.emb_centre = model.emb_whiten = None
     pooled = pooled_tokens(model, flux, batch_size)
     centre, whiten = fit_whitening(pooled, eps)
@@ -434,14 +440,14 @@ def train(flux: np.ndarray, ivar: np.ndarray | None = None, config: SpecFormerCo
     model = (model or SpecFormer(config)).to(dev)
     c = model.config
     data = torch.from_numpy(flux).to(dev)
-    regions = max(1, out_dim // c.embed_dim)
+    regions = _head_regions(out_dim, c)
     rest = None
     if wave is not None and z is not None and rest_weight > 0:
         iv = np.asarray(ivar, np.float64)[keep] if ivar is not None else np.isfinite(raw[keep]).astype(np.float64)
         zk = np.asarray(z, np.float64)[keep]
         target, weight = restframe_targets(wave, raw[keep], iv, zk, _median_scale(raw[keep], iv), ERR_FLOOR)
         if weight.sum() > 0:
-            ln1pz = np.log1p(np.where(np.isfinite(zk) & (zk > -0.01), zk, 0.0))
+            ln1pz = np.log1p(np.where(usable_redshift(zk), zk, 0.0))
             rest = {"target": torch.from_numpy(target).to(dev), "weight": torch.from_numpy(weight).to(dev),
                     "ln1pz": torch.from_numpy(ln1pz.astype(np.float32)).to(dev),
                     "lnlam": np.log(np.asarray(wave, np.float64)),
