@@ -203,6 +203,76 @@ def test_model_error_is_fitted_on_the_calibration_mocks_and_widens_intervals(sma
         assert (width(with_err)[:, j] > width(without)[:, j]).all()
 
 
+def test_training_leaves_the_torch_thread_count_as_it_found_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                               ) -> None:
+    """``train_estimator`` trains on at most 2 threads, then restores the process's count (also when training raises)."""
+    import torch
+
+    from ard_sql.build.layers import bagpipes as layer
+    from ard_sql.science import amortized as am
+
+    seen: list[int] = []
+
+    class Stub:
+        def save(self, path: Path) -> Path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_bytes(b"")
+            return Path(path)
+
+    def fake_train(sims, cfg, log=None):
+        seen.append(torch.get_num_threads())
+        if sims.get("boom"):
+            raise RuntimeError("training exploded")
+        return Stub()
+
+    monkeypatch.setattr(layer, "cached_simulations", lambda *a, **k: {})
+    monkeypatch.setattr(am.AmortizedEstimator, "train", staticmethod(fake_train))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        opts = layer.options({"n_sims": 10, "n_test": 0, "epochs": 1, "model_error_mocks": 0})
+        layer.train_estimator(tmp_path / "a", opts)
+        assert seen == [2] and torch.get_num_threads() == 3
+        monkeypatch.setattr(layer, "cached_simulations", lambda *a, **k: {"boom": True})
+        with pytest.raises(RuntimeError, match="exploded"):
+            layer.train_estimator(tmp_path / "b", opts)
+        assert seen == [2, 2] and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_estimator_file_round_trips_and_loads_weights_only(tmp_path: Path) -> None:
+    """The estimator file holds tensors and plain data only; an old pickled-numpy file is refused, not unpickled."""
+    import torch
+
+    from ard_sql.science import amortized as am
+
+    rng = np.random.default_rng(0)
+    cfg = am.AmortizedConfig(n_pca=3, hidden=8, n_components=2)
+    n_in, n_out = 7, len(am.QUANTITIES)
+    est = am.AmortizedEstimator(cfg, rng.normal(size=20), rng.normal(size=(3, 20)).astype(np.float32),
+                                rng.normal(size=n_in).astype(np.float32), rng.uniform(1, 2, n_in).astype(np.float32),
+                                rng.normal(size=n_out), rng.uniform(1, 2, n_out),
+                                am.MarginalMDN(n_in, n_out, cfg.hidden, cfg.n_components),
+                                np.linspace(0.5, 1.5, n_out).astype(np.float32), None)
+    path = est.save(tmp_path / "est.pt")
+    torch.load(path, weights_only=True)  # no pickled Python object beyond plain data
+    back = am.AmortizedEstimator.load(path)
+    for k in ("pca_mean", "pca_basis", "x_mean", "x_std", "y_mean", "y_std", "sigma_scale"):
+        a, b = getattr(est, k), getattr(back, k)
+        assert isinstance(b, np.ndarray) and b.dtype == a.dtype, k
+        np.testing.assert_array_equal(a, b, err_msg=k)
+    assert back.model_error is None and back.config == cfg
+    x = torch.randn(4, n_in)
+    with torch.no_grad():
+        for u, v in zip(est.net(x), back.net(x)):
+            torch.testing.assert_close(u, v)
+    old = tmp_path / "old.pt"  # the previous layout: numpy arrays pickled in the blob
+    torch.save({"config": {}, "pca_mean": np.zeros(3), "quantities": list(am.QUANTITIES)}, old)
+    with pytest.raises(ValueError, match="format"):
+        am.AmortizedEstimator.load(old)
+
+
 def model_eval_seconds() -> float:
     """Seconds of one bagpipes model evaluation (the unit a nautilus fit pays thousands of times)."""
     from ard_sql.science.pipes_sim import Simulator

@@ -258,6 +258,7 @@ _BAGPIPES_SCRIPT = textwrap.dedent(
     import bagpipes as pipes
     from ard_sql import grid
     from ard_sql.build.mock import ssp, spectra, truth
+    from ard_sql.science import lick
 
     rows = pd.read_json(sys.argv[1], orient="records")
     wave = grid.brz_wavelength().astype(np.float64)
@@ -285,7 +286,9 @@ _BAGPIPES_SCRIPT = textwrap.dedent(
                 if r.BURST_FRAC > 0:
                     comp["exponential"] = {"age": r.BURST_AGE, "tau": r.BURST_TAU,
                                            "massformed": np.log10(r.BURST_FRAC * mf), "metallicity": r.METALLICITY}
-            m = pipes.model_galaxy(comp, spec_wavs=wave)
+            # bagpipes reads its grid's wavelengths as they are (air); the mock converts them to vacuum
+            rest = wave / (1 + r.Z)
+            m = pipes.model_galaxy(comp, spec_wavs=(1 + r.Z) * np.where(rest >= 2000, lick.vac_to_air(rest), rest))
             bp = m.spectrum[:, 1] / 1e-17
             ok = (wave > wave[0] + 30) & (wave < wave[-1] - 30)
             ratio = mock[ok] / bp[ok]

@@ -49,6 +49,7 @@ import json
 import math
 import multiprocessing as mp
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -69,6 +70,9 @@ LOG_SFR_FLOOR, SSFR_FLOOR = -5.0, -15.0
 _LOG_QUANTITIES = {"SFR", "Metallicity", "Tau"}
 #: Bump when the network's inputs or targets change (invalidates cached estimators).
 FEATURE_VERSION = 4
+#: Layout of the estimator file (:meth:`AmortizedEstimator.save`); part of the cache key, so files of
+#: another layout are never picked from a cache. 2: arrays as tensors, loadable with weights_only=True.
+FILE_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -316,6 +320,8 @@ def truth_in_target_space(truth: dict[str, np.ndarray], n: int) -> np.ndarray:
 
 #: Coverage the model error is fitted to: that of the stored p16-p84 interval.
 MODEL_ERROR_LEVEL = (PERCENTILES[-1] - PERCENTILES[0]) / 100
+#: The estimator's array fields, stored as tensors in its file (sigma_scale, model_error may be None).
+_ARRAYS = ("pca_mean", "pca_basis", "x_mean", "x_std", "y_mean", "y_std", "sigma_scale", "model_error")
 
 
 @dataclass
@@ -350,7 +356,7 @@ class AmortizedEstimator:
 
     @classmethod
     def train(cls, sims: dict[str, np.ndarray], config: AmortizedConfig = AmortizedConfig(),
-              log: callable | None = None) -> "AmortizedEstimator":
+              log: Callable[[str], object] | None = None) -> "AmortizedEstimator":
         """Fit PCA + the MDN on noiseless simulations (:func:`simulate_training_set`).
 
         The first 10 % are the validation split, realised once; the rest get a
@@ -504,40 +510,56 @@ class AmortizedEstimator:
 
     # ---------------------------------------------------------- persistence
     def save(self, path: Path | str) -> Path:
-        """Write the estimator (one torch file) atomically."""
+        """Write the estimator (one torch file) atomically.
+
+        Only tensors, strings, numbers, lists, dicts and None go in (arrays as tensors, same dtype), so
+        that :meth:`load` can read it with ``weights_only=True``: the file may sit in a shared cache.
+        """
         import os
+
+        def tensor(a: np.ndarray | None) -> torch.Tensor | None:
+            return None if a is None else torch.from_numpy(np.array(a))  # a copy: same dtype, writable
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        torch.save({"config": asdict(self.config), "pca_mean": self.pca_mean, "pca_basis": self.pca_basis,
-                    "x_mean": self.x_mean, "x_std": self.x_std, "y_mean": self.y_mean, "y_std": self.y_std,
+        torch.save({"format": FILE_FORMAT, "config": asdict(self.config),
+                    **{k: tensor(getattr(self, k)) for k in _ARRAYS},
                     "state": self.net.state_dict(), "quantities": list(QUANTITIES),
-                    "sigma_scale": None if self.sigma_scale is None else np.asarray(self.sigma_scale),
-                    "model_error": None if self.model_error is None else np.asarray(self.model_error),
                     "saved": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, tmp)
         os.replace(tmp, path)
         return path
 
     @classmethod
     def load(cls, path: Path | str) -> "AmortizedEstimator":
-        """Read an estimator written by :meth:`save`."""
-        blob = torch.load(Path(path), weights_only=False)
+        """Read an estimator written by :meth:`save` (tensors and plain data only: ``weights_only=True``)."""
+        import pickle
+
+        try:
+            blob = torch.load(Path(path), weights_only=True)
+        except pickle.UnpicklingError as exc:
+            # an estimator of the older layout (numpy arrays pickled): not loaded unsafely, retrained instead
+            raise ValueError(f"{path}: not an estimator file of format {FILE_FORMAT} (written by an older "
+                             "version?); delete it and rerun `ard build --layers bagpipes` to retrain") from exc
+        if blob.get("format") != FILE_FORMAT:
+            raise ValueError(f"{path}: estimator file format {blob.get('format')}, expected {FILE_FORMAT}; "
+                             "rerun `ard build --layers bagpipes` to retrain")
         if blob["quantities"] != list(QUANTITIES):
             raise ValueError(f"{path}: estimator quantities {blob['quantities']} differ from {list(QUANTITIES)}")
         config = AmortizedConfig(**blob["config"])
         net = MarginalMDN(len(blob["x_mean"]), len(QUANTITIES), config.hidden, config.n_components)
         net.load_state_dict(blob["state"])
         net.eval()
-        return cls(config, blob["pca_mean"], blob["pca_basis"], blob["x_mean"], blob["x_std"],
-                   blob["y_mean"], blob["y_std"], net, blob.get("sigma_scale"), blob.get("model_error"))
+        arrays = {k: None if blob.get(k) is None else blob[k].numpy() for k in _ARRAYS}
+        return cls(config, net=net, **arrays)
 
 
 def config_fingerprint(config: AmortizedConfig) -> str:
     """A short string identifying the training configuration (cache key for checkpoints)."""
     import hashlib
 
-    blob = json.dumps({"features": FEATURE_VERSION, "config": asdict(config), "priors": [asdict(p) for p in pm.PRIORS],
+    blob = json.dumps({"features": FEATURE_VERSION, "file_format": FILE_FORMAT,
+                       "config": asdict(config), "priors": [asdict(p) for p in pm.PRIORS],
                        "calib": [pm.CALIB_MU, pm.CALIB_SIGMA, pm.CALIB_BOUND], "bin": pm.FIT_BIN,
                        "z": [Z_MIN, Z_MAX], "snr": [SNR_MIN, SNR_MAX]}, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]

@@ -46,7 +46,8 @@ Convergence: a spectrum stops iterating when the Gauss-Newton model predicts tha
 lower chi2 by more than ``chi2_tol`` x max(1, reduced chi2), or when every parameter's next
 step is below ``step_tol`` of its error; the tolerance relaxes for the few spectra that are still
 iterating after ``relax_after`` steps. A spectrum that does not meet ``chi2_tol_final`` after the
-iteration budget is flagged NOT_CONVERGED and its kinematics are NULL.
+iteration budget is flagged NOT_CONVERGED and every fitted quantity (kinematics, line fluxes and
+their errors, chi2, Gas_Av, models) is NULL.
 
 Errors: kinematics from the Gauss-Newton matrix, (J^T J)^-1 x reduced chi2; fluxes from the
 covariance of the final linear solve x reduced chi2 (pPXF's formal errors x sqrt(chi2)).
@@ -55,6 +56,8 @@ Reduced chi2 as pPXF: chi2 / (good pixels - kinematic parameters).
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import numpy as np
@@ -65,6 +68,8 @@ from ard_sql.science.kinematics import (
     C_KMS, FLAGS, LINE_NAMES, LINES, FitConfig, FitRun, KinematicsResult, at_lines, line_pixels,
     resample_templates,
 )
+
+_log = logging.getLogger(__name__)
 
 _LINE_WAVE = np.array([LINES[nm][0] for nm in LINE_NAMES])
 _LINE_GROUP = np.array([LINES[nm][1] for nm in LINE_NAMES])  # 1 Balmer, 2 forbidden
@@ -157,8 +162,12 @@ def nnls_normal(H: torch.Tensor, b: torch.Tensor, constrained: torch.Tensor, all
 
 
 @contextmanager
-def _torch_threads(n: int | None):
-    """Run a block with ``n`` torch intra-op threads (restored afterwards)."""
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run a block with ``n`` torch intra-op threads, restoring the previous count on exit (even on error).
+
+    ``None`` or 0 leaves the count alone. Shared with the bagpipes layer: a process-wide cap that is
+    never restored would slow every later torch user of the process (e.g. the embed layer's training).
+    """
     if not n:
         yield
         return
@@ -187,7 +196,7 @@ class FastFitter:
     #: this (x max(1, reduced chi2)): the kinematics are within ~0.1 of their errors of the optimum.
     chi2_tol = 0.01
     #: After the iteration budget a row counts as converged when that predicted decrease is below this
-    #: (kinematics within ~1 error of the optimum); otherwise NOT_CONVERGED and NULL kinematics.
+    #: (kinematics within ~1 error of the optimum); otherwise NOT_CONVERGED and every fitted value NULL.
     chi2_tol_final = 1.0
     #: ... or when the Gauss-Newton step of every parameter is below this fraction of its error
     #: (V*, sigma*, V_Balmer, sigma_Balmer, V_forbidden, sigma_forbidden).
@@ -242,17 +251,42 @@ class FastFitter:
 
     # ------------------------------------------------------------------ public
     def fit(self, wave, flux, ivar, mask, lsf_sigma, z) -> KinematicsResult:
-        """Fit every spectrum of the batch; never raises for a bad spectrum (NULLs + flag instead)."""
+        """Fit every spectrum of the batch; never raises for a bad spectrum (NULLs + flag instead).
+
+        A batch whose fit raises is refitted one spectrum at a time, so that only the spectra that
+        fail alone are flagged FIT_FAILED (one bad spectrum must not cost its batch-mates their fits).
+        """
         run = FitRun.start(wave, flux, ivar, mask, lsf_sigma, z, self.template_fwhm, self.config)
         idx = np.flatnonzero(run.prep.usable)
-        with _torch_threads(self.threads), torch.no_grad():
+        with torch_threads(self.threads), torch.no_grad():
             for b0 in range(0, idx.size, self.batch_size):
                 sub = idx[b0 : b0 + self.batch_size]
                 try:
                     self._fit_batch(run.prep, sub, run.covered, run.cols, run.flag, run.stars, run.gas)
-                except Exception:  # noqa: BLE001 - a failed batch is NULLs + flags, never a crashed build
-                    run.failed(sub)
+                except Exception as exc:  # noqa: BLE001 - a failed fit is NULLs + flags, never a crashed build
+                    if sub.size == 1:
+                        _log.warning("fast pPXF fit of spectrum %d failed: %r", int(sub[0]), exc)
+                        run.failed(sub)
+                        continue
+                    _log.warning("fast pPXF batch of %d spectra failed (%r); refitting them one at a time",
+                                 sub.size, exc)
+                    for i in sub:
+                        self._refit_one(run, int(i))
         return run.finish(wave)
+
+    def _refit_one(self, run: FitRun, i: int) -> None:
+        """Fit spectrum ``i`` alone after its batch raised; FIT_FAILED (all NULL) only if it raises alone."""
+        # the failed batch may have stored some rows before raising: start this row from a clean slate
+        run.flag[i] = run.prep.flag[i]
+        for v in run.cols.values():
+            v[i] = np.nan
+        run.stars[i] = np.nan
+        run.gas[i] = np.nan
+        try:
+            self._fit_batch(run.prep, np.array([i]), run.covered, run.cols, run.flag, run.stars, run.gas)
+        except Exception as exc:  # noqa: BLE001 - a failed fit is NULLs + a flag, never a crashed build
+            _log.warning("fast pPXF fit of spectrum %d failed: %r", i, exc)
+            run.failed([i])
 
     # ------------------------------------------------------------------ setup
     def _setup(self, prep, sub, covered) -> dict:
@@ -703,26 +737,28 @@ class FastFitter:
             if not (np.all(np.isfinite(kin[k])) and np.isfinite(red[k]) and np.all(np.isfinite(flux[k]))):
                 flag[i] |= FLAGS["FIT_FAILED"]
                 continue
+            if not converged[k]:
+                # fluxes, errors, chi2 and models all come from the unconverged kinematics: none is a
+                # measurement, so every fitted column (and Gas_Av, derived from the fluxes) stays NULL
+                flag[i] |= FLAGS["NOT_CONVERGED"]
+                continue
             win = st["inwin"][k]
             c = st["cols"][k, win]
-            if not converged[k]:
-                flag[i] |= FLAGS["NOT_CONVERGED"]
+            s = kin[k, 1]
+            if s <= lo * 1.01 or s >= hi * 0.99:
+                flag[i] |= FLAGS["SIGMA_AT_BOUND"]
             else:
-                s = kin[k, 1]
-                if s <= lo * 1.01 or s >= hi * 0.99:
-                    flag[i] |= FLAGS["SIGMA_AT_BOUND"]
-                else:
-                    out["VelDisp"][i], out["VelDisp_err"][i] = s, kerr[k, 1]
-                    lam = np.exp(prep.ln_lam[c]) / (1 + zz[k])
-                    inst = np.median(prep.fwhm_rest[i, c] / 2.3548 / lam) * C_KMS
-                    if s < 0.5 * inst:
-                        flag[i] |= FLAGS["SIGMA_UNRESOLVED"]
-                out["V_star"][i], out["V_star_err"][i] = kin[k, 0], kerr[k, 0]
-                for g, tag in ((1, "balmer"), (2, "forbidden")):
-                    p = 2 * g
-                    if has_group[k, p] and lo * 1.01 < kin[k, p + 1] < hi * 0.99:
-                        out[f"V_gas_{tag}"][i], out[f"V_gas_{tag}_err"][i] = kin[k, p], kerr[k, p]
-                        out[f"Sigma_gas_{tag}"][i], out[f"Sigma_gas_{tag}_err"][i] = kin[k, p + 1], kerr[k, p + 1]
+                out["VelDisp"][i], out["VelDisp_err"][i] = s, kerr[k, 1]
+                lam = np.exp(prep.ln_lam[c]) / (1 + zz[k])
+                inst = np.median(prep.fwhm_rest[i, c] / 2.3548 / lam) * C_KMS
+                if s < 0.5 * inst:
+                    flag[i] |= FLAGS["SIGMA_UNRESOLVED"]
+            out["V_star"][i], out["V_star_err"][i] = kin[k, 0], kerr[k, 0]
+            for g, tag in ((1, "balmer"), (2, "forbidden")):
+                p = 2 * g
+                if has_group[k, p] and lo * 1.01 < kin[k, p + 1] < hi * 0.99:
+                    out[f"V_gas_{tag}"][i], out[f"V_gas_{tag}_err"][i] = kin[k, p], kerr[k, p]
+                    out[f"Sigma_gas_{tag}"][i], out[f"Sigma_gas_{tag}_err"][i] = kin[k, p + 1], kerr[k, p + 1]
             for j, nm in enumerate(LINE_NAMES):
                 out[f"{nm}_Flux"][i] = flux[k, j] * scale[k] * dlam_obs[k, j]
                 out[f"{nm}_Flux_err"][i] = ferr[k, j] * scale[k] * dlam_obs[k, j]

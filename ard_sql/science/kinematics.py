@@ -50,7 +50,7 @@ FLAGS: dict[str, int] = {
     "NO_BALMER_GAS": 1 << 5,      # no Balmer line covered or detected (S/N >= 3), or Balmer gas sigma at a bound: Balmer V, sigma NULL
     "NO_FORBIDDEN_GAS": 1 << 6,   # the same for the forbidden-line component
     "NO_GAS_AV": 1 << 7,          # Halpha or Hbeta missing or S/N < 3: Gas_Av NULL
-    "NOT_CONVERGED": 1 << 8,      # fast mode only: the kinematics did not converge: kinematics NULL
+    "NOT_CONVERGED": 1 << 8,      # fast mode only: the kinematics did not converge: every fitted value NULL (kinematics, fluxes, chi2, Gas_Av, models)
     **{f"LINE_{name}": 1 << (16 + i) for i, name in enumerate(LINE_NAMES)},  # line outside coverage / masked: flux NULL
 }
 
@@ -98,6 +98,8 @@ class Prepared:
     z: np.ndarray                 # (n,)
     usable: np.ndarray            # (n,) bool
     flag: np.ndarray              # (n,) int32 flags set during preparation
+    err_scale: np.ndarray | None = None
+    """(n, m) factor >= 1 by which ``noise`` understates a fitted quantity's error (see ``prepare``)."""
 
 
 @dataclass
@@ -154,8 +156,9 @@ def log_grid(wave: np.ndarray, velscale: float) -> np.ndarray:
 def _smooth_rows(y: np.ndarray, var: np.ndarray, bad: np.ndarray, sig_px: np.ndarray):
     """Gaussian smoothing of each row with per-pixel width ``sig_px`` (the kernel belongs to the output pixel).
 
-    Returns the smoothed ``y``, the propagated variance (diagonal: sum k^2 var) and the kernel-weighted
-    fraction of ``bad`` pixels. Each row's kernel reaches +-4 of its own largest sigma, so a spectrum is
+    Returns the smoothed ``y``, the propagated variance (diagonal: sum k^2 var), the kernel-weighted
+    fraction of ``bad`` pixels and the kernel-weighted variance (sum k var: a row sum of the smoothed
+    noise's covariance, see ``prepare``). Each row's kernel reaches +-4 of its own largest sigma, so a spectrum is
     prepared the same whatever else is in its batch; rows of the same reach are done together. The
     kernel taps are made on the fly by recurrence, exp(q k^2) = exp(q (k-1)^2) r_k with
     r_k = r_(k-1) exp(2q), so no (taps, n, npix) array is held, and the sums go through preallocated
@@ -163,13 +166,14 @@ def _smooth_rows(y: np.ndarray, var: np.ndarray, bad: np.ndarray, sig_px: np.nda
     """
     npix = y.shape[1]
     reach = np.maximum(1, np.ceil(4 * np.nanmax(np.nan_to_num(sig_px), axis=1, initial=0.25))).astype(int)
-    out_y, out_v, out_b = np.empty(y.shape), np.empty(y.shape), np.empty(y.shape)
+    out_y, out_v, out_b, out_kv = np.empty(y.shape), np.empty(y.shape), np.empty(y.shape), np.empty(y.shape)
     for half in np.unique(reach):
         rows = np.flatnonzero(reach == half)
         q = -0.5 / np.maximum(sig_px[rows], 1e-3) ** 2
         pad = lambda a: np.pad(a, [(0, 0), (half, half)], mode="edge")  # noqa: E731
         yp, vp, bp = pad(y[rows]), pad(var[rows]), pad(bad[rows].astype(np.float64))
         acc_y, acc_v, acc_b = y[rows].astype(np.float64), var[rows].astype(np.float64), bad[rows].astype(np.float64)
+        acc_kv = acc_v.copy()
         norm, g, r = np.ones_like(q), np.ones_like(q), np.exp(q)
         e2q, g2, tmp = r * r, np.empty_like(q), np.empty_like(q)
         for k in range(1, half + 1):
@@ -177,13 +181,13 @@ def _smooth_rows(y: np.ndarray, var: np.ndarray, bad: np.ndarray, sig_px: np.nda
             r *= e2q
             np.multiply(g, g, out=g2)
             lo, hi = slice(half - k, half - k + npix), slice(half + k, half + k + npix)
-            for acc, padded, wk in ((acc_y, yp, g), (acc_v, vp, g2), (acc_b, bp, g)):
+            for acc, padded, wk in ((acc_y, yp, g), (acc_v, vp, g2), (acc_b, bp, g), (acc_kv, vp, g)):
                 np.add(padded[:, lo], padded[:, hi], out=tmp)
                 tmp *= wk
                 acc += tmp
             norm += 2 * g
-        out_y[rows], out_v[rows], out_b[rows] = acc_y / norm, acc_v / norm**2, acc_b / norm
-    return out_y, out_v, out_b
+        out_y[rows], out_v[rows], out_b[rows], out_kv[rows] = acc_y / norm, acc_v / norm**2, acc_b / norm, acc_kv / norm
+    return out_y, out_v, out_b, out_kv
 
 
 def prepare(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None, lsf_sigma: np.ndarray,
@@ -215,7 +219,7 @@ def prepare(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, mask: np.ndarr
     fwhm_t_obs = template_fwhm * (1 + zz)[:, None]
     dl = np.gradient(wave)
     extra_px = np.sqrt(np.clip(fwhm_t_obs**2 - fwhm_gal_obs**2, 0, None)) / 2.3548 / dl
-    y, var, badfrac = _smooth_rows(y, var, bad, extra_px)  # variance: diagonal approximation, covariance ignored
+    y, var, badfrac, var_k = _smooth_rows(y, var, bad, extra_px)  # var: the diagonal of the smoothed noise
     fwhm_eff_obs = np.maximum(fwhm_t_obs, fwhm_gal_obs)
     # templates broadened where the galaxy is broader than them (not DESI): one velocity sigma per spectrum
     diff = np.clip(fwhm_gal_obs**2 - fwhm_t_obs**2, 0, None)
@@ -228,7 +232,8 @@ def prepare(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, mask: np.ndarr
     ln_lam = log_grid(wave, config.velscale)
     lam_out = np.exp(ln_lam)
     flux_log = CubicSpline(wave, y, axis=1)(lam_out)
-    var_log, badfrac_log, fwhm_log, fwhm_gal_log = _interp_many(lam_out, wave, var, badfrac, fwhm_eff_obs, fwhm_gal_obs)
+    var_log, badfrac_log, fwhm_log, fwhm_gal_log, var_k_log = _interp_many(
+        lam_out, wave, var, badfrac, fwhm_eff_obs, fwhm_gal_obs, var_k)
     bad_log = badfrac_log > 0.05
     fwhm_log /= (1 + zz)[:, None]
     fwhm_gal_log /= (1 + zz)[:, None]
@@ -240,7 +245,16 @@ def prepare(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, mask: np.ndarr
     noise = np.where(good, np.sqrt(np.where(var_log > 0, var_log, 1.0)), np.inf)
     usable = zok & (good.sum(1) >= config.min_pixels)
     flag[zok & ~usable] |= FLAGS["NO_COVERAGE"]
-    return Prepared(ln_lam, flux_log, noise, good, fwhm_log, fwhm_gal_log, tpl_extra, z, usable, flag)
+    # The fits weight the pixels by ``noise`` as if independent, but smoothing and resampling spread
+    # each input pixel's noise over neighbouring log pixels. For a quantity that many neighbouring
+    # pixels constrain alike, the error grows by sqrt(row sum of the noise covariance / its diagonal).
+    # With S the smoothing and P the resampling, the row sum of P S V S^T P^T is P S (V S^T P^T 1),
+    # and P^T 1 ~ rho (log pixels per input pixel), smooth on the kernel's scale: P (rho * S v).
+    rho_in = np.gradient(wave) / (wave * config.velscale / C_KMS)
+    row_sum = np.interp(lam_out, wave, rho_in)[None, :] * var_k_log
+    with np.errstate(invalid="ignore", divide="ignore"):
+        err_scale = np.sqrt(np.maximum(1.0, np.where(good, row_sum / var_log, 1.0)))
+    return Prepared(ln_lam, flux_log, noise, good, fwhm_log, fwhm_gal_log, tpl_extra, z, usable, flag, err_scale)
 
 
 def near_lines(wave: np.ndarray, z: np.ndarray, half_width_kms: float) -> np.ndarray:
@@ -304,6 +318,31 @@ def empty_columns(n: int) -> dict[str, np.ndarray]:
 
     skip = {"TargetID", "PPXF_mode", "PPXF_flag"}
     return {c.name: np.full(n, np.nan) for c in PPXF_COLUMNS if c.name not in skip}
+
+
+#: Columns whose error comes from the whole fitted range (scaled by the spectrum's median ``err_scale``).
+KINEMATIC_COLUMNS = ("VelDisp", "V_star", "V_gas_balmer", "Sigma_gas_balmer", "V_gas_forbidden", "Sigma_gas_forbidden")
+
+
+def scale_errors(cols: dict[str, np.ndarray], prep: Prepared) -> None:
+    """Multiply the fitted errors by ``prep.err_scale`` (in place): the noise correlation the fits ignore.
+
+    A line flux takes the factor at its line's pixel, the kinematics the median over the fitted
+    pixels. Without it the errors were ~2x too small on the mock (pulls against the truth,
+    bench/RESULTS.md "pPXF layer against the mock truth").
+    """
+    if prep.err_scale is None:
+        return
+    sc = np.where(prep.good, prep.err_scale, np.nan)
+    with np.errstate(invalid="ignore"):
+        per_spec = np.nan_to_num(np.nanmedian(np.where(prep.good.any(1)[:, None], sc, 1.0), axis=1), nan=1.0)
+    for c in KINEMATIC_COLUMNS:
+        cols[f"{c}_err"] = cols[f"{c}_err"] * per_spec
+    m = prep.err_scale.shape[1]
+    pix = np.clip(np.rint(np.nan_to_num(line_pixels(prep))), 0, m - 1).astype(int)
+    at_line = np.take_along_axis(prep.err_scale, pix, axis=1)
+    for j, name in enumerate(LINE_NAMES):
+        cols[f"{name}_Flux_err"] = cols[f"{name}_Flux_err"] * at_line[:, j]
 
 
 def finalize_flags(cols: dict[str, np.ndarray], flag: np.ndarray, covered: np.ndarray) -> None:
@@ -381,6 +420,7 @@ class FitRun:
         import time
 
         self.covered &= ~(self.flag & FLAGS["FIT_FAILED"]).astype(bool)[:, None]
+        scale_errors(self.cols, self.prep)
         finalize_flags(self.cols, self.flag, self.covered)
         ln_lam = self.prep.ln_lam
         return KinematicsResult(self.cols, self.flag, model_to_linear(ln_lam, self.stars, wave),

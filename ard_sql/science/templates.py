@@ -117,7 +117,7 @@ def build_bc03_npz(out: Path, config: TemplateConfig | None = None) -> Path:
             grid = np.asarray(hdul[1 + iz].data, dtype=np.float64)  # (ages, wave)
             templates[:, :, j] = grid[iage][:, keep_lam].T
     # MILES (hence this grid) is in air; DESI and our line list are vacuum
-    from ppxf.ppxf_util import air_to_vac
+    from ard_sql.science.lick import air_to_vac
 
     lam_vac = air_to_vac(lam[keep_lam])
     out = Path(out)

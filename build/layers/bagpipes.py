@@ -271,31 +271,35 @@ def train_estimator(cache: Path, opts: dict[str, Any], log=None) -> tuple[Path, 
     t_sim = time.perf_counter() - t0
     import torch
 
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    est = am.AmortizedEstimator.train(sims, cfg, log=None)
-    del sims
-    t_train = time.perf_counter() - t0 - t_sim
-    info: dict[str, Any] = {"key": key, "config": asdict(cfg), "simulations": train_key,
-                            "simulate_seconds": round(t_sim, 1), "train_seconds": round(t_train, 1)}
-    if opts["n_test"] > 0:
-        test = heldout_set(cache, opts, log)
-        q = est.percentiles_binned(test["flux"], test["ivar"], test["z"], model_error=False)
-        truth = {k[len("truth_"):]: v for k, v in test.items() if k.startswith("truth_")}
-        info["heldout_n"] = int(opts["n_test"])
-        info["heldout_coverage68"] = {k: round(v, 3) for k, v in am.coverage(q, truth).items()}
-        info["heldout_median_abs_dlogmass"] = round(float(np.median(np.abs(q[:, 0, 1] - truth["LogMass"]))), 3)
-    if opts["model_error_mocks"] > 0:
-        t1 = time.perf_counter()
-        cal = model_error_set(cache, opts["model_error_mocks"], log)
-        truth = {q: cal[f"truth_{q}"] for q in MOCK_TRUTH}
-        before = est.percentiles_binned(cal["flux"], cal["ivar"], cal["z"], model_error=False)
-        err = est.fit_model_error(cal["flux"], cal["ivar"], cal["z"], truth)
-        after = est.percentiles_binned(cal["flux"], cal["ivar"], cal["z"])
-        info["model_error"] = {q: round(float(v), 4) for q, v in zip(am.QUANTITIES, err)}
-        info["model_error_n"] = int(len(cal["z"]))
-        info["model_error_coverage68_before"] = {k: round(v, 3) for k, v in am.coverage(before, truth).items()}
-        info["model_error_coverage68_after"] = {k: round(v, 3) for k, v in am.coverage(after, truth).items()}
-        info["model_error_seconds"] = round(time.perf_counter() - t1, 1)
+    from ard_sql.science.fastfit import torch_threads
+
+    # at most 2 threads for the training, and only here: the cap is restored on exit, so that the
+    # process's later torch users (the embed layer's training) keep their thread count
+    with torch_threads(max(1, min(2, torch.get_num_threads()))):
+        est = am.AmortizedEstimator.train(sims, cfg, log=None)
+        del sims
+        t_train = time.perf_counter() - t0 - t_sim
+        info: dict[str, Any] = {"key": key, "config": asdict(cfg), "simulations": train_key,
+                                "simulate_seconds": round(t_sim, 1), "train_seconds": round(t_train, 1)}
+        if opts["n_test"] > 0:
+            test = heldout_set(cache, opts, log)
+            q = est.percentiles_binned(test["flux"], test["ivar"], test["z"], model_error=False)
+            truth = {k[len("truth_"):]: v for k, v in test.items() if k.startswith("truth_")}
+            info["heldout_n"] = int(opts["n_test"])
+            info["heldout_coverage68"] = {k: round(v, 3) for k, v in am.coverage(q, truth).items()}
+            info["heldout_median_abs_dlogmass"] = round(float(np.median(np.abs(q[:, 0, 1] - truth["LogMass"]))), 3)
+        if opts["model_error_mocks"] > 0:
+            t1 = time.perf_counter()
+            cal = model_error_set(cache, opts["model_error_mocks"], log)
+            truth = {q: cal[f"truth_{q}"] for q in MOCK_TRUTH}
+            before = est.percentiles_binned(cal["flux"], cal["ivar"], cal["z"], model_error=False)
+            err = est.fit_model_error(cal["flux"], cal["ivar"], cal["z"], truth)
+            after = est.percentiles_binned(cal["flux"], cal["ivar"], cal["z"])
+            info["model_error"] = {q: round(float(v), 4) for q, v in zip(am.QUANTITIES, err)}
+            info["model_error_n"] = int(len(cal["z"]))
+            info["model_error_coverage68_before"] = {k: round(v, 3) for k, v in am.coverage(before, truth).items()}
+            info["model_error_coverage68_after"] = {k: round(v, 3) for k, v in am.coverage(after, truth).items()}
+            info["model_error_seconds"] = round(time.perf_counter() - t1, 1)
     est.save(est_path)
     tmp = paths.temporary_sibling(log_path)
     tmp.write_text(json.dumps(info, indent=1))

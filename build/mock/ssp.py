@@ -24,6 +24,8 @@ import numpy as np
 from astropy.cosmology import FlatLambdaCDM
 from astropy.io import fits
 
+from ard_sql.science.lick import air_to_vac
+
 #: The cosmology of the mock (identical to bagpipes.utils.cosmo).
 MOCK_COSMO = FlatLambdaCDM(H0=70.0, Om0=0.3)
 METALLICITIES = np.array([0.005, 0.02, 0.2, 0.4, 1.0, 2.5, 5.0])  # Z / Z_sun, bagpipes' list
@@ -141,6 +143,10 @@ def ssp_library() -> SSPLibrary:
     rebin = _age_rebin_matrix(raw_ages, grids.age_bins)  # (nage, nraw_age)
     binned = np.einsum("ar,zrw->zaw", rebin, raw)  # (nZ, nage, nraw_wave)
     live = np.stack([np.interp(grids.age_sampling, raw_ages, live_raw[:, i]) for i in range(METALLICITIES.size)])
+    # The grid's wavelengths are in air above 2000 A (MILES, as the pPXF templates read them); the
+    # mock is observed on DESI's vacuum grid, so its stars must sit at vacuum wavelengths like its lines
+    # (in air they were 84 km/s blue of them).
+    raw_wave = np.where(raw_wave >= 2000.0, air_to_vac(np.maximum(raw_wave, 2000.0)), raw_wave)
     log_wave = np.arange(np.log(REST_MIN), np.log(REST_MAX), LOG_DLAM)
     wave = np.exp(log_wave)
     flat = binned.reshape(-1, raw_wave.size)
