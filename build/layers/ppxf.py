@@ -78,7 +78,7 @@ class PpxfLayer:
     """Per-partition kinematics and emission lines."""
 
     name = "ppxf"
-    version = "4"  # 3: templates log-rebinned as pPXF does (VelDisp moves by ~1-2%); 4: fast fitter's three passes and +-4 sigma line windows, per-spectrum smoothing reach
+    version = "5"  # 3: templates log-rebinned as pPXF does (VelDisp moves by ~1-2%); 4: fast fitter's three passes and +-4 sigma line windows, per-spectrum smoothing reach; 5: errors scaled for correlated noise, non-converged rows all NULL
 
     check_options = staticmethod(options)
 
