@@ -5,9 +5,11 @@ The build writes each layer's zero-row ``_schema.parquet`` from it, the views
 are generated from it (a layer that has not run gives typed NULL columns),
 and ``ard_meta`` records units and descriptions from it.
 
-Names follow the blueprint's appendix (DESIGN.md): ``TargetID, RA, DEC, Z``,
-``LogMass_p50`` ..., errors end in ``_err``, flags in ``_flag``. DuckDB column
-names are case-insensitive, so ``TARGETID`` and ``TargetID`` are one column.
+Names follow the appendix of the project's blueprint (a design document kept
+outside this repository; the column list here is what the code honours):
+``TargetID, RA, DEC, Z``, ``LogMass_p50`` ..., errors end in ``_err``, flags in
+``_flag``. DuckDB column names are case-insensitive, so ``TARGETID`` and
+``TargetID`` are one column.
 
 Types are DuckDB type names. ``WEB_CLASS`` is the ENUM created in
 ``sql/types.sql``.
@@ -158,7 +160,9 @@ TOPOLOGY_COLUMNS: list[Column] = [
     _c("Sigma_5", "DOUBLE", "Mpc-2", "Projected density 5 / (pi d_5^2), neighbours within +-1000 km/s (Baldry et al. 2006)"),
     _c("Sigma_10", "DOUBLE", "Mpc-2", "Projected density 10 / (pi d_10^2), neighbours within +-1000 km/s"),
     _c("Density_kNN3D", "DOUBLE", "Mpc-3", "3D kNN density estimate"),
-    _c("Topology_flag", "INTEGER", "", "Bitmask: Sigma_N circle leaves the footprint, outside the T-web mask, ..."),
+    _c("Topology_flag", "INTEGER", "", "Bitmask (see ard_sql.build.layers.topology.FLAG_MEANINGS): 1 not a galaxy, 2 T-web masked, "
+       "4 Sigma_N circle leaves the footprint, 8 too few neighbours, 16 unreliable or out-of-range redshift, "
+       "32 too few tracers, 64 no filament skeleton, 128 coincident neighbours (infinite density)"),
 ]
 
 #: Every staging table, in the order the ``ard`` view joins them.

@@ -180,18 +180,30 @@ def meta_rows(prov: Provenance) -> list[tuple[str, str, str | None, str | None, 
 
 
 def read_provenance(ard_dir: Path | str) -> Provenance | None:
-    """The provenance stored in an existing ``ard.duckdb`` (None when there is none)."""
+    """The provenance stored in an existing ``ard.duckdb``; None only when there is no ``ard.duckdb``.
+
+    Raises ``BuildFailed`` (naming the file and the reason) when the file
+    exists but cannot be read (locked by another process, another DuckDB
+    storage version, no ``ard_meta``): rewriting it then would drop the
+    versions and extras of the layers this build does not re-run.
+    """
+    from ard_sql.build.orchestrator import BuildFailed  # deferred: the orchestrator imports this module
+
     db = paths.db_path(ard_dir)
     if not db.exists():
         return None
+    # write_database renames the file into place only after ard_meta is filled, so an
+    # existing file without it was not made by a finished build: never taken as "no provenance".
     try:
         con = duckdb.connect(str(db), read_only=True)
-    except duckdb.Error:
-        return None
+    except duckdb.Error as exc:
+        raise BuildFailed(f"cannot read the provenance in {db} ({type(exc).__name__}: {exc}); "
+                          "close the process that holds it, or move the file away to rebuild without it") from exc
     try:
         rows = con.execute("SELECT section, name, value FROM ard_meta WHERE section IN ('build', 'layer')").fetchall()
-    except duckdb.Error:
-        return None
+    except duckdb.Error as exc:
+        raise BuildFailed(f"cannot read the provenance table ard_meta in {db} ({type(exc).__name__}: {exc}); "
+                          "move the file away to rebuild without it") from exc
     finally:
         con.close()
     prov = Provenance()

@@ -49,6 +49,10 @@ class BuildFailed(RuntimeError):
     """The build could not start or finish (the message says why); finished data is left as it was."""
 
 
+#: ``report.layers[name]["status"]`` of a layer that raised as a whole (its prepare or its run).
+FAILED = "failed"
+
+
 # ---------------------------------------------------------------- state (finished partitions)
 def read_state(ard_dir: Path | str, layer: str) -> dict[str, str]:
     """``{"<order>/<pixel>": fingerprint}`` of the finished partitions of a layer."""
@@ -179,18 +183,22 @@ def run_ingest(opts: BuildOptions, ex: Executor, report: BuildReport) -> None:
     outcomes = ex.map(ingest_task, todo, lambda p: (str(ard_dir), p), f"ingest {len(todo)} partitions", opts.progress)
     new_state = {k: v for k, v in state.items()
                  if k in {_key(p.order, p.pixel) for p in parts} | {_key(o, p) for o, p in kept}}
+    kept_at_read = 0
     for out in outcomes:
         p = out.item
         if out.error:
             report.add([Problem(out.error, pixel=p.pixel, order=p.order)])
             continue
-        _, probs = out.result
+        n_rows, probs = out.result
         report.add(probs)
+        if n_rows == ingest.KEPT:  # a coadd failed at read time: the old partition and its state stand
+            kept_at_read += 1
+            continue
         new_state[_key(p.order, p.pixel)] = prints[p.pixel]
     n_kept = len(kept & {(p.order, p.pixel) for p in parts if state.get(_key(p.order, p.pixel)) != prints[p.pixel]})
     report.layers[paths.CORE] = {"targets": plan.rows.num_rows, "order": plan.order, "partitions": len(parts),
-                                 "built": len(todo), "skipped_unchanged": len(parts) - len(todo) - n_kept,
-                                 "kept_unreadable_source": n_kept, "files": len(plan.files)}
+                                 "built": len(todo) - kept_at_read, "skipped_unchanged": len(parts) - len(todo) - n_kept,
+                                 "kept_unreadable_source": n_kept + kept_at_read, "files": len(plan.files)}
     if not report.errors:
         keep = {(p.order, p.pixel) for p in parts}
         hats_writer.remove_partitions(ard_dir, paths.CORE, keep)
@@ -259,6 +267,24 @@ def run_layer(opts: BuildOptions, ex: Executor, report: BuildReport, name: str) 
 def _run_global(opts: BuildOptions, report: BuildReport, name: str, cls: type, version: str,
                 options: dict[str, Any], core_state: dict[str, str], state: dict[str, str],
                 parts: list[tuple[int, int]]) -> str:
+    """Run a global layer on the whole core and replace all its partitions and artifacts together.
+
+    Nothing of the layer's finished data changes until the whole run is known
+    good: the layer's table for every pixel is checked (present, one row per
+    core row in core order) and conformed in memory, every partition is then
+    written under a hidden staging folder of the ARD, followed by the layer's
+    artifacts (optional hook ``stage_artifacts(ard_dir, staging) -> [(staged,
+    final), ...]``), and only then is each staged file renamed onto its final
+    path, partitions first and artifacts last. Any failure before the renames
+    leaves the previous partitions, artifacts and state as they were, and the
+    report names the layer. The state is cleared before the renames, so an
+    interrupted rename is rebuilt by the next build, never taken as finished.
+    """
+    import shutil
+    import tempfile
+
+    import numpy as np
+
     ard_dir = Path(opts.out)
     fingerprint = _hash(version, options, sorted(core_state.items()))
     complete = all(paths.partition_file(ard_dir, o, p, name).exists() for o, p in parts)
@@ -271,21 +297,51 @@ def _run_global(opts: BuildOptions, report: BuildReport, name: str, cls: type, v
         t = pq.read_table(paths.partition_file(ard_dir, o, p), columns=columns)
         tables.append(t.append_column("Npix", pa.array([p] * t.num_rows, pa.int64())))
     core = pa.concat_tables(tables) if tables else None
+    staging: Path | None = None
     try:
-        result = cls().run_global(ard_dir, core, dict(options))
-        order = parts[0][0] if parts else 0
-        for o, p in parts:
-            table = result.get(p)
-            if table is None:
-                raise ValueError(f"returned no table for pixel {p}")
-            core_part = pq.read_table(paths.partition_file(ard_dir, o, p), columns=["RA", "DEC"])
-            conformed = hats_writer.conform_table(table, name, f"layer {name}, pixel {p} (order {order})")
-            hats_writer.write_partition(ard_dir, name, o, p, hats_writer.with_positions(
-                conformed, name, core_part.column("RA").to_numpy(), core_part.column("DEC").to_numpy()))
-    except Exception as exc:  # noqa: BLE001 - the report names the layer and the reason
-        report.add([Problem(f"{type(exc).__name__}: {exc}", layer=name)])
-        report.layers[name] = {"version": version, "partitions": len(parts), "built": 0, "failed": len(parts)}
-        return version
+        try:
+            layer = cls()
+            result = layer.run_global(ard_dir, core, dict(options))
+            ready: dict[tuple[int, int], pa.Table] = {}
+            for (o, p), core_part in zip(parts, tables):
+                where = f"layer {name}, pixel {p} (order {o})"
+                table = result.get(p)
+                if table is None:
+                    raise ValueError(f"{where}: returned no table")
+                if table.num_rows != core_part.num_rows:
+                    raise ValueError(f"{where}: returned {table.num_rows} rows for {core_part.num_rows} core rows")
+                conformed = hats_writer.conform_table(table, name, where)
+                if not np.array_equal(conformed.column("TargetID").to_numpy(zero_copy_only=False),
+                                      core_part.column("TargetID").to_numpy(zero_copy_only=False)):
+                    raise ValueError(f"{where}: TargetID differs from the core partition's (order or rows)")
+                ready[(o, p)] = hats_writer.with_positions(conformed, name, core_part.column("RA").to_numpy(),
+                                                           core_part.column("DEC").to_numpy())
+            staging = Path(tempfile.mkdtemp(prefix=f".{name}-staging-", dir=ard_dir))
+            moves: list[tuple[Path, Path]] = []
+            for (o, p), table in ready.items():
+                staged = hats_writer.write_partition(staging, name, o, p, table)
+                moves.append((staged, paths.partition_file(ard_dir, o, p, name)))
+            stage = getattr(layer, "stage_artifacts", None)
+            if stage is not None:
+                moves.extend(stage(ard_dir, staging / "artifacts"))
+        except Exception as exc:  # noqa: BLE001 - the report names the layer and the reason
+            report.add([Problem(f"{type(exc).__name__}: {exc}; the previous partitions and artifacts are kept",
+                                layer=name)])
+            report.layers[name] = {"version": version, "partitions": len(parts), "built": 0, "failed": len(parts)}
+            return version
+        write_state(ard_dir, name, {})
+        try:
+            for staged, final in moves:
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(staged, final)
+        except OSError as exc:
+            report.add([Problem(f"moving the staged files into place failed ({type(exc).__name__}: {exc}); "
+                                "the layer's state is cleared so the next build rebuilds it", layer=name)])
+            report.layers[name] = {"version": version, "partitions": len(parts), "built": 0, "failed": len(parts)}
+            return version
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     write_state(ard_dir, name, {"*": fingerprint})
     hats_writer.finalize_catalog(ard_dir, name)
     report.layers[name] = {"version": version, "partitions": len(parts), "built": len(parts), "skipped_unchanged": 0}
@@ -325,6 +381,9 @@ def build(opts: BuildOptions) -> BuildReport:
 
     Raises :class:`BuildFailed` when nothing could be built at all (no
     source files, no readable target, an ARD with no core and no source).
+    A layer that raises is a problem of the report (``report.layers[name]
+    ["status"] == FAILED``): its previous data, state and version stay, the
+    later layers run and ``ard.duckdb`` and the report are written.
     """
     ard_dir = Path(opts.out).resolve()
     opts.out = str(ard_dir)
@@ -341,7 +400,13 @@ def build(opts: BuildOptions) -> BuildReport:
         elif not hats_writer.partition_files(ard_dir, paths.CORE):
             raise BuildFailed(f"{ard_dir} has no core table yet: give a SOURCE folder of DESI files to ingest")
         for name in layers:
-            prov.layer_versions[name] = run_layer(opts, ex, report, name)
+            try:
+                prov.layer_versions[name] = run_layer(opts, ex, report, name)
+            except Exception as exc:  # noqa: BLE001 - one broken layer must not lose the report, the database or later layers
+                reason = f"layer failed ({type(exc).__name__}: {exc}); its previous data and state are kept"
+                report.add([Problem(reason, layer=name)])
+                report.layers[name] = {"status": FAILED, "error": reason}
+                continue
             finalize = getattr(load_layer_class(name), "finalize", None)
             if finalize is not None:  # layer-wide products (indexes) and figures (agreement) for ard_meta
                 try:
@@ -362,4 +427,4 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-__all__ = ["BuildFailed", "build", "read_state", "write_state", "run_ingest", "run_layer", "layers_to_run"]
+__all__ = ["BuildFailed", "FAILED", "build", "read_state", "write_state", "run_ingest", "run_layer", "layers_to_run"]

@@ -487,6 +487,38 @@ def test_failed_rebuild_keeps_the_finished_ard(tmp_path):
         assert db.sql("SELECT count(*) FROM ard").fetchall()[0][0] >= len(truth["targets"]) - 6
 
 
+def test_rebuild_keeps_partition_when_a_coadd_fails_at_read_time(tmp_path):
+    """A coadd that passes the metadata scan but whose flux cannot be read leaves the finished partition as it was."""
+    root = tmp_path / "survey"
+    truth = write_small_survey(root)
+    out = tmp_path / "ard"
+    assert not run_build(root, out).errors
+    before = core_rows(out, "TargetID, SNR_Median, SPEC_FILE, SPEC_ROW")
+    spectra_before = stored_spectra(out, [r["TargetID"] for r in before])
+    state_before = paths.state_file(out, "core").read_text()
+    # Shift B_WAVELENGTH off the brz grid: the scan (metadata only) passes, reading the arms fails.
+    coadd = root / "healpix/main/dark/1/101/coadd-main-dark-101.fits"
+    with fits.open(coadd, mode="update") as hdul:
+        hdul["B_WAVELENGTH"].data = hdul["B_WAVELENGTH"].data + 0.3
+    report = run_build(root, out)
+    hits = [p for p in report.errors if p.file == str(coadd)]
+    assert hits and "B_WAVELENGTH" in hits[0].reason, [str(p) for p in report.problems]
+    assert "kept as previously built" in str(hits[0])
+    assert report.layers["core"]["kept_unreadable_source"] == 1
+    after = core_rows(out, "TargetID, SNR_Median, SPEC_FILE, SPEC_ROW")
+    assert len(after) == len(before) == len(truth["targets"])
+    assert after == before
+    spectra_after = stored_spectra(out, [r["TargetID"] for r in before])
+    for tid, spec in spectra_before.items():
+        assert np.array_equal(np.asarray(spectra_after[tid]["flux"]), np.asarray(spec["flux"]), equal_nan=True), tid
+    assert paths.state_file(out, "core").read_text() == state_before  # not marked finished with the new input
+    # Once the file is fixed, the next build rebuilds that partition with every target.
+    with fits.open(coadd, mode="update") as hdul:
+        hdul["B_WAVELENGTH"].data = hdul["B_WAVELENGTH"].data - 0.3
+    assert not run_build(root, out).errors
+    assert len(core_rows(out, "TargetID")) == len(truth["targets"])
+
+
 def test_failed_partition_write_leaves_old_files(tmp_path, monkeypatch):
     """A crash while writing a partition's core file leaves the previous core file and working spectra."""
     root = tmp_path / "survey"
@@ -555,9 +587,101 @@ def test_deleted_source_partition_is_removed_by_a_clean_build(tmp_path):
     assert len(rows) == len(truth["targets"]) - 6 and all(r["HEALPIX"] != 40000 for r in rows)
 
 
+# ------------------------------------------------------------------ a failing layer, provenance
+def _meta(ard: Path) -> dict[tuple[str, str], str]:
+    with ard_sql.open(ard) as db:
+        return {(s, n): v for s, n, v in db.sql("SELECT section, name, value FROM ard_meta").fetchall()}
+
+
+def test_a_failing_layer_is_reported_and_the_build_finishes(tmp_path):
+    """A layer that raises (embed with nothing to train on) is a problem of the report, not the end of the build."""
+    from typer.testing import CliRunner
+
+    from ard_sql.build.orchestrator import FAILED
+    from ard_sql.cli import app
+
+    root = tmp_path / "survey"
+    write_small_survey(root)
+    out = tmp_path / "ard"
+    first = build(BuildOptions(source=str(root), out=str(out), layers=["lick"], scheduler="sync", progress=False))
+    assert not first.errors, [str(p) for p in first.errors]
+    with ard_sql.open(out) as db:
+        lick_before = db.sql("SELECT TargetID, Dn4000, Hdelta_A FROM ard ORDER BY TargetID").fetchall()
+    meta_before = _meta(out)
+    db_inode = paths.db_path(out).stat().st_ino
+    (out / "build-report.json").unlink()
+    # embed first, lick after it: the later layer still runs.
+    report = build(BuildOptions(out=str(out), layers=["embed", "lick"], scheduler="sync", progress=False,
+                                layer_options={"embed": {"train_min_snr": 1e9}}, force=True))
+    hits = [p for p in report.errors if p.layer == "embed"]
+    assert hits and "ValueError" in hits[0].reason and "no galaxy spectrum" in hits[0].reason, \
+        [str(p) for p in report.problems]
+    assert report.layers["embed"]["status"] == FAILED
+    assert report.layers["lick"]["built"] == report.layers["lick"]["partitions"] > 0
+    data = json.loads((out / "build-report.json").read_text())
+    assert any(p["layer"] == "embed" and "no galaxy spectrum" in p["reason"] for p in data["problems"])
+    with ard_sql.open(out) as db:
+        assert db.sql("SELECT TargetID, Dn4000, Hdelta_A FROM ard ORDER BY TargetID").fetchall() == lick_before
+    assert paths.db_path(out).stat().st_ino != db_inode  # ard.duckdb was written again (renamed into place)
+    meta_after = _meta(out)
+    assert meta_after[("layer", "lick")] == meta_before[("layer", "lick")]
+    assert ("layer", "embed") not in meta_after  # no version recorded for a layer that never finished
+    assert not paths.state_file(out, "embed").exists() or paths.state_file(out, "embed").read_text() in ("{}", "")
+    # The command line exits 1 (even with --keep-going) and says where the report is.
+    res = CliRunner().invoke(app, ["build", "--out", str(out), "--layers", "embed", "--scheduler", "sync", "--no-progress",
+                                   "--set", "embed.train_min_snr=1e9", "--keep-going"], catch_exceptions=False)
+    text = "".join(res.output.split())  # rich wraps long paths mid-word
+    assert res.exit_code == 1, res.output
+    assert "layer(s)embedfailed" in text and f"{out}/build-report.json".replace(" ", "") in text
+
+
+def test_unreadable_provenance_stops_the_build_and_keeps_the_database(tmp_path):
+    """A database that exists but cannot be read is never taken as "no provenance" (and then overwritten)."""
+    import subprocess
+    import sys
+
+    import duckdb
+
+    from ard_sql.build import database
+    from ard_sql.build.orchestrator import BuildFailed
+
+    assert database.read_provenance(tmp_path / "nothing") is None  # no ard.duckdb: a first build
+    root = tmp_path / "survey"
+    write_small_survey(root, n_per_pixel=2)
+    out = tmp_path / "ard"
+    assert not run_build(root, out).errors
+    db = paths.db_path(out)
+    assert database.read_provenance(out).source == str(root.resolve())
+    # Locked by another process that writes to it.
+    holder = subprocess.Popen([sys.executable, "-c", "import duckdb, sys; c = duckdb.connect(sys.argv[1]); "
+                               "print('ready', flush=True); sys.stdin.read()", str(db)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        snapshot = db.read_bytes()
+        with pytest.raises(BuildFailed, match="lock") as err:
+            run_build(root, out)
+        assert str(db) in str(err.value)
+        assert db.read_bytes() == snapshot
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    # A file without ard_meta, and one that is not a DuckDB database at all.
+    db.unlink()
+    duckdb.connect(str(db)).close()
+    with pytest.raises(BuildFailed, match="ard_meta") as err:
+        database.read_provenance(out)
+    assert str(db) in str(err.value)
+    db.write_bytes(b"not a database" * 100)
+    with pytest.raises(BuildFailed) as err:
+        database.read_provenance(out)
+    assert str(db) in str(err.value)
+
+
 # ------------------------------------------------------------------ layer options
 @pytest.mark.parametrize("layer, given, says", [
     ("ppxf", {"mode": "bogus"}, "mode must be one of"),
+    ("ppxf", {"templates": "/no/such/templates.npz"}, "templates /no/such/templates.npz: no such file"),
     ("lick", {"max_bad_fraction": 0.3}, "unknown option"),
     ("embed", {"device": "nonesuch"}, "device 'nonesuch'"),
     ("embed", {"astroclip_checkpoint": "/no/such/weights.ckpt"}, "no such file"),

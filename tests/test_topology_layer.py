@@ -99,17 +99,24 @@ def test_filament_galaxies_lie_closer_to_the_skeleton_than_voids(check_catalog, 
     assert med[2] < 0.5 * med[0] and med[2] < med[1] and med[3] < med[1]
     assert res.settings["n_filament_segments"] > 100
     assert np.isfinite(res.dist_filament[gal]).all()
+    assert not (res.flag & topology.FLAGS["NO_SKELETON"]).any()
 
 
 def test_sigma5_and_knn_follow_the_true_density(check_catalog, observed) -> None:
     gal, res = observed
     delta = check_catalog["DELTA"]
-    ok = gal & np.isfinite(res.sigma[:, 0])
-    rho5 = spearmanr(res.sigma[ok, 0], delta[ok]).statistic
-    ok_k = gal & np.isfinite(res.knn)
-    rho_k = spearmanr(res.knn[ok_k], delta[ok_k]).statistic
-    print("Spearman Sigma_5 vs DELTA", rho5, "kNN", rho_k)  # measured 0.76, 0.80
-    assert rho5 > 0.7 and rho_k > 0.75
+    rho = {}
+    for name, est in (("Sigma_5", res.sigma[:, 0]), ("Sigma_10", res.sigma[:, 1]), ("kNN", res.knn)):
+        ok = gal & np.isfinite(est) & (est > 0)
+        rho[name] = spearmanr(est[ok], delta[ok]).statistic
+        # Scatter (dex) of log density about its mean relation with log(1 + DELTA): how well one
+        # galaxy's value places it, beyond the rank order.
+        x, y = np.log10(1 + delta[ok]), np.log10(est[ok])
+        slope, icpt = np.polyfit(x, y, 1)
+        resid = y - (slope * x + icpt)
+        print(f"{name}: Spearman vs DELTA {rho[name]:.3f}, slope {slope:.2f}, "
+              f"scatter {1.4826 * np.median(np.abs(resid - np.median(resid))):.3f} dex, n {ok.sum()}")
+    assert rho["Sigma_5"] > 0.7 and rho["Sigma_10"] > 0.7 and rho["kNN"] > 0.75
 
 
 def test_shuffled_randoms_would_cancel_the_radial_signal(check_catalog) -> None:
@@ -203,9 +210,10 @@ def test_layer_columns_flags_and_filaments_view(small_ard) -> None:
     gal = df[df.SPECTYPE == "GALAXY"]
     assert gal.Web_Class_Code.notna().mean() > 0.8 and gal.Sigma_5.notna().mean() > 0.9
     assert set(gal.Web_Class.dropna()) <= {"Void", "Sheet", "Filament", "Knot"}
-    # a true galaxy that redrock did not call GALAXY with ZWARN == 0 is no tracer (NOT_GALAXY);
-    # every other NULL class is a masked cell
-    masked = gal[gal.Web_Class_Code.isna() & ((gal.Topology_flag & topology.FLAGS["NOT_GALAXY"]) == 0)]
+    # a true galaxy that redrock did not call GALAXY is no tracer (NOT_GALAXY), nor one with ZWARN != 0
+    # (BAD_REDSHIFT); every other NULL class is a masked cell
+    no_tracer = topology.FLAGS["NOT_GALAXY"] | topology.FLAGS["BAD_REDSHIFT"]
+    masked = gal[gal.Web_Class_Code.isna() & ((gal.Topology_flag & no_tracer) == 0)]
     assert (masked.Topology_flag & topology.FLAGS["MASKED"]).all()
     # Web_Class compares with names and codes alike
     n_name = db.sql("SELECT count(*) FROM ard WHERE Web_Class = 'Filament'").fetchall()[0][0]
@@ -223,6 +231,200 @@ def test_unknown_option_is_a_clear_error() -> None:
         topology.split_options({"smoothin": 4})
     with pytest.raises(ValueError, match="unknown cosmology"):
         positions.get_cosmology("Planck2099")
+
+
+# ---------------------------------------------------------------- every NULL has a flag
+_NO_VALUES = ("NOT_GALAXY", "BAD_REDSHIFT", "FEW_TRACERS")
+
+
+def _bits(*names: str) -> int:
+    return int(np.bitwise_or.reduce([topology.FLAGS[n] for n in names]))
+
+
+def _assert_every_null_explained(res: topology.TopologyResult) -> None:
+    """Each NULL value carries a bit that says why (the project's rule: no silent NULL)."""
+    why = {
+        "Web_Class": (res.web_code < 0, _bits(*_NO_VALUES, "MASKED")),
+        "Dist_Filament": (~np.isfinite(res.dist_filament), _bits(*_NO_VALUES, "NO_SKELETON")),
+        "Sigma_5": (~np.isfinite(res.sigma[:, 0]), _bits(*_NO_VALUES, "FEW_NEIGHBOURS", "COINCIDENT_NEIGHBOURS")),
+        "Sigma_10": (~np.isfinite(res.sigma[:, 1]), _bits(*_NO_VALUES, "FEW_NEIGHBOURS", "COINCIDENT_NEIGHBOURS")),
+        "Density_kNN3D": (~np.isfinite(res.knn), _bits(*_NO_VALUES, "FEW_NEIGHBOURS", "COINCIDENT_NEIGHBOURS")),
+    }
+    for col, (null, bits) in why.items():
+        silent = np.flatnonzero(null & ((res.flag & bits) == 0))
+        assert silent.size == 0, f"{col}: {silent.size} NULL values without a flag, e.g. rows {silent[:5]}"
+
+
+def _field(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Uniform random galaxies in a 5 x 4 deg field at 0.02 < z < 0.12."""
+    rng = np.random.default_rng(seed)
+    return rng.uniform(150, 155, n), rng.uniform(0, 4, n), rng.uniform(0.02, 0.12, n)
+
+
+def test_flag_bits_are_distinct_stable_and_documented() -> None:
+    from ard_sql import contract
+
+    bits = topology.FLAGS
+    assert {k: bits[k] for k in ("NOT_GALAXY", "MASKED", "EDGE", "FEW_NEIGHBOURS")} == {
+        "NOT_GALAXY": 1, "MASKED": 2, "EDGE": 4, "FEW_NEIGHBOURS": 8}  # stored values never change meaning
+    assert len(set(bits.values())) == len(bits) and all(v & (v - 1) == 0 for v in bits.values())
+    assert set(topology.FLAG_MEANINGS) == set(bits)
+    desc = {c.name: c.description for c in contract.TOPOLOGY_COLUMNS}["Topology_flag"]
+    for value in bits.values():
+        assert f" {value} " in desc, value
+    for name in bits:
+        assert name in (topology.__doc__ or ""), name
+
+
+def test_too_few_tracers_flags_every_tracer() -> None:
+    ra, dec, z = _field(13)
+    galaxy = np.ones(13, bool)
+    galaxy[-3:] = False  # 10 tracers, 3 stars
+    res = topology.compute(ra, dec, z, galaxy)
+    assert (res.flag[:10] == topology.FLAGS["FEW_TRACERS"]).all()
+    assert (res.flag[10:] == topology.FLAGS["NOT_GALAXY"]).all()
+    assert np.isnan(res.knn).all() and np.isnan(res.sigma).all() and np.isnan(res.dist_filament).all()
+    assert (res.web_code < 0).all() and res.settings["n_tracers"] == 10 and res.web is None
+    _assert_every_null_explained(res)
+    # one more tracer and the layer computes: the bit is gone
+    res11 = topology.compute(*_field(11), np.ones(11, bool))
+    assert not (res11.flag & topology.FLAGS["FEW_TRACERS"]).any() and np.isfinite(res11.knn).all()
+
+
+def test_unreliable_or_out_of_range_redshift_is_not_called_not_galaxy() -> None:
+    n = 300
+    ra, dec, z = _field(n, seed=1)
+    galaxy = np.ones(n, bool)
+    reliable = np.ones(n, bool)
+    reliable[0] = False  # ZWARN != 0
+    z[1] = 0.005  # <= zmin
+    z[2] = np.nan
+    galaxy[3] = False  # a star (reliable, tiny z)
+    z[3] = 0.0001
+    galaxy[4] = False  # a QSO with an unreliable redshift: NOT_GALAXY says enough
+    reliable[4] = False
+    res = topology.compute(ra, dec, z, galaxy, reliable_z=reliable)
+    bad, not_gal = topology.FLAGS["BAD_REDSHIFT"], topology.FLAGS["NOT_GALAXY"]
+    assert (res.flag[:3] == bad).all(), res.flag[:3]
+    assert (res.flag[3:5] == not_gal).all(), res.flag[3:5]
+    assert not (res.flag[5:] & (bad | not_gal)).any()
+    assert np.isnan(res.knn[:5]).all() and np.isfinite(res.knn[5:]).all()
+    assert res.settings["n_tracers"] == n - 5
+    _assert_every_null_explained(res)
+
+
+def test_layer_reads_zwarn_and_spectype_into_the_flags(tmp_path) -> None:
+    import pyarrow as pa
+
+    n = 200
+    ra, dec, z = _field(n, seed=2)
+    zwarn = np.zeros(n, np.int64)
+    zwarn[:4] = 4
+    spectype = ["GALAXY"] * n
+    spectype[4], spectype[5] = "STAR", "QSO"
+    core = pa.table({"TargetID": np.arange(n, dtype=np.int64), "RA": ra, "DEC": dec, "Z": z,
+                     "ZWARN": pa.array(list(zwarn[:-1]) + [None], pa.int64()), "SPECTYPE": spectype,
+                     "Npix": np.where(np.arange(n) < n // 2, 7, 9).astype(np.int64)})
+    layer = topology.TopologyLayer()
+    out = layer.run_global(tmp_path, core, {})
+    assert list(tmp_path.iterdir()) == []  # run_global writes nothing: the orchestrator places the files
+    flag = np.concatenate([out[7].column("Topology_flag").to_numpy(), out[9].column("Topology_flag").to_numpy()])
+    bad, not_gal = topology.FLAGS["BAD_REDSHIFT"], topology.FLAGS["NOT_GALAXY"]
+    assert (flag[[0, 1, 2, 3, n - 1]] == bad).all()  # ZWARN != 0 and a NULL ZWARN
+    assert (flag[[4, 5]] == not_gal).all()
+    staged = layer.stage_artifacts(tmp_path, tmp_path / "stage")
+    assert {final.name for _, final in staged} == {topology.FILAMENTS_FILE, topology.SETTINGS_FILE}
+    assert all(s.exists() and not f.exists() for s, f in staged)
+    assert pq.read_table(staged[0][0]).column_names[:2] == ["segment", "x0"]
+
+
+def test_no_skeleton_flags_dist_filament() -> None:
+    ra, dec, z = _field(300, seed=3)
+    res = topology.compute(ra, dec, z, np.ones(300, bool), {"nsigma": 1e9})  # no filament that significant
+    assert res.settings["n_filament_segments"] == 0
+    assert np.isnan(res.dist_filament).all()
+    assert (res.flag & topology.FLAGS["NO_SKELETON"]).all()
+    assert np.isfinite(res.knn).all()  # the other columns stand
+    _assert_every_null_explained(res)
+    assert topology.filaments_table(res.web).num_rows == 0
+
+
+def test_coincident_neighbours_give_null_density_with_a_flag() -> None:
+    n = 400
+    ra, dec, z = _field(n, seed=4)
+    ra[-6:], dec[-6:], z[-6:] = ra[0], dec[0], z[0]  # 7 galaxies at one position: r_5 = d_5 = 0
+    res = topology.compute(ra, dec, z, np.ones(n, bool))
+    dup = np.r_[0, np.arange(n - 6, n)]
+    co = topology.FLAGS["COINCIDENT_NEIGHBOURS"]
+    assert (res.flag[dup] & co).all()
+    assert np.isnan(res.knn[dup]).all() and np.isnan(res.sigma[dup, 0]).all()
+    assert np.isfinite(res.sigma[dup, 1]).all()  # the 10th neighbour is elsewhere: Sigma_10 stands
+    assert not (res.flag[dup] & topology.FLAGS["FEW_NEIGHBOURS"]).any()  # neighbours there are, at distance 0
+    others = np.setdiff1d(np.arange(n), dup)
+    assert not (res.flag[others] & co).any()
+    assert np.isfinite(res.knn).sum() == n - dup.size and not np.isinf(res.knn).any() and not np.isinf(res.sigma).any()
+    _assert_every_null_explained(res)
+
+
+def test_knn_density_is_nan_never_inf_for_coincident_tracers() -> None:
+    pts = np.random.default_rng(5).uniform(0, 10, (50, 3))
+    pts[1:4] = pts[0]  # 4 coincident: the 3rd neighbour of each is at distance 0
+    r = density.knn_radius_3d(pts, pts, k=3, self_in_tracers=np.ones(50, bool))
+    dens = density.knn_density_3d(pts, pts, k=3, self_in_tracers=np.ones(50, bool))
+    assert (r[:4] == 0).all() and (r[4:] > 0).all()
+    assert np.isnan(dens[:4]).all() and np.isfinite(dens[4:]).all()
+    np.testing.assert_allclose(dens[4:], 3 / (4 / 3 * np.pi * r[4:] ** 3))
+
+
+# ---------------------------------------------------------------- a failed global run keeps the previous one
+def _snapshot(ard: Path) -> dict[str, bytes]:
+    files = list((ard / "staging" / "topology").rglob("*.parquet")) + list((ard / "artifacts" / "topology").iterdir())
+    files.append(ard / "state" / "topology.json")
+    return {str(f.relative_to(ard)): f.read_bytes() for f in files}
+
+
+def test_failed_global_run_keeps_previous_partitions_and_artifacts(small_ard, tmp_path, monkeypatch) -> None:
+    from ard_sql.build.options import BuildOptions
+    from ard_sql.build.orchestrator import build
+
+    mock, _ = small_ard
+    ard = tmp_path / "ard"
+    first = build(BuildOptions(source=str(mock), out=str(ard), order=5, layers=["topology"], scheduler="sync",
+                               progress=False, layer_options={"topology": {"cosmology": MOCK_COSMOLOGY}}))
+    assert not first.errors, first.errors
+    pixels = sorted(int(f.stem.split("=")[1]) for f in (ard / "staging" / "topology" / "dataset").rglob("Npix=*.parquet"))
+    assert len(pixels) >= 2  # a failure at the last pixel would leave the earlier ones rewritten
+    before = _snapshot(ard)
+    assert any(k.endswith(topology.FILAMENTS_FILE) for k in before) and any(k.endswith(topology.SETTINGS_FILE) for k in before)
+
+    original = topology.TopologyLayer.run_global
+
+    def broken(self, ard_dir, core, options):
+        out = original(self, ard_dir, core, options)
+        out[pixels[-1]] = out[pixels[-1]].drop(["Sigma_5"])  # invalid for one pixel only
+        return out
+
+    monkeypatch.setattr(topology.TopologyLayer, "run_global", broken)
+    # another cosmology: every value, the skeleton and the settings would differ from the built ones
+    opts = dict(out=str(ard), layers=["topology"], scheduler="sync", progress=False,
+                layer_options={"topology": {"cosmology": "Planck18"}})
+    report = build(BuildOptions(**opts))
+    assert [p.layer for p in report.errors] == ["topology"], report.errors
+    assert "Sigma_5" in report.errors[0].reason and f"pixel {pixels[-1]}" in report.errors[0].reason
+    assert _snapshot(ard) == before
+    assert not list(ard.glob(".topology-staging-*"))
+
+    # the same build without the fault replaces every partition and the artifacts together
+    monkeypatch.setattr(topology.TopologyLayer, "run_global", original)
+    report = build(BuildOptions(**opts))
+    assert not report.errors, report.errors
+    after = _snapshot(ard)
+    assert after.keys() >= before.keys()
+    changed = {k for k in before if after.get(k) != before[k]}
+    for k in before:
+        if "Npix=" in k or k.endswith((topology.FILAMENTS_FILE, topology.SETTINGS_FILE)):
+            assert k in changed, k
+    assert not list(ard.glob(".topology-staging-*"))
 
 
 # ---------------------------------------------------------------- slower, wider check

@@ -37,10 +37,11 @@ def build(
     Re-running skips partitions whose inputs did not change. A bad input file
     is skipped with a message naming it and why; NaN flux, negative ivar and
     a duplicate row are repaired (pixels masked, first row kept) and named the
-    same way. Either makes the exit code 1 unless --keep-going.
+    same way. Either makes the exit code 1 unless --keep-going. A layer that
+    fails as a whole keeps its previous data and makes the exit code 1.
     """
     from ard_sql.build.options import BuildOptions, OptionError
-    from ard_sql.build.orchestrator import BuildFailed
+    from ard_sql.build.orchestrator import FAILED, BuildFailed
     from ard_sql.build.orchestrator import build as run_build
 
     wanted = None if layers is None else [x.strip() for x in layers.split(",") if x.strip()]
@@ -72,6 +73,11 @@ def build(
         console.print(f"{name}: {info}", highlight=False)
     console.print(f"ARD written to {out} ({len(report.errors)} errors, {len(report.repaired_inputs)} repaired inputs; "
                   f"see {out}/build-report.json)")
+    failed = [name for name, info in report.layers.items() if info.get("status") == FAILED]
+    if failed:  # a crashed layer is not a skipped input: --keep-going does not cover it
+        console.print(f"[bold red]error:[/] layer(s) {', '.join(failed)} failed and kept their previous data; "
+                      f"see {out}/build-report.json", highlight=False)
+        raise typer.Exit(1)
     if (report.errors or report.repaired_inputs) and not keep_going:
         raise typer.Exit(1)
 

@@ -31,7 +31,7 @@ a few slabs and the cylinder cut is exact.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import healpy as hp
@@ -217,7 +217,7 @@ class ProjectedDensity:
     d_n: np.ndarray
     """(n_gal, len(n)) projected comoving distance to the N-th neighbour, Mpc; NaN if too few."""
     sigma: np.ndarray
-    """(n_gal, len(n)) Sigma_N = N / (pi d_N^2), Mpc^-2; NaN if too few neighbours."""
+    """(n_gal, len(n)) Sigma_N = N / (pi d_N^2), Mpc^-2; NaN if too few neighbours or d_N = 0 (coincident neighbours)."""
     theta: np.ndarray
     """(n_gal, len(n)) angular radius of the d_N circle, radians."""
 
@@ -307,18 +307,21 @@ def projected_density(
             pending = pending[~done]
             k = min(cand.size, 2 * k)
     d_n = theta * np.asarray(transverse_distance, dtype=np.float64)[:, None]
-    with np.errstate(divide="ignore"):
-        sigma = np.asarray(ranks, float)[None, :] / (np.pi * d_n**2)
+    sigma = np.full(d_n.shape, np.nan)
+    ok = np.isfinite(d_n) & (d_n > 0)  # d_N = 0: N neighbours on the same line of sight, no finite density
+    sigma[ok] = (np.asarray(ranks, float)[None, :] * np.ones_like(d_n))[ok] / (np.pi * d_n[ok] ** 2)
     return ProjectedDensity(ranks, d_n, sigma, theta)
 
 
-def knn_density_3d(
+def knn_radius_3d(
     positions: np.ndarray, tracer_positions: np.ndarray, k: int = 5, self_in_tracers: np.ndarray | None = None, workers: int = 1
 ) -> np.ndarray:
-    """3-D kNN number density ``k / (4/3 pi r_k^3)`` (Mpc^-3) at each position.
+    """Distance r_k (Mpc) from each position to its ``k``-th nearest tracer.
 
     ``self_in_tracers`` (bool per position) says which positions are themselves
-    tracers, whose zero-distance self-match is skipped.
+    tracers, whose zero-distance self-match is skipped. NaN where the position
+    is not finite or there are no more than ``k`` tracers; 0 where ``k`` other
+    tracers coincide with the position (duplicate positions).
     """
     positions = np.asarray(positions, dtype=np.float64)
     out = np.full(len(positions), np.nan)
@@ -332,10 +335,31 @@ def knn_density_3d(
     for start in range(0, idx.size, 1 << 20):  # blocks bound the (block, k+1) neighbour arrays
         sel = idx[start : start + (1 << 20)]
         dist, _ = tree.query(positions[sel], k=k + 1, workers=workers)
-        r_k = np.where(is_self[sel], dist[:, k], dist[:, k - 1])
-        with np.errstate(divide="ignore"):
-            out[sel] = k / (4.0 / 3.0 * np.pi * r_k**3)
+        out[sel] = np.where(is_self[sel], dist[:, k], dist[:, k - 1])
     return out
+
+
+def knn_density_from_radius(r_k: np.ndarray, k: int) -> np.ndarray:
+    """``k / (4/3 pi r_k^3)`` (Mpc^-3); NaN where ``r_k`` is NaN or 0 (coincident tracers: no finite density)."""
+    r_k = np.asarray(r_k, dtype=np.float64)
+    out = np.full(r_k.shape, np.nan)
+    ok = np.isfinite(r_k) & (r_k > 0)
+    out[ok] = k / (4.0 / 3.0 * np.pi * r_k[ok] ** 3)
+    return out
+
+
+def knn_density_3d(
+    positions: np.ndarray, tracer_positions: np.ndarray, k: int = 5, self_in_tracers: np.ndarray | None = None, workers: int = 1
+) -> np.ndarray:
+    """3-D kNN number density ``k / (4/3 pi r_k^3)`` (Mpc^-3) at each position.
+
+    ``self_in_tracers`` (bool per position) says which positions are themselves
+    tracers, whose zero-distance self-match is skipped. NaN (never inf) where
+    it cannot be computed: too few tracers, a non-finite position, or ``k``
+    tracers coinciding with the position (r_k = 0); :func:`knn_radius_3d`
+    tells these apart.
+    """
+    return knn_density_from_radius(knn_radius_3d(positions, tracer_positions, k, self_in_tracers, workers), k)
 
 
 # ---------------------------------------------------------------- fingers of God
@@ -353,7 +377,7 @@ class FogGroups:
 
 def compress_fingers_of_god(
     xyz: np.ndarray,
-    nbar_of_r,
+    nbar_of_r: Callable[[np.ndarray], np.ndarray],
     b_perp: float = 0.2,
     los_ratio: float = 10.0,
     min_members: int = 3,

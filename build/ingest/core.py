@@ -27,6 +27,9 @@ from ard_sql.build.report import BadInput, Problem
 #: Bump when the ingest's output changes for the same input (invalidates finished partitions).
 INGEST_VERSION = "1"
 
+#: Row count :func:`ingest_partition` returns when it kept the partition already on disk unwritten.
+KEPT = -1
+
 
 def _arrow(values: np.ndarray, valid: np.ndarray, type_: pa.DataType) -> pa.Array:
     if type_ == pa.string():
@@ -146,8 +149,10 @@ def _relative(path: str, source: str) -> str:
 def ingest_partition(ard_dir: str | Path, part: PartitionInput) -> tuple[int, list[Problem]]:
     """Read, combine and write one partition (spectra file, then core file); return (rows, problems).
 
-    A coadd whose flux cannot be read is reported and its targets left out;
-    the rest of the partition is written.
+    A coadd whose flux cannot be read is reported. On a first build its
+    targets are left out and the rest of the partition is written; on a
+    rebuild (the partition's core file exists) nothing is written and
+    :data:`KEPT` is returned, so the finished partition keeps every row.
     """
     problems: list[Problem] = []
     rows = part.rows
@@ -160,6 +165,7 @@ def ingest_partition(ard_dir: str | Path, part: PartitionInput) -> tuple[int, li
     snr = {arm: np.full(n, np.nan, np.float32) for arm in desi_io.ARMS}
     ok = np.ones(n, dtype=bool)
     res_acc: dict[str, list] = {}
+    unread: list[Problem] = []
     for r in sorted(part.files):
         sel = np.flatnonzero(rank == r)
         coadd = part.files[r][0]
@@ -167,6 +173,7 @@ def ingest_partition(ard_dir: str | Path, part: PartitionInput) -> tuple[int, li
             arms = desi_io.read_arms(coadd, coadd_row[sel])
         except BadInput as exc:
             problems.append(exc.problem())
+            unread.append(problems[-1])
             ok[sel] = False
             continue
         comb = combine.combine_arms({a: (d.index, d.flux, d.ivar, d.mask) for a, d in arms.items()}, len(sel))
@@ -189,6 +196,12 @@ def ingest_partition(ard_dir: str | Path, part: PartitionInput) -> tuple[int, li
     lsf = combine.lsf_sigma(per_arm)
     for p in problems:
         p.pixel, p.order = part.pixel, part.order
+    # A rebuild that cannot read one of its coadds would drop that file's finished rows:
+    # keep the previous core file and spectra store untouched instead.
+    if unread and paths.partition_file(ard_dir, part.order, part.pixel).exists():
+        for p in unread:
+            p.reason += "; the partition was kept as previously built"
+        return KEPT, problems
 
     keep = np.flatnonzero(ok)
     rows, flux, ivar, mask = rows.take(pa.array(keep)), flux[keep], ivar[keep], mask[keep]
@@ -283,5 +296,5 @@ def zcatalog(path: str | Path | None) -> dict[int, tuple[str, str]] | None:
     return targets.read_zcatalog(path) if path else None
 
 
-__all__ = ["INGEST_VERSION", "Plan", "PartitionInput", "scan_one", "make_plan", "ingest_partition", "partitions_using",
+__all__ = ["INGEST_VERSION", "KEPT", "Plan", "PartitionInput", "scan_one", "make_plan", "ingest_partition", "partitions_using",
            "plan_summary", "zcatalog"]

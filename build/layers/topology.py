@@ -14,7 +14,11 @@ Decisions (all configurable with ``--set topology.<key>=<value>``):
   classes live in redshift space (see "What limits Web_Class" below).
 - Density-defining population (tracers): galaxies with a reliable redshift,
   ``ZWARN == 0`` and ``SPECTYPE == 'GALAXY'`` and ``Z > zmin`` (0.01). Stars
-  and QSOs are never tracers; they get NULLs and flag bit ``NOT_GALAXY``.
+  and QSOs are never tracers; they get NULLs and flag bit ``NOT_GALAXY``. A
+  galaxy whose redshift is unreliable (``ZWARN != 0``) or out of range (Z not
+  finite, or ``<= zmin``) gets NULLs and bit ``BAD_REDSHIFT``. With fewer than
+  ``MIN_TRACERS`` (11) tracers nothing is computed: the tracers get NULLs and
+  bit ``FEW_TRACERS``.
 - Footprint: a HEALPix coverage map of the tracers (``density.Footprint``).
 - Selection function instead of randoms: the expected tracer density is
   ``n(r) x footprint`` (``density.SurveySelection``), with ``n(r)`` the tracers'
@@ -29,7 +33,10 @@ Decisions (all configurable with ``--set topology.<key>=<value>``):
 - ``Sigma_5``, ``Sigma_10``: Baldry et al. (2006) within +-``dv_kms`` (1000
   km/s); a galaxy whose d_N circle reaches outside the footprint gets flag bit
   ``EDGE``; fewer than N neighbours gives NULL and bit ``FEW_NEIGHBOURS``.
-  ``Density_kNN3D``: ``knn``-th neighbour (default 5) 3-D density, redshift space.
+  ``Density_kNN3D``: ``knn``-th neighbour (default 5) 3-D density, redshift space
+  (NULL and ``FEW_NEIGHBOURS`` with no more than ``knn`` tracers). When the N-th
+  (or ``knn``-th) neighbour lies at distance 0 (duplicate positions) the density
+  is infinite: NULL and bit ``COINCIDENT_NEIGHBOURS``.
 - ``Web_Class``: T-web on a CIC grid (``cell`` 3 Mpc, Gaussian ``smoothing`` 4 Mpc,
   ``lambda_th`` 0.2: the mock truth's own smoothing and threshold; the grid
   cell matches the truth's 3 Mpc), cells whose smoothed expected density is
@@ -40,7 +47,16 @@ Decisions (all configurable with ``--set topology.<key>=<value>``):
 - ``Dist_Filament``: distance (comoving Mpc) to the nearest segment of the
   persistence-filtered skeleton (``nsigma``, default 3) of the same smoothed
   field; the skeleton is written to ``artifacts/topology/filaments.parquet``
-  and shown as the view ``filaments``.
+  and shown as the view ``filaments``. A skeleton with no segment (no
+  filament above ``nsigma``) leaves Dist_Filament NULL with bit ``NO_SKELETON``.
+- Writes: :meth:`TopologyLayer.run_global` writes nothing; the orchestrator
+  writes the partitions and then the artifacts the layer stages
+  (:meth:`TopologyLayer.stage_artifacts`), so a failed run leaves the previous
+  partitions, skeleton and settings as they were.
+
+``Topology_flag`` bits (:data:`FLAGS`, meanings in :data:`FLAG_MEANINGS`):
+1 NOT_GALAXY, 2 MASKED, 4 EDGE, 8 FEW_NEIGHBOURS, 16 BAD_REDSHIFT,
+32 FEW_TRACERS, 64 NO_SKELETON, 128 COINCIDENT_NEIGHBOURS.
 
 What limits Web_Class (measured on mock catalogues, bench/RESULTS.md):
 
@@ -90,8 +106,27 @@ import pyarrow.parquet as pq
 from ard_sql import paths
 from ard_sql.science import cosmicweb, density, positions, skeleton
 
-#: Topology_flag bits.
-FLAGS: dict[str, int] = {"NOT_GALAXY": 1, "MASKED": 2, "EDGE": 4, "FEW_NEIGHBOURS": 8}
+#: Topology_flag bits (values are stable: new bits take unused positions).
+FLAGS: dict[str, int] = {
+    "NOT_GALAXY": 1, "MASKED": 2, "EDGE": 4, "FEW_NEIGHBOURS": 8,
+    "BAD_REDSHIFT": 16, "FEW_TRACERS": 32, "NO_SKELETON": 64, "COINCIDENT_NEIGHBOURS": 128,
+}
+#: What each Topology_flag bit means (the columns it leaves NULL, if any).
+FLAG_MEANINGS: dict[str, str] = {
+    "NOT_GALAXY": "SPECTYPE is not GALAXY (star, QSO, unknown): not a tracer, every value NULL",
+    "MASKED": "the T-web cell is outside the survey mask: Web_Class NULL",
+    "EDGE": "the Sigma_N circle reaches outside the footprint: Sigma_N underestimated",
+    "FEW_NEIGHBOURS": "fewer than N neighbours within the velocity window (or no more than knn tracers): "
+                      "Sigma_N / Density_kNN3D NULL",
+    "BAD_REDSHIFT": "a GALAXY whose redshift is unreliable (ZWARN != 0) or out of range (Z not finite or <= zmin): "
+                    "not a tracer, every value NULL",
+    "FEW_TRACERS": "the survey has fewer than MIN_TRACERS tracers: nothing computed, every value NULL",
+    "NO_SKELETON": "the skeleton has no filament segment: Dist_Filament NULL",
+    "COINCIDENT_NEIGHBOURS": "the N-th (or knn-th) neighbour is at distance 0 (duplicate positions): "
+                             "infinite density, Sigma_N / Density_kNN3D NULL",
+}
+#: Fewer tracers than this and the layer computes nothing (bit ``FEW_TRACERS``).
+MIN_TRACERS = 11
 _LAYER_OPTIONS = {
     "cosmology": str, "dv_kms": float, "zmin": float, "knn": int, "radial_smoothing": float,
 }
@@ -138,16 +173,29 @@ class TopologyResult:
 
 def compute(
     ra: np.ndarray, dec: np.ndarray, z: np.ndarray, galaxy: np.ndarray, options: dict[str, Any] | None = None,
+    reliable_z: np.ndarray | None = None,
 ) -> TopologyResult:
-    """The topology columns for every object; ``galaxy`` marks the tracers (and who gets values)."""
+    """The topology columns for every object.
+
+    ``galaxy`` marks the galaxies (SPECTYPE GALAXY; the others get NULLs and
+    ``NOT_GALAXY``); ``reliable_z`` (default: all) marks reliable redshifts
+    (ZWARN == 0). The tracers, who get values, are the galaxies with a reliable,
+    finite redshift above ``zmin``; the other galaxies get NULLs and
+    ``BAD_REDSHIFT``. Every NULL carries a bit of :data:`FLAGS` saying why.
+    """
     import time
 
     mine, web = split_options(options)
     cosmology = mine.get("cosmology", positions.DEFAULT_COSMOLOGY)
     ra, dec, z = (np.asarray(a, dtype=np.float64) for a in (ra, dec, z))
-    galaxy = np.asarray(galaxy, bool) & np.isfinite(z) & (z > mine.get("zmin", 0.01))
+    is_galaxy = np.asarray(galaxy, bool)
+    reliable = np.ones(len(z), bool) if reliable_z is None else np.asarray(reliable_z, bool)
+    with np.errstate(invalid="ignore"):
+        galaxy = is_galaxy & reliable & np.isfinite(z) & (z > mine.get("zmin", 0.01))
     n = len(z)
-    flag = np.where(galaxy, 0, FLAGS["NOT_GALAXY"]).astype(np.int32)
+    flag = np.zeros(n, np.int32)
+    flag[~is_galaxy] |= FLAGS["NOT_GALAXY"]
+    flag[is_galaxy & ~galaxy] |= FLAGS["BAD_REDSHIFT"]
     web_code = np.full(n, cosmicweb.MASKED_CODE, np.int8)
     dist_fil = np.full(n, np.nan)
     sig = np.full((n, 2), np.nan)
@@ -158,8 +206,11 @@ def compute(
     settings.setdefault("radial_smoothing", 50.0)
     settings.setdefault("dv_kms", 1000.0)
     settings.setdefault("knn", 5)
+    settings["n_tracers"] = int(galaxy.sum())
     result = None
-    if galaxy.sum() > 10:
+    if galaxy.sum() < MIN_TRACERS:
+        flag[galaxy] |= FLAGS["FEW_TRACERS"]
+    else:
         t0 = time.perf_counter()
         rg, dg, zg = ra[galaxy], dec[galaxy], z[galaxy]
         table = positions.distance_table(cosmology, z_max=max(6.0, float(np.ceil(zg.max()))))
@@ -172,8 +223,9 @@ def compute(
         proj = density.projected_density(rg, dg, zg, dm, np.ones(len(zg), bool), n=(5, 10),
                                          dv_kms=settings["dv_kms"], workers=web.workers)
         edge = foot.edge_angle(rg, dg)
-        knn[galaxy] = density.knn_density_3d(xyz, xyz, k=settings["knn"], self_in_tracers=np.ones(len(xyz), bool),
-                                             workers=web.workers)
+        r_k = density.knn_radius_3d(xyz, xyz, k=settings["knn"], self_in_tracers=np.ones(len(xyz), bool),
+                                    workers=web.workers)
+        knn[galaxy] = density.knn_density_from_radius(r_k, settings["knn"])
         sig[galaxy] = proj.sigma
         timings["sigma_n_knn_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -181,39 +233,54 @@ def compute(
         web_code[galaxy] = result.codes
         timings["web_class_skeleton_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        if len(result.seg_start):
+        has_skeleton = len(result.seg_start) > 0
+        if has_skeleton:
             dist_fil[galaxy] = skeleton.distance_to_segments(xyz, result.seg_start, result.seg_end, workers=web.workers)
         timings["dist_filament_s"] = time.perf_counter() - t0
         g_flag = np.zeros(galaxy.sum(), np.int32)
         g_flag |= np.where(result.codes < 0, FLAGS["MASKED"], 0)
         g_flag |= np.where(np.nanmax(np.where(np.isfinite(proj.theta), proj.theta, 0), axis=1) > edge, FLAGS["EDGE"], 0)
-        g_flag |= np.where(~np.isfinite(proj.sigma).all(axis=1), FLAGS["FEW_NEIGHBOURS"], 0)
+        few = np.isnan(proj.d_n).any(axis=1) | np.isnan(r_k)
+        g_flag |= np.where(few, FLAGS["FEW_NEIGHBOURS"], 0)
+        coincident = (proj.d_n == 0).any(axis=1) | (r_k == 0)
+        g_flag |= np.where(coincident, FLAGS["COINCIDENT_NEIGHBOURS"], 0)
+        if not has_skeleton:
+            g_flag |= FLAGS["NO_SKELETON"]
         flag[galaxy] |= g_flag
         settings.update({"footprint_nside": foot.nside, "footprint_area_deg2": round(foot.area_deg2, 3),
-                         "n_tracers": int(galaxy.sum()), "n_subvolumes": result.n_subvolumes,
+                         "n_subvolumes": result.n_subvolumes,
                          "subvolume_shape": list(result.subvolume_shape), "n_filament_segments": int(len(result.seg_start))})
     return TopologyResult(web_code, dist_fil, sig, knn, flag, result, timings, settings)
 
 
 class TopologyLayer:
-    """Global layer computing the cosmic-web columns for every core row."""
+    """Global layer computing the cosmic-web columns for every core row.
+
+    :meth:`run_global` writes nothing: it keeps the run's skeleton and settings
+    in memory until the orchestrator, once every partition is conformed and
+    staged, asks for them with :meth:`stage_artifacts` and moves them into place
+    last. A failed run therefore leaves the previous artifacts as they were.
+    """
 
     name = "topology"
-    version = "2"
+    version = "3"  # 3: BAD_REDSHIFT, FEW_TRACERS, NO_SKELETON, COINCIDENT_NEIGHBOURS flag bits
     core_columns = ("ZWARN", "SPECTYPE")
     check_options = staticmethod(check_options)
 
+    def __init__(self) -> None:
+        self._artifacts: tuple[pa.Table, dict[str, Any]] | None = None
+
     def run_global(self, ard_dir: Path, core: pa.Table, options: dict[str, Any]) -> dict[int, pa.Table]:
-        """Return, per partition pixel, TargetID + the topology columns."""
+        """Return, per partition pixel, TargetID + the topology columns (nothing is written)."""
         tid = core.column("TargetID").to_numpy()
         z = core.column("Z").to_numpy(zero_copy_only=False).astype(float)
         zwarn = core.column("ZWARN").fill_null(1).to_numpy()
         spectype = np.asarray(core.column("SPECTYPE").fill_null("").to_pylist(), dtype=object)
-        galaxy = (zwarn == 0) & (spectype == "GALAXY")
-        res = compute(core.column("RA").to_numpy(), core.column("DEC").to_numpy(), z, galaxy, options)
-        if res.web is not None:
-            _write_filaments(ard_dir, res.web)
-        _write_settings(ard_dir, res.settings)
+        res = compute(core.column("RA").to_numpy(), core.column("DEC").to_numpy(), z, spectype == "GALAXY", options,
+                      reliable_z=zwarn == 0)
+        # Written only by stage_artifacts, after the partitions: an empty skeleton when none was computed,
+        # so a stale one from an earlier run never outlives the partitions it belonged to.
+        self._artifacts = (filaments_table(res.web), res.settings)
         valid_web = res.web_code >= 0
         cols = {
             "TargetID": pa.array(tid, pa.int64()),
@@ -229,6 +296,24 @@ class TopologyLayer:
         npix = core.column("Npix").to_numpy()
         return {int(p): full.filter(pa.array(npix == p)) for p in np.unique(npix)}
 
+    def stage_artifacts(self, ard_dir: Path | str, staging: Path | str) -> list[tuple[Path, Path]]:
+        """Write the last run's skeleton and settings under ``staging``; return (staged, final) path pairs.
+
+        The orchestrator calls this after every partition is staged and renames
+        each staged file onto its final path last. Nothing is staged when
+        :meth:`run_global` has not run.
+        """
+        if self._artifacts is None:
+            return []
+        table, settings = self._artifacts
+        staging = Path(staging)
+        staging.mkdir(parents=True, exist_ok=True)
+        fil, sett = staging / FILAMENTS_FILE, staging / SETTINGS_FILE
+        pq.write_table(table, fil)
+        sett.write_text(json.dumps(settings, sort_keys=True, default=str))
+        final = paths.artifact_dir(ard_dir, "topology")
+        return [(fil, final / FILAMENTS_FILE), (sett, final / SETTINGS_FILE)]
+
     @staticmethod
     def finalize(ard_dir: Path | str, options: dict[str, Any]) -> dict[str, str]:
         """Cosmology and settings of the run, for ``ard_meta``."""
@@ -240,24 +325,18 @@ class TopologyLayer:
                 "topology_settings": json.dumps(settings, sort_keys=True, default=str)}
 
 
-def _write_settings(ard_dir: Path | str, settings: dict[str, Any]) -> None:
-    path = paths.artifact_dir(ard_dir, "topology") / SETTINGS_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = paths.temporary_sibling(path)
-    tmp.write_text(json.dumps(settings, sort_keys=True, default=str))
-    tmp.replace(path)
-
-
-def _write_filaments(ard_dir: Path | str, result: cosmicweb.SurveyWeb) -> None:
-    a, b = result.seg_start, result.seg_end
-    table = pa.table({
+def filaments_table(result: cosmicweb.SurveyWeb | None) -> pa.Table:
+    """The skeleton's segments as the ``filaments`` table (zero rows when there is no skeleton)."""
+    if result is None:
+        a = b = np.zeros((0, 3))
+        persistence = np.zeros(0)
+    else:
+        a = np.asarray(result.seg_start, float).reshape(-1, 3)
+        b = np.asarray(result.seg_end, float).reshape(-1, 3)
+        persistence = np.asarray(result.persistence, float)
+    return pa.table({
         "segment": pa.array(np.arange(len(a), dtype=np.int64)),
-        "x0": a[:, 0], "y0": a[:, 1], "z0": a[:, 2],
-        "x1": b[:, 0], "y1": b[:, 1], "z1": b[:, 2],
-        "persistence_sigma": pa.array(np.asarray(result.persistence, float)),
+        "x0": pa.array(a[:, 0]), "y0": pa.array(a[:, 1]), "z0": pa.array(a[:, 2]),
+        "x1": pa.array(b[:, 0]), "y1": pa.array(b[:, 1]), "z1": pa.array(b[:, 2]),
+        "persistence_sigma": pa.array(persistence),
     })
-    path = filaments_path(ard_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = paths.temporary_sibling(path)
-    pq.write_table(table, tmp)
-    tmp.replace(path)
