@@ -58,7 +58,12 @@ class ARD:
 
     def __init__(self, path: str | Path | None = None, *, read_only: bool = True) -> None:
         ard_dir = resolve_ard_dir(path)
-        self._setup(ard_dir, duckdb.connect(str(paths.db_path(ard_dir)), read_only=read_only), read_only)
+        con = duckdb.connect(str(paths.db_path(ard_dir)), read_only=read_only)
+        try:
+            self._setup(ard_dir, con, read_only)
+        except BaseException:
+            con.close()  # a failed prepare() must not leave the database file open
+            raise
 
     def _setup(self, ard_dir: Path, con: duckdb.DuckDBPyConnection, read_only: bool) -> None:
         self.path: Path = ard_dir
@@ -97,7 +102,27 @@ class ARD:
         """A new cursor (own client context, for another thread) prepared like ``con``."""
         cur = self.con.cursor()
         self._cursors.append(cur)  # keep it alive: the prepared-set is keyed by id()
-        return self.prepare(cur)
+        try:
+            return self.prepare(cur)
+        except BaseException:
+            self.release(cur)
+            raise
+
+    def release(self, cur: duckdb.DuckDBPyConnection) -> None:
+        """Close one cursor from :meth:`cursor` and forget it (idempotent; safe from a finalizer).
+
+        Lock-free on purpose: it may run from garbage collection while this
+        thread holds ``_lock`` in :meth:`prepare`.
+        """
+        self._prepared.discard(id(cur))  # before the object can die and its id be reused
+        try:
+            cur.close()
+        except duckdb.Error:
+            pass
+        try:
+            self._cursors.remove(cur)
+        except ValueError:
+            pass
 
     # ------------------------------------------------------------ querying
     def query(self, where: str | None, columns: Any = None, output: str = "pandas", **kwargs: Any) -> Any:

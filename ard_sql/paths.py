@@ -35,7 +35,11 @@ as in the HATS standard.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 DB_FILENAME = "ard.duckdb"
@@ -117,10 +121,57 @@ def state_file(ard_dir: Path | str, layer: str) -> Path:
     return Path(ard_dir) / "state" / f"{layer}.json"
 
 
-def temporary_sibling(path: Path) -> Path:
-    """A temporary name beside ``path`` for atomic writes (write there, then ``os.replace``)."""
+def temporary_sibling(path: Path | str) -> Path:
+    """A unique temporary name beside ``path`` for atomic writes (write there, then ``os.replace``).
+
+    Prefer :func:`atomic_path`, which also renames on success and cleans up on failure.
+    """
     path = Path(path)
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # pid + random token: two builds (or two threads of one) writing the same file never share a
+    # temporary; the leading dot and ".tmp-" keep it out of globs and releases (release.check_relpath)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+@contextlib.contextmanager
+def atomic_path(target: Path | str, suffix: str = "") -> Iterator[Path]:
+    """Yield a unique temporary sibling of ``target`` to write; on success rename it onto ``target``.
+
+    A reader sees the old file or the new one, never half of one: the body writes (and closes)
+    the yielded path, then ``os.replace`` swaps it in. If the body raises, the temporary is
+    removed and ``target`` is left as it was. ``suffix`` is appended to the temporary's name
+    for writers that insist on an extension (``np.savez`` adds ``.npz`` otherwise). The parent
+    folder is created.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_sibling(target)
+    if suffix:
+        tmp = tmp.with_name(tmp.name + suffix)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except BaseException:
+        # BaseException: a Ctrl-C mid-write must not leave a stray temporary either
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(target: Path | str, data: bytes, fsync: bool = False) -> Path:
+    """Write ``data`` to ``target`` atomically (see :func:`atomic_path`); ``fsync`` flushes it to disk first."""
+    with atomic_path(target) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        if fsync:  # durability across a power cut, for files others download (releases)
+            f.flush()
+            os.fsync(f.fileno())
+    return Path(target)
+
+
+def atomic_write_text(target: Path | str, text: str, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``target`` atomically (see :func:`atomic_path`)."""
+    return atomic_write_bytes(target, text.encode(encoding))
 
 
 def bagpipes_fits_file(ard_dir: Path | str, order: int, pixel: int) -> Path:

@@ -1,14 +1,15 @@
 """Plots a researcher asks for first: a spectrum with its models, the quenching diagram, BPT, the sky.
 
-Every function takes an open ARD (``db=``, default ``ard_sql.open()``), draws
-with matplotlib, and returns the figure; ``out=`` also saves it (PNG, or any
+Every function takes an open ARD (``db=``; by default it opens
+``ard_sql.open()`` and closes it again before returning), draws with matplotlib, and returns the figure; ``out=`` also saves it (PNG, or any
 format matplotlib knows from the suffix). ``ard plot ...`` calls the same
 functions from the command line.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +44,16 @@ def _pyplot():
     return plt
 
 
-def _db(db: Any):
+@contextmanager
+def _db(db: Any) -> Iterator[Any]:
+    """``db`` itself (left open), or ``ard_sql.open()`` closed when the block ends."""
     if db is not None:
-        return db
+        yield db
+        return
     import ard_sql
 
-    return ard_sql.open()
+    with ard_sql.open() as opened:
+        yield opened
 
 
 def _save(fig: Any, out: str | Path | None) -> Any:
@@ -75,48 +80,51 @@ def plot_spectrum(target_id: Any, show_model: bool = True, *, db: Any = None, ma
     ``smooth`` is a boxcar width in pixels for display only.
     """
     from ard_sql import spectra_store
+    from ard_sql.udfs.spectrum import target_locator
 
     plt = _pyplot()
-    db = _db(db)
     ids = _ids(target_id)[:max_panels]
     if not ids:
         raise ValueError("plot_spectrum: no target given")
     fig, axes = plt.subplots(len(ids), 1, figsize=(11, 3.2 * len(ids)), squeeze=False)
     wave = grid.brz_wavelength()
     kernel = np.ones(smooth) / smooth
-    for ax, tid in zip(axes[:, 0], ids):
-        row = db.sql("SELECT spectrum(TargetID) AS s, Z, SPECTYPE, SNR_Median FROM ard WHERE TargetID = ?", [tid]).fetchall()
-        if not row or row[0][0] is None:
-            raise ValueError(f"plot_spectrum: target {tid} is not in the ARD at {db.path}")
-        spec, z, spectype, snr = row[0]
-        flux = np.asarray(spec["flux"], float)
-        ivar = np.asarray(spec["ivar"], float)
-        good = ivar > 0
-        f = np.where(good, flux, np.nan)
-        err = np.where(good, 1 / np.sqrt(np.where(good, ivar, 1)), np.nan)
-        fs = np.convolve(np.nan_to_num(f), kernel, "same")
-        es = np.convolve(np.nan_to_num(err), kernel, "same") / np.sqrt(smooth)
-        ax.fill_between(wave, fs - es, fs + es, color="0.75", lw=0, label="1σ")
-        ax.plot(wave, fs, color="k", lw=0.6, label="flux")
-        if show_model:
-            for (layer, comp), style in MODEL_STYLE.items():
-                models = spectra_store.read_model(db.path, layer, tid)
-                if models and comp in models and np.isfinite(models[comp]).any():
-                    m = models[comp] if comp != "gas" else models[comp] + models.get("stars", 0)
-                    ax.plot(wave, m, lw=0.9, **style)
-        if z is not None and np.isfinite(z):
-            top = np.nanpercentile(fs[good], 99.5) if good.any() else 1.0
-            for name, lam in LINE_LABELS.items():
-                obs = lam * (1 + z)
-                if wave[0] < obs < wave[-1]:
-                    ax.axvline(obs, color="tab:blue", lw=0.4, alpha=0.5)
-                    ax.text(obs, top, name, rotation=90, fontsize=7, va="top", ha="right", color="tab:blue")
-        ax.set_title(f"TargetID {tid}   {spectype}   z = {z:.4f}   S/N = {snr:.1f}", fontsize=9)
-        ax.set_ylabel(r"$F_\lambda$ [$10^{-17}$ erg s$^{-1}$ cm$^{-2}$ Å$^{-1}$]", fontsize=8)
-        ax.legend(fontsize=7, loc="upper right", ncol=4)
-        if good.any():
-            lo, hi = np.nanpercentile(fs[good], [0.5, 99.8])
-            ax.set_ylim(min(lo, 0) - 0.1 * (hi - lo), hi + 0.25 * (hi - lo))
+    with _db(db) as con:
+        # one TargetID lookup (a read of the core table) for every model of every panel
+        locator = target_locator(con.path) if show_model else None
+        for ax, tid in zip(axes[:, 0], ids):
+            row = con.sql("SELECT spectrum(TargetID) AS s, Z, SPECTYPE, SNR_Median FROM ard WHERE TargetID = ?", [tid]).fetchall()
+            if not row or row[0][0] is None:
+                raise ValueError(f"plot_spectrum: target {tid} is not in the ARD at {con.path}")
+            spec, z, spectype, snr = row[0]
+            flux = np.asarray(spec["flux"], float)
+            ivar = np.asarray(spec["ivar"], float)
+            good = ivar > 0
+            f = np.where(good, flux, np.nan)
+            err = np.where(good, 1 / np.sqrt(np.where(good, ivar, 1)), np.nan)
+            fs = np.convolve(np.nan_to_num(f), kernel, "same")
+            es = np.convolve(np.nan_to_num(err), kernel, "same") / np.sqrt(smooth)
+            ax.fill_between(wave, fs - es, fs + es, color="0.75", lw=0, label="1σ")
+            ax.plot(wave, fs, color="k", lw=0.6, label="flux")
+            if show_model:
+                for (layer, comp), style in MODEL_STYLE.items():
+                    models = spectra_store.read_model(con.path, layer, tid, locator=locator)
+                    if models and comp in models and np.isfinite(models[comp]).any():
+                        m = models[comp] if comp != "gas" else models[comp] + models.get("stars", 0)
+                        ax.plot(wave, m, lw=0.9, **style)
+            if z is not None and np.isfinite(z):
+                top = np.nanpercentile(fs[good], 99.5) if good.any() else 1.0
+                for name, lam in LINE_LABELS.items():
+                    obs = lam * (1 + z)
+                    if wave[0] < obs < wave[-1]:
+                        ax.axvline(obs, color="tab:blue", lw=0.4, alpha=0.5)
+                        ax.text(obs, top, name, rotation=90, fontsize=7, va="top", ha="right", color="tab:blue")
+            ax.set_title(f"TargetID {tid}   {spectype}   z = {z:.4f}   S/N = {snr:.1f}", fontsize=9)
+            ax.set_ylabel(r"$F_\lambda$ [$10^{-17}$ erg s$^{-1}$ cm$^{-2}$ Å$^{-1}$]", fontsize=8)
+            ax.legend(fontsize=7, loc="upper right", ncol=4)
+            if good.any():
+                lo, hi = np.nanpercentile(fs[good], [0.5, 99.8])
+                ax.set_ylim(min(lo, 0) - 0.1 * (hi - lo), hi + 0.25 * (hi - lo))
     axes[-1, 0].set_xlabel("observed wavelength (vacuum) [Å]")
     fig.tight_layout()
     return _save(fig, out)
@@ -125,8 +133,8 @@ def plot_spectrum(target_id: Any, show_model: bool = True, *, db: Any = None, ma
 def plot_quenching_diagram(*, db: Any = None, where: str | None = None, out: str | Path | None = None) -> Any:
     """Dn4000 against HdeltaA for the galaxies (optionally filtered with ``db.query`` syntax)."""
     plt = _pyplot()
-    db = _db(db)
-    df = db.query(where, ["TargetID", "Dn4000", "Hdelta_A", "SNR_Median"]).dropna()
+    with _db(db) as con:
+        df = con.query(where, ["TargetID", "Dn4000", "Hdelta_A", "SNR_Median"]).dropna()
     fig, ax = plt.subplots(figsize=(6, 5))
     sc = ax.scatter(df.Dn4000, df.Hdelta_A, c=np.log10(df.SNR_Median.clip(lower=0.1)), s=4, cmap="viridis")
     fig.colorbar(sc, label="log10 S/N")
@@ -141,10 +149,10 @@ def plot_quenching_diagram(*, db: Any = None, where: str | None = None, out: str
 def plot_bpt(*, db: Any = None, min_snr: float = 3.0, out: str | Path | None = None) -> Any:
     """[NII]-BPT diagram with the Kauffmann et al. (2003) and Kewley et al. (2001) lines."""
     plt = _pyplot()
-    db = _db(db)
     names = ["Hbeta", "OIII_5007", "Halpha", "NII_6584"]
     cols = ", ".join(f"{n}_Flux, {n}_Flux_err" for n in names)
-    df = db.sql(f"SELECT {cols} FROM ard").df()
+    with _db(db) as con:
+        df = con.sql(f"SELECT {cols} FROM ard").df()
     ok = np.ones(len(df), bool)
     for n in names:
         ok &= (df[f"{n}_Flux"] / df[f"{n}_Flux_err"] > min_snr).fillna(False).to_numpy()
@@ -169,8 +177,8 @@ def plot_bpt(*, db: Any = None, min_snr: float = 3.0, out: str | Path | None = N
 def plot_sky(*, db: Any = None, out: str | Path | None = None) -> Any:
     """Targets on the sky coloured by Web_Class (grey: no class)."""
     plt = _pyplot()
-    db = _db(db)
-    df = db.sql("SELECT RA, DEC, CAST(Web_Class AS VARCHAR) AS web FROM ard").df()
+    with _db(db) as con:
+        df = con.sql("SELECT RA, DEC, CAST(Web_Class AS VARCHAR) AS web FROM ard").df()
     fig, ax = plt.subplots(figsize=(7, 5))
     none = df.web.isna()
     ax.scatter(df.RA[none], df.DEC[none], s=2, color="0.7", label="no class")

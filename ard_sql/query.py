@@ -15,10 +15,10 @@ columns (``ard_sql.contract.all_columns()``), literals, operators and an
 allow-list of functions pass. Statements, ``;``, subqueries, ``*`` and unknown
 names are rejected with a :class:`QueryError` saying what and where.
 
-When the build's compacted table is current (``build/compaction.py``) a query
-reads it alone, no join; otherwise only the staging tables a query names are
-joined (core LEFT JOIN the layers that own its columns, the same rows as the
-``ard`` view). Either way a query on core and topology columns never reads
+When the ``ard`` view reads the build's compacted table (chosen when
+``ard.duckdb`` was written, :func:`reads_wide`) a query reads it alone, no
+join; otherwise only the staging tables a query names are joined (core LEFT
+JOIN the layers that own its columns, the same rows as the ``ard`` view). Either way a query on core and topology columns never reads
 the embedding columns.
 
 Sky regions in a filter read only the partitions they overlap:
@@ -31,7 +31,7 @@ healpy/mocpy, see :mod:`ard_sql.regions`) and add an exact test on RA/DEC.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,6 +43,7 @@ from sqlglot.dialects.duckdb import DuckDB
 from sqlglot.tokens import TokenType
 
 from ard_sql import contract, paths, regions
+from ard_sql.build.database import quote_ident, quote_literal
 
 Output = Literal["pandas", "arrow", "astropy", "batches"]
 OUTPUTS: tuple[str, ...] = ("pandas", "arrow", "astropy", "batches")
@@ -298,16 +299,12 @@ def _layer_of_column() -> dict[str, str]:
     return out
 
 
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
 def typed_scan(layer: str, files_sql: str) -> str:
     """A typed scan of one staging table over ``read_parquet(<files_sql>)`` (casts as in its view)."""
-    casts = [f"CAST({_quote(c.name)} AS {c.type}) AS {_quote(c.name)}" for c in contract.columns(layer)]
+    casts = [f"CAST({quote_ident(c.name)} AS {c.type}) AS {quote_ident(c.name)}" for c in contract.columns(layer)]
     if layer in (paths.CORE, contract.WIDE):
-        casts.append(_quote("_healpix_29"))
-    return f"(SELECT {', '.join(casts)} FROM read_parquet({files_sql})) AS {_quote(layer)}"
+        casts.append(quote_ident("_healpix_29"))
+    return f"(SELECT {', '.join(casts)} FROM read_parquet({files_sql})) AS {quote_ident(layer)}"
 
 
 def join_sql(scans: dict[str, str]) -> str:
@@ -320,45 +317,39 @@ def reads_wide(con: duckdb.DuckDBPyConnection) -> bool:
     """True when the database on ``con`` was written over the compacted ``wide`` table.
 
     ``ard.duckdb`` defines a ``wide`` view exactly when its ``ard`` view reads
-    that table (build/database.py), so ``db.query`` follows the ``ard`` view
-    with one catalog lookup instead of a stat of every partition file.
+    that table (build/database.py), so ``db.query`` and the ``cone_search`` /
+    ``region_search`` macros follow the ``ard`` view's build-time choice with
+    one catalog lookup instead of a stat of every partition file.
     """
     return bool(con.execute(
         "SELECT count(*) FROM duckdb_views() WHERE view_name = 'wide' AND NOT internal").fetchall()[0][0])
 
 
-def _compacted(ard_dir: Path | str) -> bool:
-    from ard_sql.build import compaction
-
-    return compaction.is_current(ard_dir)
+def _file_list(files: Iterable[Path]) -> str:
+    """A DuckDB list literal of file paths, for ``read_parquet``."""
+    return "[" + ", ".join(quote_literal(Path(f).as_posix()) for f in files) + "]"
 
 
 def source_sql(layers: Iterable[str], ard_dir: Path | str | None = None, region: regions.Region | None = None,
-               compacted: bool | None = None) -> str:
+               compacted: bool = False) -> str:
     """FROM clause: core LEFT JOIN the needed layers on TargetID.
 
     The same rows as the ``ard`` view (which joins every layer), but only the
     staging tables a query names are read. With ``region`` (and ``ard_dir``),
     each table is read from the partition files overlapping the region only:
     the file list is narrowed in Python, before DuckDB plans the query.
-    ``compacted``: read the ``wide`` table (None: decide from the files on disk).
+    ``compacted``: read the ``wide`` table (see :func:`reads_wide`).
     """
-    if compacted is None:
-        compacted = ard_dir is not None and _compacted(ard_dir)
     if ard_dir is not None and compacted:
         # One table, no joins (build/compaction.py); same rows and columns.
-        files = regions.partition_files(ard_dir, contract.WIDE, region)
-        listing = ", ".join("'" + Path(f).as_posix().replace("'", "''") + "'" for f in files)
-        return typed_scan(contract.WIDE, f"[{listing}]")
+        return typed_scan(contract.WIDE, _file_list(regions.partition_files(ard_dir, contract.WIDE, region)))
     wanted = set(layers) | {paths.CORE}
     if region is not None and ard_dir is not None:
         scans = {}
         for name in wanted:
-            files = regions.partition_files(ard_dir, name, region)
-            listing = ", ".join("'" + Path(f).as_posix().replace("'", "''") + "'" for f in files)
-            scans[name] = typed_scan(name, f"[{listing}]")
+            scans[name] = typed_scan(name, _file_list(regions.partition_files(ard_dir, name, region)))
     else:
-        scans = {name: _quote(name) for name in wanted}
+        scans = {name: quote_ident(name) for name in wanted}
     return join_sql(scans)
 
 
@@ -369,12 +360,12 @@ def build_sql(
     ard_dir: Path | str | None = None,
     limit: int | None = None,
     order_by: str | None = None,
-    compacted: bool | None = None,
+    compacted: bool = False,
 ) -> str:
     """The full SELECT that ``db.query`` runs (useful to inspect or EXPLAIN).
 
-    ``compacted``: whether to read the ``wide`` table; None decides from the
-    files under ``ard_dir`` (``db.query`` passes what its database was written with).
+    ``compacted``: whether to read the ``wide`` table (with ``ard_dir``);
+    ``db.query`` passes :func:`reads_wide` of its connection, as the ``ard`` view does.
     """
     names = _check_columns(columns)
     used = {n.lower() for n in names}
@@ -394,7 +385,7 @@ def build_sql(
         parts.append(f" LIMIT {int(limit)}")
     owner = _layer_of_column()
     layers = {owner[u] for u in used if u in owner}
-    select = ", ".join(_quote(n) for n in names)
+    select = ", ".join(quote_ident(n) for n in names)
     return f"SELECT {select} FROM {source_sql(layers, ard_dir, region, compacted)}" + "".join(parts)
 
 
@@ -446,7 +437,7 @@ def run_query(
     if output not in OUTPUTS:
         raise QueryError(f"output={output!r} is not one of {', '.join(OUTPUTS)}")
     sql = build_sql(where, columns, ard_dir=ard_dir, limit=limit, order_by=order_by,
-                    compacted=reads_wide(con) if ard_dir is not None else None)
+                    compacted=ard_dir is not None and reads_wide(con))
     if output == "batches":
         return con.sql(sql).to_arrow_reader(batch_size)
     if output == "pandas":
@@ -461,13 +452,51 @@ def query(db: Any, where: str | None, columns: Iterable[str] | None = None, outp
     """``db.query(...)`` for an open ARD (``ard_sql.open()``) or a raw DuckDB connection.
 
     See :func:`run_query` for the arguments. ``output='batches'`` runs on a
-    new cursor, so a half-read stream never blocks ``db`` itself.
+    new cursor, so a half-read stream never blocks ``db`` itself; that cursor
+    is closed when the stream is exhausted or garbage-collected.
     """
-    if isinstance(db, duckdb.DuckDBPyConnection):
-        con, ard_dir = db, kwargs.pop("ard_dir", None)
-        if output == "batches":
-            con = db.cursor()
-    else:
-        ard_dir = kwargs.pop("ard_dir", None) or db.path
-        con = db.cursor() if output == "batches" else db.con
-    return run_query(con, where, columns, output, ard_dir=ard_dir, **kwargs)
+    raw = isinstance(db, duckdb.DuckDBPyConnection)
+    ard_dir = kwargs.pop("ard_dir", None) or (None if raw else db.path)
+    if output != "batches":
+        return run_query(db if raw else db.con, where, columns, output, ard_dir=ard_dir, **kwargs)
+    cur = db.cursor()
+    release: Callable[[], None] = cur.close if raw else (lambda: db.release(cur))
+    try:
+        reader = run_query(cur, where, columns, output, ard_dir=ard_dir, **kwargs)
+    except BaseException:
+        release()
+        raise
+    return pa.RecordBatchReader.from_batches(reader.schema, _ReleasingBatches(reader, release))
+
+
+class _ReleasingBatches:
+    """The batches of ``reader``; calls ``release`` (closes the query's cursor) once, when
+    the batches are exhausted, reading fails, or the stream is garbage-collected unread."""
+
+    def __init__(self, reader: pa.RecordBatchReader, release: Callable[[], None]) -> None:
+        self._reader: pa.RecordBatchReader | None = reader
+        self._release = release
+
+    def __iter__(self) -> "_ReleasingBatches":
+        return self
+
+    def __next__(self) -> pa.RecordBatch:
+        if self._reader is None:
+            raise StopIteration
+        try:
+            return self._reader.read_next_batch()
+        except BaseException:  # StopIteration at the end, or a failed read
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Close the DuckDB reader, then release the cursor (idempotent)."""
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            try:
+                reader.close()
+            finally:
+                self._release()
+
+    def __del__(self) -> None:
+        self.close()

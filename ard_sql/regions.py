@@ -8,9 +8,14 @@ A region has two faces:
   ``list_contains([...], Npix)`` DuckDB turns it into a *file filter* on the
   ``Npix`` number parsed from the file name, so no other partition is opened
   (verified with EXPLAIN ANALYZE: "Scanning Files: k/N").
-- ``sql_exact()``: a pure-SQL test on ``RA``/``DEC`` (or ``_healpix_29`` for a
-  MOC) that decides membership exactly, so the answer never depends on the
-  pruning. A pixel number shared by two orders only costs an extra file read.
+- ``sql_exact()``: an SQL test on ``RA``/``DEC`` (the ``cone`` macro of
+  ``sql/macros/cone.sql`` for a cone; ``_healpix_29`` for a MOC) that decides
+  membership exactly, so the answer never depends on the pruning. A pixel
+  number shared by two orders only costs an extra file read.
+
+A point's order-29 pixel is :func:`ard_sql.build.hats_writer.healpix29`, the
+function that writes the stored ``_healpix_29`` column, so ``Moc.contains``
+(``in_region``) and ``Moc.sql_exact`` (``db.query``) agree on pixel boundaries.
 
 Regions are written as strings so they travel through SQL and the command
 line: ``'CIRCLE ra dec radius'``, ``'POLYGON ra1 dec1 ra2 dec2 ra3 dec3 ...'``
@@ -29,6 +34,7 @@ import healpy as hp
 import numpy as np
 
 from ard_sql import paths
+from ard_sql.build.hats_writer import healpix29
 
 HEALPIX_ORDER_MAX = 29
 
@@ -68,9 +74,8 @@ def partition_files(ard_dir: Path | str, layer: str, region: "Region | None") ->
     return files or [paths.schema_file(ard_dir, layer)]
 
 
-def _unit_vector(ra_deg: float | np.ndarray, dec_deg: float | np.ndarray) -> np.ndarray:
-    ra, dec = np.radians(ra_deg), np.radians(dec_deg)
-    return np.stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)], axis=-1)
+# Unit vectors come from ard_sql.science.positions.unit_vectors, imported where used: that
+# module loads astropy.cosmology (~0.5 s), which opening an ARD does not otherwise need.
 
 
 def _sql_unit_vector() -> tuple[str, str, str]:
@@ -119,15 +124,17 @@ class Cone(Region):
             raise ValueError(f"cone: radius={self.radius} must be in (0, 180] degrees")
 
     def pixels_at(self, order: int) -> np.ndarray:
-        return hp.query_disc(2**order, _unit_vector(self.ra, self.dec), np.radians(self.radius), inclusive=True, nest=True)
+        from ard_sql.science.positions import unit_vectors
+
+        return hp.query_disc(2**order, unit_vectors(self.ra, self.dec), np.radians(self.radius), inclusive=True, nest=True)
 
     def sql_exact(self) -> str:
-        # the body of the ``cone`` macro (sql/cone.sql), inlined so it needs no macro
-        ra0, dec0 = _g(self.ra), _g(self.dec)
-        return (
-            f"(2 * asin(sqrt(least(1.0, pow(sin(radians(DEC - {dec0}) / 2), 2) + cos(radians(DEC)) * "
-            f"cos(radians({dec0})) * pow(sin(radians(RA - {ra0}) / 2), 2)))) <= radians({_g(self.radius)}))"
-        )
+        """A call of the ``cone`` macro (``sql/macros/cone.sql``, the one SQL haversine).
+
+        The macro is persistent in ``ard.duckdb`` and created as a TEMP macro
+        by ``ard_sql.open()`` on an ARD built before it existed.
+        """
+        return f"cone(RA, DEC, {_g(self.ra)}, {_g(self.dec)}, {_g(self.radius)})"
 
     def contains(self, ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
         return angular_separation_deg(ra, dec, self.ra, self.dec) <= self.radius
@@ -142,15 +149,19 @@ class Polygon(Region):
     def __post_init__(self) -> None:
         if len(self.vertices) < 3:
             raise ValueError(f"polygon: needs at least 3 vertices, got {len(self.vertices)}")
+        from ard_sql.science.positions import unit_vectors
+
         normals = self.edge_normals()
-        v = _unit_vector(*np.array(self.vertices).T)
+        v = unit_vectors(*np.array(self.vertices, dtype=float).T)
         side = v @ normals.T  # (n_vertices, n_edges): >= 0 on the inner side
         if np.any(side < -1e-12):
             raise ValueError("polygon: vertices must describe a convex polygon (smaller than a hemisphere); split a concave one")
 
     def edge_normals(self) -> np.ndarray:
         """Inward normals of the edges' great circles."""
-        v = _unit_vector(*np.array(self.vertices, dtype=float).T)
+        from ard_sql.science.positions import unit_vectors
+
+        v = unit_vectors(*np.array(self.vertices, dtype=float).T)
         n = np.cross(v, np.roll(v, -1, axis=0))
         centre = v.sum(axis=0)
         if np.linalg.norm(centre) == 0 or np.any(np.linalg.norm(n, axis=1) == 0):
@@ -160,7 +171,9 @@ class Polygon(Region):
         return n
 
     def pixels_at(self, order: int) -> np.ndarray:
-        v = _unit_vector(*np.array(self.vertices, dtype=float).T)
+        from ard_sql.science.positions import unit_vectors
+
+        v = unit_vectors(*np.array(self.vertices, dtype=float).T)
         if (np.cross(v, np.roll(v, -1, axis=0)) @ v.sum(axis=0)).sum() < 0:
             v = v[::-1]
         return hp.query_polygon(2**order, v, inclusive=True, nest=True)
@@ -171,7 +184,9 @@ class Polygon(Region):
         return "(" + " AND ".join(terms) + ")"
 
     def contains(self, ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
-        p = _unit_vector(np.asarray(ra, float), np.asarray(dec, float))
+        from ard_sql.science.positions import unit_vectors
+
+        p = unit_vectors(ra, dec)
         return np.all(p @ self.edge_normals().T >= 0, axis=-1)
 
 
@@ -207,11 +222,6 @@ class Moc(Region):
         r = self.ranges29()
         i = np.searchsorted(r[:, 0], ipix, side="right") - 1
         return (i >= 0) & (ipix < r[np.clip(i, 0, None), 1])
-
-
-def healpix29(ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
-    """``_healpix_29`` (NESTED, order 29) of points in degrees, as HATS stores it."""
-    return hp.ang2pix(2**HEALPIX_ORDER_MAX, np.asarray(ra, float), np.asarray(dec, float), lonlat=True, nest=True).astype(np.int64)
 
 
 def angular_separation_deg(ra: np.ndarray, dec: np.ndarray, ra0: float, dec0: float) -> np.ndarray:

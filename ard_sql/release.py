@@ -143,16 +143,7 @@ def sha256_file(path: Path) -> str:
 
 
 def _atomic_write_bytes(data: bytes, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = paths.temporary_sibling(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    paths.atomic_write_bytes(path, data, fsync=True)
 
 
 def _json_bytes(obj: Any) -> bytes:
@@ -232,10 +223,12 @@ class FileEntry:
     rows: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """The manifest's JSON form of this entry (fields that are None left out)."""
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "FileEntry":
+        """Parse and check one manifest entry; a malformed one is a ReleaseError."""
         try:
             e = cls(path=check_relpath(str(d["path"])), sha256=str(d["sha256"]).lower(), size=int(d["size"]),
                     layer=str(d["layer"]), kind=str(d["kind"]), order=d.get("order"), pixel=d.get("pixel"), rows=d.get("rows"))
@@ -334,8 +327,7 @@ def publish(ard_dir: Path | str, release_dir: Path | str, version: str | None = 
     files = list(_publishable(ard_dir))
     if not any(kind == "partition" and layer == paths.CORE for _, layer, kind in files):
         raise ReleaseError(f"{ard_dir} has no core partition to publish")
-    tmp = release_dir / f".{version}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = paths.temporary_sibling(final)  # unique: two publishers never share a staging folder
     entries: list[FileEntry] = []
     linked = 0
     try:
@@ -428,11 +420,13 @@ class Source:
         self.is_http = base.startswith(("http://", "https://"))
 
     def child(self, sub: str) -> "Source":
+        """The source of a sub-folder (``sub`` is URL-quoted for HTTP)."""
         if self.is_http:
             return Source(self.base.rstrip("/") + "/" + urllib.parse.quote(sub), self.timeout)
         return Source(str(Path(self.base) / sub), self.timeout)
 
     def describe(self, rel: str = "") -> str:
+        """The URL or path of ``rel`` under this source, for messages."""
         if self.is_http:
             return self.base.rstrip("/") + ("/" + urllib.parse.quote(rel, safe="/=") if rel else "")
         return str(Path(self.base) / rel) if rel else self.base

@@ -14,6 +14,7 @@ the pages are shared between processes.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,11 @@ EMBEDDINGS: dict[str, str] = {"astro": "emb_astro", "shen": "emb_shen"}
 CONNECTIVITY = 32
 EXPANSION_ADD = 128
 EXPANSION_SEARCH = 256
+
+#: Held around setting ``expansion_search`` and searching: the index objects are shared by
+#: every cursor (``udfs/similar.py``) and USearch takes the expansion from the index, not
+#: from ``Index.search``, so a concurrent query must not change it mid-search.
+_SEARCH_LOCK = threading.Lock()
 
 
 def embedding_column(embedding: str) -> str:
@@ -103,8 +109,9 @@ def search(index, vector: np.ndarray, k: int) -> Neighbours:
     if k <= 0 or len(index) == 0 or not np.isfinite(vector).all() or not np.any(vector):
         return Neighbours(np.empty(0, np.int64), np.empty(0, np.float32))
     # HNSW recall drops when k approaches the search beam; widen it for large k.
-    index.expansion_search = max(EXPANSION_SEARCH, 2 * int(k))
-    m = index.search(vector, int(k))
+    with _SEARCH_LOCK:
+        index.expansion_search = max(EXPANSION_SEARCH, 2 * int(k))
+        m = index.search(vector, int(k))
     return Neighbours(np.asarray(m.keys, dtype=np.int64), np.asarray(m.distances, dtype=np.float32))
 
 

@@ -21,11 +21,10 @@ so a reader sees either the old file or the new one.
 
 from __future__ import annotations
 
-import os
 import re
 from collections import OrderedDict
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import TYPE_CHECKING, Iterable, Mapping
 
 import h5py
 import numpy as np
@@ -33,14 +32,11 @@ import numpy as np
 from ard_sql import grid, paths
 from ard_sql.build.layers.base import SpectraBatch
 
+if TYPE_CHECKING:  # pragma: no cover - udfs.spectrum imports this module
+    from ard_sql.udfs.spectrum import TargetLocator
+
 FORMAT_VERSION = "1"
 _COMPRESSION = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
-
-
-def _atomic_h5(path: Path) -> tuple[Path, h5py.File]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = paths.temporary_sibling(path)
-    return tmp, h5py.File(tmp, "w")
 
 
 def _write_rows(h5: h5py.File, name: str, data: np.ndarray, dtype: str) -> None:
@@ -72,23 +68,17 @@ def write_partition(
     if np.shape(lsf_sigma) != (grid.NPIX,):
         raise ValueError(f"lsf_sigma has shape {np.shape(lsf_sigma)}, expected ({grid.NPIX},)")
     path = paths.spectra_file(ard_dir, order, pixel)
-    tmp, h5 = _atomic_h5(path)
-    try:
-        with h5:
-            h5.attrs["format_version"] = FORMAT_VERSION
-            h5.attrs["order"] = int(order)
-            h5.attrs["pixel"] = int(pixel)
-            h5.attrs["flux_unit"] = "1e-17 erg / (s cm2 Angstrom)"
-            h5.create_dataset("targetid", data=targetid)
-            h5.create_dataset("wavelength", data=grid.brz_wavelength())
-            h5.create_dataset("lsf_sigma", data=np.asarray(lsf_sigma, dtype=np.float32))
-            _write_rows(h5, "flux", flux, "float32")
-            _write_rows(h5, "ivar", ivar, "float32")
-            _write_rows(h5, "mask", mask, "uint32")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with paths.atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
+        h5.attrs["format_version"] = FORMAT_VERSION
+        h5.attrs["order"] = int(order)
+        h5.attrs["pixel"] = int(pixel)
+        h5.attrs["flux_unit"] = "1e-17 erg / (s cm2 Angstrom)"
+        h5.create_dataset("targetid", data=targetid)
+        h5.create_dataset("wavelength", data=grid.brz_wavelength())
+        h5.create_dataset("lsf_sigma", data=np.asarray(lsf_sigma, dtype=np.float32))
+        _write_rows(h5, "flux", flux, "float32")
+        _write_rows(h5, "ivar", ivar, "float32")
+        _write_rows(h5, "mask", mask, "uint32")
     return path
 
 
@@ -245,31 +235,32 @@ def write_models(
     targetids = np.asarray(targetids, dtype=np.int64)
     n = len(targetids)
     path = paths.model_file(ard_dir, layer, order, pixel)
-    tmp, h5 = _atomic_h5(path)
-    try:
-        with h5:
-            h5.attrs["format_version"] = FORMAT_VERSION
-            h5.attrs["layer"] = layer
-            h5.create_dataset("targetid", data=targetids)
-            for name, arr in models.items():
-                if np.shape(arr) != (n, grid.NPIX):
-                    raise ValueError(f"model {name!r} has shape {np.shape(arr)}, expected ({n}, {grid.NPIX})")
-                _write_rows(h5, name, arr, "float32")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with paths.atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
+        h5.attrs["format_version"] = FORMAT_VERSION
+        h5.attrs["layer"] = layer
+        h5.create_dataset("targetid", data=targetids)
+        for name, arr in models.items():
+            if np.shape(arr) != (n, grid.NPIX):
+                raise ValueError(f"model {name!r} has shape {np.shape(arr)}, expected ({n}, {grid.NPIX})")
+            _write_rows(h5, name, arr, "float32")
     return path
 
 
-def read_model(ard_dir: Path | str, layer: str, targetid: int) -> dict[str, np.ndarray] | None:
+def read_model(
+    ard_dir: Path | str, layer: str, targetid: int, *, locator: TargetLocator | None = None
+) -> dict[str, np.ndarray] | None:
     """Best-fit model components of one target from ``layer``, or None when there is none.
 
-    The partition is found from the core table (``SPEC_FILE``).
+    The partition is found from the core table (``SPEC_FILE``). Reading that
+    is a scan of every core partition: pass ``locator``
+    (``ard_sql.udfs.spectrum.target_locator(ard_dir)``) to read several models
+    with one scan.
     """
     from ard_sql.udfs.spectrum import target_locator
 
-    loc = target_locator(ard_dir).locate(np.array([targetid], dtype=np.int64))
+    if locator is None:
+        locator = target_locator(ard_dir)
+    loc = locator.locate(np.array([targetid], dtype=np.int64))
     spec_file = loc.spec_file(0)
     if spec_file is None:
         return None

@@ -78,9 +78,13 @@ def table(df: pd.DataFrame, line_names: list[str]) -> pd.DataFrame:
     """One row per column and selection (all / bright)."""
     rows = []
     bright_kin = df.SNR_Median.to_numpy(float) > 10
+    resolved = bright_kin & (df.T_SIGMA_STAR.to_numpy(float) > 70)  # above DESI's instrumental limit
     for col, (tcol, kind, unit) in KINEMATICS.items():
         v, e, t = (df[c].to_numpy(float) for c in (col, f"{col}_err", tcol))
-        for sel_name, sel in (("all", np.ones(len(df), bool)), ("SNR_Median > 10", bright_kin)):
+        sels = [("all", np.ones(len(df), bool)), ("SNR_Median > 10", bright_kin)]
+        if col == "VelDisp":
+            sels.append(("SNR_Median > 10, true sigma > 70", resolved))
+        for sel_name, sel in sels:
             rows.append({"column": col, "selection": sel_name, "offset": "fractional" if kind == "ratio" else unit,
                          **compare(v[sel], e[sel], t[sel], kind)})
     for line in line_names:

@@ -53,7 +53,7 @@ def main() -> None:
     import ard_sql
     from ard_sql import paths
     from ard_sql.build.synth_catalog import SynthOptions, synth_catalog
-    from ard_sql.query import build_sql
+    from ard_sql.query import build_sql, reads_wide
 
     if not paths.db_path(args.ard).exists():
         t0 = time.perf_counter()
@@ -66,9 +66,9 @@ def main() -> None:
         db.query(VOID, cols)  # warm
         t_void = best_of(lambda: db.query(VOID, cols))
         rows = len(db.query(VOID, cols))
-        b_void = data_read(db.con, build_sql(VOID, cols, ard_dir=db.path))
+        b_void = data_read(db.con, build_sql(VOID, cols, ard_dir=db.path, compacted=reads_wide(db.con)))
         cone = "cone(150.0, 2.0, 1.0)"
-        pruned_sql = build_sql(cone, ["TargetID", "Z"], ard_dir=db.path)
+        pruned_sql = build_sql(cone, ["TargetID", "Z"], ard_dir=db.path, compacted=reads_wide(db.con))
         plain_sql = "SELECT TargetID, Z FROM ard WHERE cone(RA, DEC, 150.0, 2.0, 1.0)"
         t_pruned = best_of(lambda: db.query(cone, ["TargetID", "Z"]))
         t_plain = best_of(lambda: db.sql(plain_sql).fetchall())

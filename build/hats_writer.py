@@ -20,7 +20,6 @@ Every file is written under a temporary name beside its target and renamed
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -125,7 +124,12 @@ def conform_table(table: pa.Table, layer: str, where: str = "") -> pa.Table:
 
 
 def healpix29(ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
-    """HATS spatial index (NESTED order 29 pixel) of positions in degrees."""
+    """HATS spatial index (NESTED order 29 pixel) of positions in degrees.
+
+    The one order-29 pixel function: it writes the stored ``_healpix_29`` and
+    ``ard_sql.regions`` tests MOC membership with it, so both agree on pixel
+    boundaries (healpy's ``ang2pix`` does not, e.g. at RA 180 or 270, Dec 0).
+    """
     return np.asarray(compute_spatial_index(np.asarray(ra, float), np.asarray(dec, float)), dtype=np.int64)
 
 
@@ -141,21 +145,12 @@ def with_positions(table: pa.Table, layer: str, ra: np.ndarray, dec: np.ndarray)
 
 
 def _atomic_write_table(table: pa.Table, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = paths.temporary_sibling(path)
-    try:
+    with paths.atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd", row_group_size=100_000)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _atomic_write_text(text: str, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = paths.temporary_sibling(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    paths.atomic_write_text(path, text)
 
 
 def write_schema_file(ard_dir: Path | str, layer: str) -> Path:
@@ -245,13 +240,10 @@ def finalize_catalog(ard_dir: Path | str, layer: str) -> int:
     csv = "Norder,Npix\n" + "".join(f"{o},{p}\n" for o, p, _ in files)
     _atomic_write_text(csv, root / "partition_info.csv")
     meta = root / "dataset" / "_metadata"
-    tmp = paths.temporary_sibling(meta)
-    combined.write_metadata_file(str(tmp))
-    os.replace(tmp, meta)
-    common = root / "dataset" / "_common_metadata"
-    tmp = paths.temporary_sibling(common)
-    pq.write_metadata(schema, str(tmp))
-    os.replace(tmp, common)
+    with paths.atomic_path(meta) as tmp:
+        combined.write_metadata_file(str(tmp))
+    with paths.atomic_path(root / "dataset" / "_common_metadata") as tmp:
+        pq.write_metadata(schema, str(tmp))
     text = _properties_text(layer, nrows, max_rows, sorted({o for o, _, _ in files}), size // 1024)
     _atomic_write_text(text, root / "hats.properties")
     _atomic_write_text(text, root / "properties")

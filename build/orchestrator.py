@@ -179,11 +179,17 @@ def run_ingest(opts: BuildOptions, ex: Executor, report: BuildReport) -> None:
     for p in [p for p in todo if (p.order, p.pixel) in kept]:
         report.add([Problem("partition kept as previously built: one of its source files cannot be read now",
                             pixel=p.pixel, order=p.order, severity="warning")])
+    # A finished partition whose every target came from files that cannot be read now is in no partition of
+    # this plan: it stays too (a build with errors removes nothing), and the report says so.
+    orphans = sorted(kept - {(p.order, p.pixel) for p in parts})
+    for o, px in orphans:
+        report.add([Problem("partition kept as previously built: its source files cannot be read now",
+                            pixel=px, order=o, severity="warning")])
     todo = [p for p in todo if (p.order, p.pixel) not in kept]
     outcomes = ex.map(ingest_task, todo, lambda p: (str(ard_dir), p), f"ingest {len(todo)} partitions", opts.progress)
     new_state = {k: v for k, v in state.items()
                  if k in {_key(p.order, p.pixel) for p in parts} | {_key(o, p) for o, p in kept}}
-    kept_at_read = 0
+    kept_at_read = left_out = 0
     for out in outcomes:
         p = out.item
         if out.error:
@@ -194,18 +200,23 @@ def run_ingest(opts: BuildOptions, ex: Executor, report: BuildReport) -> None:
         if n_rows == ingest.KEPT:  # a coadd failed at read time: the old partition and its state stand
             kept_at_read += 1
             continue
+        left_out += p.rows.num_rows - n_rows  # targets of a coadd that could not be read (named in its problem)
         new_state[_key(p.order, p.pixel)] = prints[p.pixel]
     n_kept = len(kept & {(p.order, p.pixel) for p in parts if state.get(_key(p.order, p.pixel)) != prints[p.pixel]})
-    report.layers[paths.CORE] = {"targets": plan.rows.num_rows, "order": plan.order, "partitions": len(parts),
-                                 "built": len(todo) - kept_at_read, "skipped_unchanged": len(parts) - len(todo) - n_kept,
-                                 "kept_unreadable_source": n_kept + kept_at_read, "files": len(plan.files)}
+    summary = {"targets": 0, "order": plan.order, "partitions": len(parts) + len(orphans),
+               "built": len(todo) - kept_at_read, "skipped_unchanged": len(parts) - len(todo) - n_kept,
+               "kept_unreadable_source": n_kept + kept_at_read + len(orphans), "files": len(plan.files)}
+    if left_out:
+        summary["targets_left_out"] = left_out
+    report.layers[paths.CORE] = summary
     if not report.errors:
         keep = {(p.order, p.pixel) for p in parts}
         hats_writer.remove_partitions(ard_dir, paths.CORE, keep)
         for layer in (*LAYERS, compaction.WIDE):
             hats_writer.remove_partitions(ard_dir, layer, keep)
     write_state(ard_dir, paths.CORE, new_state)
-    hats_writer.finalize_catalog(ard_dir, paths.CORE)
+    # what the ARD holds (kept partitions included), not what this build could read
+    summary["targets"] = hats_writer.finalize_catalog(ard_dir, paths.CORE)
 
 
 def _coadd_of(path: str) -> str:
@@ -361,15 +372,32 @@ def layers_to_run(opts: BuildOptions, report: BuildReport) -> list[str]:
 
 
 def check_layer_options(opts: BuildOptions, layers: list[str]) -> None:
-    """Every option given to a layer this build runs, checked by the layer's ``check_options`` before any work.
+    """Every layer option given (``--set``, a config), checked by its layer's ``check_options`` before any work.
 
-    A bad value would otherwise fail only when the layer reaches its first
-    partition, after ingest and every earlier layer, and once per partition.
+    Options of a layer this build does not run (not in ``--layers``) are
+    checked too: a typo there is as wrong as anywhere, and would otherwise pass
+    silently now and fail the build that runs the layer. An unknown layer
+    name, or options for a layer that cannot be imported here (so cannot be
+    checked), stop the build as well. ``layers`` (the layers this build runs)
+    only orders the checks. A bad value would otherwise fail only when the
+    layer reaches its first partition, after ingest and every earlier layer,
+    and once per partition.
     """
-    for name in layers:
-        given = opts.layer_options.get(name)
-        check = getattr(load_layer_class(name), "check_options", None)
-        if given and check is not None:
+    named = [n for n in layers if n in opts.layer_options] + [n for n in opts.layer_options if n not in layers]
+    for name in named:
+        given = opts.layer_options[name]
+        if name not in LAYERS:
+            raise BuildFailed(f"layer options: unknown layer {name!r}; registered layers: {', '.join(LAYERS)}")
+        if not isinstance(given, dict):
+            raise BuildFailed(f"layer options: {name}: expected a mapping of option names to values, got {given!r}")
+        if not given:
+            continue
+        try:
+            cls = load_layer_class(name)
+        except LayerNotAvailable as exc:
+            raise BuildFailed(f"layer options for {name} cannot be checked: {exc}") from None
+        check = getattr(cls, "check_options", None)
+        if check is not None:
             try:
                 check(dict(given))
             except (ValueError, TypeError) as exc:

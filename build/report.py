@@ -14,7 +14,6 @@ input was bad. ``--keep-going`` accepts both.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -98,9 +97,4 @@ class BuildReport:
 
     def write(self, ard_dir: Path | str) -> Path:
         """Write ``build-report.json`` atomically."""
-        path = paths.report_path(ard_dir)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = paths.temporary_sibling(path)
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, default=str))
-        os.replace(tmp, path)
-        return path
+        return paths.atomic_write_text(paths.report_path(ard_dir), json.dumps(self.to_dict(), indent=2, default=str))

@@ -644,3 +644,36 @@ def test_fits_of_another_model_are_stale_refitted_and_never_merged(built_ard: Pa
     assert set(fits[fits[layer.MODEL_KEY] == pm.model_key()].TargetID) == first_two
     assert daemon.daemon_status(built_ard)["stale"] == n_fits - 2
     assert n_staged() == 2
+
+
+def test_daemon_pid_alive_treats_permission_error_as_alive(monkeypatch: pytest.MonkeyPatch) -> None:
+    """EPERM from ``kill(pid, 0)`` means the process exists under another user: a running daemon, not a dead one."""
+    from ard_sql.commands import daemon
+
+    def kill(error):
+        def fake(pid: int, sig: int) -> None:
+            assert sig == 0
+            if error is not None:
+                raise error
+        return fake
+
+    monkeypatch.setattr(daemon.os, "kill", kill(PermissionError(1, "Operation not permitted")))
+    assert daemon._pid_alive(12345) is True
+    monkeypatch.setattr(daemon.os, "kill", kill(ProcessLookupError(3, "No such process")))
+    assert daemon._pid_alive(12345) is False
+    monkeypatch.setattr(daemon.os, "kill", kill(None))
+    assert daemon._pid_alive(12345) is True
+
+
+def test_ard_meta_says_when_the_estimator_was_loaded_from_cache(small_estimator, tmp_path: Path) -> None:
+    """A cached estimator is reported as loaded (and from which file), not with its old training's seconds."""
+    from ard_sql.build.layers import bagpipes as layer
+
+    est_path, info = layer.train_estimator(shared_cache(), layer.options(SMALL))  # trained by small_estimator
+    assert info["loaded_from_cache"] == str(est_path)
+    layer.BagpipesLayer().prepare(tmp_path, {**SMALL, "cache_dir": str(shared_cache())})
+    line = layer.BagpipesLayer.finalize(tmp_path, {})["bagpipes_amortized_training"]
+    assert line.startswith(f"estimator loaded from cache {est_path}") and "(0 = cached)" not in line
+    trained = {k: v for k, v in info.items() if k != "loaded_from_cache"}
+    assert layer.training_summary({**trained, "simulate_seconds": 202.8}).startswith("trained by this build")
+    assert "simulations loaded from cache" in layer.training_summary({**trained, "simulations_cached": True})

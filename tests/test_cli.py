@@ -175,3 +175,73 @@ def test_layer_shortcut_options_reject_bad_values(tmp_path):
     assert not (tmp_path / "a").exists()
     res = ard("build", "--out", tmp_path / "a", "--astroclip-checkpoint", tmp_path / "none.ckpt")
     assert res.exit_code != 0 and "no such file" in flat(res.output) and "none.ckpt" in flat(res.output)
+
+
+def test_demo_reuses_a_mock_only_with_every_setting_equal(monkeypatch, tmp_path):
+    """`ard demo --area 100` must not reuse a 30 deg^2 mock that has the same n and seed."""
+    from ard_sql.build.mock import survey as mock_survey
+    from ard_sql.commands import demo as demo_cmd
+
+    runs = []
+
+    def fake_run_mock(cfg, progress=None):  # writes what run_mock records, without the minutes of work
+        runs.append(cfg.settings())
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.out) / f"stale-{len(runs)}.fits").write_text("x")
+        (Path(cfg.out) / "mock.json").write_text(json.dumps({**cfg.settings(), "partitions": 1}))
+        return cfg.settings()
+
+    monkeypatch.setattr(mock_survey, "run_mock", fake_run_mock)
+    survey = tmp_path / "survey"
+    demo_cmd._mock(survey, n=100, seed=0, area=30.0, zmax=0.4, progress=False)
+    demo_cmd._mock(survey, n=100, seed=0, area=30.0, zmax=0.4, progress=False)
+    assert len(runs) == 1  # same settings: reused
+    demo_cmd._mock(survey, n=100, seed=0, area=100.0, zmax=0.4, progress=False)
+    assert len(runs) == 2 and runs[-1]["area_deg2"] == 100.0
+    assert not (survey / "stale-1.fits").exists()  # the old mock's files cannot leak into the new one
+    demo_cmd._mock(survey, n=100, seed=0, area=100.0, zmax=0.3, progress=False)
+    assert len(runs) == 3 and runs[-1]["zmax"] == 0.3
+    # a mock.json written before the settings were all recorded (n and seed only) is regenerated
+    (survey / "mock.json").write_text(json.dumps({"n": 100, "seed": 0}))
+    demo_cmd._mock(survey, n=100, seed=0, area=100.0, zmax=0.3, progress=False)
+    assert len(runs) == 4
+
+
+def test_mock_json_records_every_setting(tmp_path):
+    from ard_sql.build.mock.survey import MockConfig
+
+    cfg = MockConfig(out=tmp_path, n=500, seed=2, zmax=0.3, physics="prior")
+    s = cfg.settings()
+    assert s == {"n": 500, "seed": 2, "area_deg2": 20.0, "zmax": 0.3, "truth_spectra": True, "resolution": True,
+                 "max_cells": 2**22, "physics": "prior"}
+    assert json.loads(json.dumps(s)) == s  # survives the round trip through mock.json
+
+
+@pytest.mark.parametrize("assignment, says", [
+    ("bagpipes.xyz=1", "bagpipes layer: unknown option(s) ['xyz']"),
+    ("topology.smoothing=abc", "option smoothing='abc': must be a number > 0"),
+    ("lick.max_bad_frac=-1", "option max_bad_frac=-1: must be a number between 0 and 1"),
+    ("topology.nosuch=1", "cosmology"),
+])
+def test_set_is_checked_before_any_work_for_every_layer(cli_ard, tmp_path, assignment, says):
+    """``--layers core --set ...``: options of layers not run are checked too; exit 2 and nothing written."""
+    root, _, _, _ = cli_ard
+    out = tmp_path / "ard"
+    res = ard("build", root, "--out", out, *FAST, "--set", assignment)
+    assert res.exit_code == 2, res.output
+    assert says in flat(res.output)
+    assert not out.exists()
+
+
+def test_info_names_a_truncated_staging_file(cli_ard, tmp_path):
+    """A truncated partition file: a clear error naming it and how to rebuild, not a traceback."""
+    _, _, built, _ = cli_ard
+    out = tmp_path / "ard"
+    shutil.copytree(built, out)
+    part = sorted((out / "staging/core/dataset").rglob("Npix=*.parquet"))[0]
+    part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
+    res = ard("info", out)
+    assert res.exit_code == 2, res.output
+    text = "".join(res.output.split())
+    assert "".join(str(part).split()) in text and "damagedortruncated" in text and "ardbuild" in text
+    assert "Traceback" not in res.output

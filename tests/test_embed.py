@@ -243,6 +243,39 @@ def test_filtered_search_on_a_large_index_oversamples_to_k(tmp_path):
     assert len(exact & set(res.targetid)) >= 23
 
 
+def test_concurrent_searches_keep_their_own_expansion():
+    """search() sets expansion_search on a shared index: concurrent queries must not mix them."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    from ard_sql.similarity import EXPANSION_SEARCH, search
+
+    class SlowIndex:
+        """Reads ``expansion_search`` at the end of a slow search, as the HNSW walk would."""
+
+        ndim = 4
+
+        def __init__(self) -> None:
+            self.expansion_search = EXPANSION_SEARCH
+            self.seen: list[tuple[int, int]] = []
+
+        def __len__(self) -> int:
+            return 10_000
+
+        def search(self, vector: np.ndarray, k: int) -> SimpleNamespace:
+            time.sleep(0.005)
+            self.seen.append((k, self.expansion_search))
+            return SimpleNamespace(keys=np.arange(k), distances=np.zeros(k, np.float32))
+
+    index = SlowIndex()
+    ks = [10, 2000] * 8
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        list(pool.map(lambda k: search(index, np.ones(4, np.float32), k), ks))
+    assert len(index.seen) == len(ks)
+    assert all(exp == max(EXPANSION_SEARCH, 2 * k) for k, exp in index.seen), index.seen
+
+
 def test_find_similar_returns_a_dataframe_joined_with_the_catalog(embed_ard):
     import ard_sql
 

@@ -688,6 +688,13 @@ def test_unreadable_provenance_stops_the_build_and_keeps_the_database(tmp_path):
     ("topology", {"cosmology": "Planck99"}, "Planck99"),
     ("topology", {"lambda_th": [0.3, 0.2, 0.1]}, "lambda_th"),
     ("bagpipes", {"n_sims": "many"}, "many"),
+    ("topology", {"smoothing": "abc"}, r"option smoothing='abc': must be a number > 0"),
+    ("topology", {"completeness_min": 2}, "completeness_min=2: must be a number between 0 and 1"),
+    ("lick", {"max_bad_frac": -1}, "max_bad_frac=-1: must be a number between 0 and 1"),
+    ("lick", {"max_bad_frac": True}, "max_bad_frac=True: must be a number"),
+    ("ppxf", {"reference_fraction": 1.5}, "reference_fraction=1.5: must be a number between 0 and 1"),
+    ("embed", {"epochs": 2.5}, "epochs=2.5: must be an integer >= 1"),
+    ("bagpipes", {"n_sims": 0}, "n_sims=0: must be an integer >= 1"),
 ])
 def test_bad_layer_options_fail_before_any_work(tmp_path, survey_dir, layer, given, says):
     """A bad option fails at once, naming the layer's problem, before ingest writes anything."""
@@ -700,3 +707,170 @@ def test_bad_layer_options_fail_before_any_work(tmp_path, survey_dir, layer, giv
     with pytest.raises(BuildFailed, match=says):
         build(opts)
     assert not out.exists()
+
+
+# ------------------------------------------------------------------ checksums (CHECKSUM / DATASUM)
+def _add_checksums(path: Path) -> None:
+    """Rewrite a FITS file with CHECKSUM/DATASUM cards on every HDU (as DESI and the mock write them)."""
+    with fits.open(path, memmap=False) as hdul:
+        hdul.readall()
+        tmp = path.with_name(path.name + ".tmp")
+        hdul.writeto(tmp, checksum=True)
+    os.replace(tmp, path)
+
+
+def _damage_data(path: Path, hdu: str, nbytes: int = 4000, skip: int = 100) -> None:
+    """Invert ``nbytes`` bytes inside the data of one HDU (the file keeps its size and structure)."""
+    with fits.open(path) as hdul:
+        start = hdul[hdu].fileinfo()["datLoc"] + skip
+        assert skip + nbytes <= hdul[hdu].size
+    with open(path, "r+b") as f:
+        f.seek(start)
+        data = np.frombuffer(f.read(nbytes), np.uint8)
+        f.seek(start)
+        f.write((~data).tobytes())
+
+
+def _checksummed_bad_pair(root: Path, n: int = 4) -> tuple[Path, Path, list[int]]:
+    tid = BAD_TID + 5000 + np.arange(n)
+    coadd, rr = write_pair(root, "main", "dark", BAD_PIXEL, PairSpec(tid), seed=11)
+    _add_checksums(coadd)
+    _add_checksums(rr)
+    return coadd, rr, [int(t) for t in tid]
+
+
+def test_verify_checksum_agrees_with_astropy_and_names_file_and_hdu(tmp_path):
+    from ard_sql.build.ingest import desi_io
+    from ard_sql.build.report import BadInput
+
+    coadd, rr, _ = _checksummed_bad_pair(tmp_path)
+    for path in (coadd, rr):  # intact: every HDU passes, as astropy's own check says
+        with fits.open(path) as hdul:
+            for i, hdu in enumerate(hdul):
+                assert hdu.verify_checksum() == 1 and hdu.verify_datasum() == 1
+                desi_io.verify_checksum(hdul, i, path)
+    _damage_data(coadd, "R_FLUX")
+    with fits.open(coadd) as hdul:
+        assert hdul["R_FLUX"].verify_datasum() == 0  # astropy agrees the data is damaged
+        desi_io.verify_checksum(hdul, "B_FLUX", coadd)  # the other HDUs are still fine
+        with pytest.raises(BadInput) as err:
+            desi_io.verify_checksum(hdul, "R_FLUX", coadd)
+    assert str(coadd) in str(err.value) and "R_FLUX" in str(err.value) and "DATASUM" in str(err.value)
+    # A damaged header (a value changed, same length) fails CHECKSUM, its data being intact.
+    raw = coadd.read_bytes()
+    assert raw.count(b"'main    '") == 1
+    coadd.write_bytes(raw.replace(b"'main    '", b"'sv3     '"))
+    with fits.open(coadd) as hdul:
+        with pytest.raises(BadInput, match="HDU PRIMARY fails its checksum: its header and data do not match CHECKSUM"):
+            desi_io.verify_checksum(hdul, 0, coadd)
+    # HDUs without the cards (conftest's files, older writers) are accepted.
+    plain, _ = write_pair(tmp_path / "plain", "main", "dark", BAD_PIXEL, PairSpec(BAD_TID + np.arange(2)))
+    with fits.open(plain) as hdul:
+        assert "CHECKSUM" not in hdul["R_FLUX"].header
+        desi_io.verify_checksum(hdul, "R_FLUX", plain)
+
+
+def test_corrupted_flux_is_not_ingested_and_its_targets_are_named(tmp_path):
+    """A coadd whose R_FLUX fails its DATASUM is skipped on a first build; the report names it and its targets."""
+    root = tmp_path / "survey"
+    truth = write_small_survey(root)
+    coadd, _, bad_tids = _checksummed_bad_pair(root)
+    _damage_data(coadd, "R_FLUX")
+    out = tmp_path / "ard"
+    report = run_build(root, out)
+    hits = [p for p in report.errors if p.file == str(coadd)]
+    assert len(hits) == 1, [str(p) for p in report.problems]
+    message = str(hits[0])
+    assert "R_FLUX fails its checksum" in message and str(coadd) in message
+    assert "4 target(s)" in message and all(str(t) in message for t in bad_tids)
+    rows = {r["TargetID"] for r in core_rows(out, "TargetID")}
+    assert rows == set(truth["targets"])  # none of the damaged file's targets got in
+    assert report.layers["core"]["targets"] == len(rows) and report.layers["core"]["targets_left_out"] == len(bad_tids)
+    data = json.loads((out / "build-report.json").read_text())
+    assert data["layers"]["core"]["targets"] == len(rows)
+
+
+def test_corrupted_file_on_rebuild_keeps_the_partition_and_the_count(tmp_path):
+    """Damage found at read time (flux) or scan time (FIBERMAP) on a rebuild: the finished partition stands,
+    and the summary counts what the ARD holds."""
+    root = tmp_path / "survey"
+    truth = write_small_survey(root)
+    coadd, _, bad_tids = _checksummed_bad_pair(root)
+    out = tmp_path / "ard"
+    assert not run_build(root, out).errors
+    before = core_rows(out, "TargetID, SNR_Median, SPEC_FILE, SPEC_ROW")
+    assert len(before) == len(truth["targets"]) + len(bad_tids)
+    spectra_before = stored_spectra(out, bad_tids)
+    for hdu in ("R_FLUX", "FIBERMAP"):
+        _damage_data(coadd, hdu, nbytes=64 if hdu == "FIBERMAP" else 4000, skip=8)
+        report = run_build(root, out)
+        hits = [p for p in report.errors if p.file == str(coadd)]
+        assert hits and f"{hdu} fails its checksum" in hits[0].reason, [str(p) for p in report.problems]
+        assert any("kept as previously built" in str(p) for p in report.problems)
+        assert report.layers["core"]["kept_unreadable_source"] == 1
+        assert report.layers["core"]["targets"] == len(before)  # not the readable files' count
+        assert "targets_left_out" not in report.layers["core"]
+        assert core_rows(out, "TargetID, SNR_Median, SPEC_FILE, SPEC_ROW") == before
+        spectra_after = stored_spectra(out, bad_tids)
+        for tid in bad_tids:
+            assert np.array_equal(np.asarray(spectra_after[tid]["flux"]), np.asarray(spectra_before[tid]["flux"]))
+        _damage_data(coadd, hdu, nbytes=64 if hdu == "FIBERMAP" else 4000, skip=8)  # inverted back: intact again
+    assert not run_build(root, out).errors
+
+
+@pytest.mark.parametrize("given, says", [
+    ({"bagpipes": {"xyz": 1}}, r"bagpipes layer: unknown option\(s\) \['xyz'\]"),
+    ({"ppxf": {"templates": "/no/such/templates.npz"}}, "templates /no/such/templates.npz: no such file"),
+    ({"lick": {"max_bad_frac": -1}}, "max_bad_frac=-1"),
+])
+def test_options_of_layers_not_run_are_checked_too(tmp_path, survey_dir, given, says):
+    """``--layers core --set bagpipes.xyz=1``: a layer not run still has its options checked, before any work."""
+    from ard_sql.build.orchestrator import BuildFailed
+
+    root, _ = survey_dir
+    out = tmp_path / "ard"
+    with pytest.raises(BuildFailed, match=says):
+        build(BuildOptions(source=str(root), out=str(out), layers=[], scheduler="sync", progress=False,
+                           layer_options=given))
+    assert not out.exists()
+
+
+def test_option_checks_unknown_layer_and_topology_names(tmp_path):
+    from ard_sql.build.layers import topology
+    from ard_sql.build.orchestrator import BuildFailed, check_layer_options
+    from ard_sql.science.cosmicweb import WebOptions
+    from dataclasses import fields
+
+    opts = BuildOptions(out=str(tmp_path / "ard"), layers=[])
+    opts.layer_options["nosuch"] = {"x": 1}  # past BuildOptions' own check (e.g. set after construction)
+    with pytest.raises(BuildFailed, match="unknown layer 'nosuch'"):
+        check_layer_options(opts, [])
+    # The topology error's list of known options holds the layer's own (cosmology ...) and the T-web's.
+    with pytest.raises(ValueError, match="known: .*cosmology.*smoothing"):
+        topology.check_options({"xyz": 1})
+    assert set(topology._WEB_OPTIONS) == {f.name for f in fields(WebOptions)}  # every T-web option is checked
+    mine, web = topology.split_options({"cosmology": "Planck18", "smoothing": "4", "lambda_th": [0.1, 0.2, 0.3],
+                                        "buffer": None, "knn": 5.0})
+    assert mine == {"cosmology": "Planck18", "knn": 5} and web.smoothing == 4.0 and web.lambda_th == (0.1, 0.2, 0.3)
+
+
+def test_option_converters_are_strict():
+    from ard_sql.build.layers.base import count, fraction, integer, number, parse_options, text
+
+    assert integer()(3) == 3 and integer()(3.0) == 3 and integer()("7") == 7 and count(0) == 0
+    for bad in (2.5, True, "x", None, [1], float("nan")):
+        with pytest.raises(ValueError, match="must be an integer"):
+            integer()(bad)
+    assert fraction(0) == 0.0 and fraction("0.5") == 0.5 and fraction(1) == 1.0
+    for bad in (-0.1, 1.01, False, "abc", float("inf")):
+        with pytest.raises(ValueError, match="between 0 and 1"):
+            fraction(bad)
+    with pytest.raises(ValueError, match="> 0"):
+        number(above=0.0)(0)
+    assert text("a") == "a" and text(12) == "12"
+    with pytest.raises(ValueError, match="must be a string"):
+        text(["a"])
+    # plain types in a schema are checked just as strictly, and the message names layer, option and value
+    with pytest.raises(ValueError, match=r"demo layer: option n=2\.5: must be an integer"):
+        parse_options("demo", {"n": 2.5}, {"n": int})
+    assert parse_options("demo", {"n": "3", "f": 1, "s": "x"}, {"n": int, "f": float, "s": str}) == {"n": 3, "f": 1.0, "s": "x"}

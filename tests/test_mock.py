@@ -52,6 +52,9 @@ def test_same_seed_same_bytes_different_seed_different(tmp_path):
     assert any(k.endswith(".fits") and "coadd-" in k for k in ha) and "truth.parquet" in ha
     assert ha == hb, [k for k in ha if ha[k] != hb.get(k)]
     assert ha["truth.parquet"] != hc["truth.parquet"]
+    assert not [k for k in ha if ".tmp" in k], "a temporary file was left behind"
+    # mock.json records every setting that shapes the mock (ard demo compares them before reusing one)
+    assert json.loads((a / "mock.json").read_text()).items() >= MockConfig(out=a, seed=5, **TINY).settings().items()
     common = [k for k in ha if k in hc and k.endswith(".fits")]
     assert all(ha[k] != hc[k] for k in common)
 

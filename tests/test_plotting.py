@@ -35,6 +35,40 @@ def test_every_plot_writes_an_image(lick_ard, tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
 
+def test_default_db_is_closed_and_the_core_table_read_once(lick_ard, tmp_path, monkeypatch):
+    """db=None opens $ARD_HOME and closes it; plot_spectrum locates every model with one core scan."""
+    import duckdb
+
+    from ard_sql.udfs.spectrum import TargetLocator
+
+    monkeypatch.setenv("ARD_HOME", str(lick_ard))
+    opened = []
+    real_open = ard_sql.open
+
+    def recording_open(*args, **kwargs):
+        opened.append(real_open(*args, **kwargs))
+        return opened[-1]
+
+    scans = []
+    real_from_core = TargetLocator.from_core.__func__
+
+    def counting_from_core(cls, ard_dir):
+        scans.append(ard_dir)
+        return real_from_core(cls, ard_dir)
+
+    monkeypatch.setattr(ard_sql, "open", recording_open)
+    monkeypatch.setattr(TargetLocator, "from_core", classmethod(counting_from_core))
+    with real_open(lick_ard) as db:
+        ids = db.sql("SELECT TargetID FROM ard ORDER BY TargetID LIMIT 3").df().TargetID
+    ard_sql.plot_spectrum(ids, show_model=True, out=tmp_path / "spec.png")
+    ard_sql.plot_sky(out=tmp_path / "sky.png")
+    assert len(opened) == 2
+    assert len(scans) == 2  # one for the spectrum() UDF, one for the 3 targets x 3 model components
+    for db in opened:
+        with pytest.raises(duckdb.ConnectionException):
+            db.con.execute("SELECT 1")
+
+
 def test_ard_plot_command(lick_ard, tmp_path):
     with ard_sql.open(lick_ard) as db:
         tid = db.sql("SELECT min(TargetID) FROM ard").fetchall()[0][0]

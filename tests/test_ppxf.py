@@ -457,3 +457,66 @@ def test_err_scale_gives_the_true_error_of_a_fit_to_smoothed_resampled_noise():
         assert 0.85 < measured / predicted < 1.15, (lo, measured / predicted)
         ratios_naive.append(measured / naive)
     assert max(ratios_naive) > 3.0  # the correction is not a no-op here
+
+
+# ---------------------------------------------------------------- option checks (before any work)
+def test_check_options_names_a_bad_templates_file(tmp_path):
+    from ard_sql.build.layers.ppxf import PpxfLayer
+
+    missing = tmp_path / "nope.npz"
+    with pytest.raises(ValueError, match=f"templates {missing}: no such file"):
+        PpxfLayer.check_options({"templates": str(missing)})
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"not a zip file")
+    with pytest.raises(ValueError, match=f"templates {garbage}: cannot be read"):
+        PpxfLayer.check_options({"templates": str(garbage)})
+    incomplete = tmp_path / "incomplete.npz"
+    np.savez(incomplete, lam=np.arange(5.0))
+    with pytest.raises(ValueError, match=f"{incomplete}: not a pPXF sps_lib file"):
+        PpxfLayer.check_options({"templates": str(incomplete)})
+    good = tmp_path / "good.npz"
+    lam = np.linspace(4000.0, 6000.0, 50)
+    np.savez(good, templates=np.ones((50, 2, 1)), lam=lam, fwhm=np.full(50, 2.5), ages=np.array([1.0, 5.0]),
+             metals=np.array([0.0]), masses=np.ones((2, 1)))
+    assert PpxfLayer.check_options({"templates": str(good), "mode": "fast"}) == {"templates": str(good), "mode": "fast"}
+
+
+def test_a_line_fitted_at_zero_still_has_an_error(tpl, fast):
+    """Lines absent from the spectrum: non-negative fluxes, and every one has a finite, positive error.
+
+    The non-negativity holds many of them at exactly 0; their error is the one they would have if
+    freed, so that ``3 * err`` is an upper limit, never ``0 +- 0``.
+    """
+    rng = np.random.default_rng(11)
+    n = 24
+    z = rng.uniform(0.05, 0.3, n)
+    wave, flux, ivar, lsf, _ = K.synthetic_batch(tpl, z, rng.uniform(80, 250, n), np.full(n, 10.0), None, seed=11)
+    r = fast.fit(wave, flux, ivar, None, lsf, z)
+    f = np.stack([r.columns[c] for c in LINE_COLS], 1)
+    e = np.stack([r.columns[c + "_err"] for c in LINE_COLS], 1)
+    measured = np.isfinite(f)
+    assert measured.sum() > 100 and (f[measured] == 0).sum() > 20  # many held at the bound
+    assert np.all(f[measured] >= 0)
+    assert np.all(np.isfinite(e[measured]) & (e[measured] > 0))
+    assert np.mean(f[measured] / e[measured] < 3) > 0.95  # upper limits, not detections
+
+
+def test_a_spectrum_without_stars_gets_no_stellar_kinematics(tpl, fast, ref):
+    """Emission lines on a flat zero continuum: no template weight, so V_star and VelDisp are NULL + flagged.
+
+    Without the check the fit reported its starting sigma (150 km/s) with an error of 0.
+    """
+    rng = np.random.default_rng(4)
+    n = 3
+    z = np.full(n, 0.1)
+    lf = _line_flux(n, rng)
+    # noise-free, so that no template weight can be spent on fitting noise
+    wave, flux, ivar, lsf, _ = K.synthetic_batch(tpl, z, np.full(n, 150.0), np.full(n, 1e4), lf, seed=4)
+    _, cont, _, _, _ = K.synthetic_batch(tpl, z, np.full(n, 150.0), np.full(n, 1e4), None, seed=4)
+    flux = flux - cont  # the same lines, no stars
+    for fitter in (fast, ref):
+        r = fitter.fit(wave, flux, ivar, None, lsf, z)
+        name = type(fitter).__name__
+        assert np.all(r.flag & K.FLAGS["STARS_UNCONSTRAINED"]), (name, r.flag)
+        assert np.all(np.isnan(r.columns["VelDisp"]) & np.isnan(r.columns["V_star"])), name
+        assert np.all(r.columns["Halpha_Flux"] / r.columns["Halpha_Flux_err"] > 10), name  # lines still measured

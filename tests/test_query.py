@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 
 from ard_sql import paths, regions
-from ard_sql.query import QueryError, build_sql, filter_to_sql, run_query
+from ard_sql.query import QueryError, build_sql, filter_to_sql, reads_wide, run_query
 
 ORDER = 3
 
@@ -97,7 +97,48 @@ def test_region_in_query_is_exact_and_pruned(toy):
     sep = regions.angular_separation_deg(t.RA, t.DEC, ra0, dec0)
     want = t[(sep <= r) & (t.Z < 0.6)]
     assert len(want) > 5 and sorted(got.TargetID) == sorted(want.TargetID)
-    sql = build_sql(f"cone({ra0}, {dec0}, {r})", ["TargetID"], ard_dir=root)
+    assert reads_wide(con)  # the toy is compacted: the pruned scan reads the wide table, as `ard` does
+    sql = build_sql(f"cone({ra0}, {dec0}, {r})", ["TargetID"], ard_dir=root, compacted=True)
     pruned = data_read_bytes(con, sql)
     full = data_read_bytes(con, f"SELECT TargetID FROM ard WHERE cone(RA, DEC, {ra0}, {dec0}, {r})")
     assert pruned * 20 < full, (pruned, full)
+
+
+def test_batches_close_their_cursor_when_read_or_dropped(toy):
+    """Each output='batches' query runs on its own cursor; it must not outlive the stream."""
+    import ard_sql
+
+    root, _, table = toy
+    with ard_sql.open(root) as db:
+        before = len(db._cursors)
+        for _ in range(3):
+            reader = db.query("Z < 0.2", ["TargetID"], output="batches", batch_size=500)
+            assert len(db._cursors) == before + 1
+            assert sum(b.num_rows for b in reader) > 0
+            assert len(db._cursors) == before  # exhausted: closed
+        reader = db.query("Z < 0.2", ["TargetID"], output="batches", batch_size=500)
+        reader.read_next_batch()
+        del reader  # dropped half-read
+        assert len(db._cursors) == before
+        with pytest.raises(QueryError):
+            db.query("Nope > 1", output="batches")
+        assert len(db._cursors) == before
+
+
+def test_region_macros_follow_the_ard_view_not_the_files(toy, monkeypatch):
+    """cone_search/region_search pick the wide table from the database (reads_wide), with no stat of the partitions."""
+    import ard_sql
+    from ard_sql.build import compaction
+
+    root, _, _ = toy
+
+    def no_stat(*args, **kwargs):
+        raise AssertionError("compaction.is_current called while opening the ARD")
+
+    monkeypatch.setattr(compaction, "is_current", no_stat)
+    with ard_sql.open(root) as db:
+        assert reads_wide(db.con)
+        plan = db.sql("EXPLAIN SELECT count(*) FROM cone_search(150.0, 2.0, 6.0)").fetchall()[0][1]
+        got = db.sql("SELECT count(*) FROM cone_search(150.0, 2.0, 6.0)").fetchall()
+        assert got == db.sql("SELECT count(*) FROM ard WHERE cone(RA, DEC, 150.0, 2.0, 6.0)").fetchall()
+    assert plan.count("READ_PARQUET") == 1, plan  # the wide table alone, no join of the layers

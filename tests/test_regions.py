@@ -109,6 +109,29 @@ def test_moc_region_exact(db, positions):
     assert sorted(got_sql.TargetID) == sorted(want)
 
 
+def test_moc_membership_agrees_on_pixel_boundaries(db):
+    """in_region/region_search (Moc.contains) and db.query (Moc.sql_exact on the stored
+    _healpix_29) decide a MOC the same way where healpy and HATS assign different pixels."""
+    from ard_sql.build.hats_writer import healpix29 as stored_healpix29
+
+    ra = np.array([180.0, 270.0, 90.0, 0.0])
+    dec = np.zeros(4)
+    stored = stored_healpix29(ra, dec)  # what with_positions writes as _healpix_29
+    healpy29 = hp.ang2pix(2**29, ra, dec, lonlat=True, nest=True)
+    assert (stored[:2] != healpy29[:2]).all()  # the boundary points this test is about
+    cells = {f"29/{p}" for p in np.concatenate([stored, healpy29])}
+    cells |= {f"10/{p >> 38}" for p in np.concatenate([stored, healpy29])}
+    points = ", ".join(f"({float(r)!r}, {float(d)!r}, {int(h)})" for r, d, h in zip(ra, dec, stored))
+    for cell in sorted(cells):
+        moc = regions.parse_region(f"MOC {cell}")
+        via_query = db.sql(f"SELECT {moc.sql_exact()} FROM (VALUES {points}) AS t(RA, DEC, _healpix_29)").fetchall()
+        via_udf = db.sql(f"SELECT in_region(RA, DEC, 'MOC {cell}') FROM (VALUES {points}) AS t(RA, DEC)").fetchall()
+        assert [r[0] for r in via_udf] == [r[0] for r in via_query], cell
+        assert moc.contains(ra, dec).tolist() == [r[0] for r in via_query], cell
+    for i, pix in enumerate(stored):  # each point is inside the cell its stored pixel names
+        assert regions.parse_region(f"MOC 29/{pix}").contains(ra[i : i + 1], dec[i : i + 1])[0]
+
+
 @pytest.mark.parametrize(
     "bad, msg",
     [

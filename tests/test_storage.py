@@ -259,9 +259,93 @@ def test_read_only_connection_refuses_writes(built):
         assert cur.sql("SELECT count(spectrum(TargetID)) FROM core").fetchall()[0][0] > 0
 
 
+def test_failed_prepare_closes_the_connection(built, monkeypatch):
+    """ard_sql.open() that fails while registering the UDFs leaves no connection open."""
+    import duckdb
+
+    import ard_sql.udfs
+
+    _, _, out = built
+    opened: list[duckdb.DuckDBPyConnection] = []
+    connect = duckdb.connect
+
+    def recording_connect(*args, **kwargs):
+        opened.append(connect(*args, **kwargs))
+        return opened[-1]
+
+    def broken_register_all(con, ard):
+        raise RuntimeError("UDF registration failed")
+
+    monkeypatch.setattr(duckdb, "connect", recording_connect)
+    monkeypatch.setattr(ard_sql.udfs, "register_all", broken_register_all)
+    with pytest.raises(RuntimeError, match="UDF registration failed"):
+        ard_sql.open(out)
+    assert len(opened) == 1
+    with pytest.raises(duckdb.ConnectionException):
+        opened[0].execute("SELECT 1")
+
+
 def test_build_report_json(built):
     _, truth, out = built
     data = json.loads((out / "build-report.json").read_text())
     assert data["n_errors"] == 0
     assert data["layers"]["core"]["targets"] == len(truth["targets"])
     assert data["started"] <= data["finished"]
+
+
+# ---------------------------------------------------------------- atomic writes (paths.atomic_path)
+def test_atomic_path_replaces_on_success(tmp_path):
+    target = tmp_path / "sub" / "file.json"
+    target.parent.mkdir()
+    target.write_text("old")
+    with paths.atomic_path(target) as tmp:
+        assert tmp.parent == target.parent and tmp != target and ".tmp-" in tmp.name
+        tmp.write_text("new")
+        assert target.read_text() == "old"  # nothing visible until the body ends
+    assert target.read_text() == "new"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["file.json"]
+
+
+def test_atomic_path_failure_keeps_the_old_file_and_no_temporary(tmp_path):
+    target = tmp_path / "file.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError, match="boom"):
+        with paths.atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("boom")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["file.txt"]
+
+
+def test_atomic_path_creates_the_folder_and_honours_suffix(tmp_path):
+    target = tmp_path / "a" / "b" / "arrays.npz"
+    with paths.atomic_path(target, suffix=".npz") as tmp:
+        assert tmp.name.endswith(".npz")
+        np.savez(tmp, x=np.arange(3))
+    with np.load(target) as blob:
+        assert blob["x"].tolist() == [0, 1, 2]
+    assert [p.name for p in target.parent.iterdir()] == ["arrays.npz"]
+
+
+def test_temporary_siblings_are_unique(tmp_path):
+    # a fixed name (".x.tmp") would let two concurrent writers of one file clobber each other's temporary
+    names = {paths.temporary_sibling(tmp_path / "x.parquet") for _ in range(50)}
+    assert len(names) == 50
+
+
+def test_atomic_write_text_and_bytes(tmp_path):
+    target = tmp_path / "out.json"
+    assert paths.atomic_write_text(target, "{\"a\": 1}") == target
+    assert json.loads(target.read_text()) == {"a": 1}
+    paths.atomic_write_bytes(target, b"xyz", fsync=True)
+    assert target.read_bytes() == b"xyz"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_failed_model_write_leaves_no_temporary(tmp_path):
+    from ard_sql import spectra_store
+
+    with pytest.raises(ValueError, match="shape"):
+        spectra_store.write_models(tmp_path, "ppxf", 5, 7, np.arange(2), {"stars": np.zeros((3, grid.NPIX))})
+    folder = paths.model_file(tmp_path, "ppxf", 5, 7).parent
+    assert not any(folder.iterdir())

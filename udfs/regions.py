@@ -43,15 +43,20 @@ def _region(text: str) -> regions.Region:
 
 
 def macro_sql(filename: str, compacted: bool = False) -> str:
-    """The TEMP table macro of ``sql/<filename>`` with its scans filled in (the wide table when ``compacted``)."""
-    from ard_sql.query import _quote, join_sql, typed_scan
+    """The TEMP table macro of ``sql/<filename>`` with its scans filled in.
+
+    ``compacted``: scan the wide table, as the ``ard`` view does when
+    :func:`ard_sql.query.reads_wide` says so.
+    """
+    from ard_sql.build.database import quote_ident
+    from ard_sql.query import join_sql, typed_scan
 
     region_arg = "'CIRCLE ' || ra0 || ' ' || dec0 || ' ' || radius_deg" if Path(filename).name.startswith("cone") else "region"
     if compacted:
         source = typed_scan(contract.WIDE, f"region_files('{contract.WIDE}', {region_arg})")
     else:
         source = join_sql({name: typed_scan(name, f"region_files('{name}', {region_arg})") for name in contract.LAYER_COLUMNS})
-    columns = ", ".join(_quote(c.name) for c in contract.all_columns())
+    columns = ", ".join(quote_ident(c.name) for c in contract.all_columns())
     text = resources.files("ard_sql.sql").joinpath(filename).read_text()
     return text.replace("{columns}", columns).replace("{scans}", source)
 
@@ -87,8 +92,8 @@ def register(con: duckdb.DuckDBPyConnection, ard: "ARD") -> None:
     if not has_cone:  # an ARD built before sql/macros/cone.sql existed: same macro, per connection
         text = resources.files("ard_sql.sql").joinpath("macros/cone.sql").read_text()
         con.execute(text.replace("CREATE OR REPLACE MACRO", "CREATE OR REPLACE TEMP MACRO"))
-    from ard_sql.build import compaction
+    from ard_sql.query import reads_wide
 
-    compacted = compaction.is_current(root)
+    compacted = reads_wide(con)  # the ``ard`` view's build-time choice, not a stat of every file
     for filename in MACRO_FILES:
         con.execute(macro_sql(filename, compacted))

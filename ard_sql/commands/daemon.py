@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -46,6 +46,9 @@ import typer
 
 from ard_sql import paths
 from ard_sql.commands._common import console, fail
+
+if TYPE_CHECKING:  # pipes_fit imports bagpipes: only the worker processes pay for it
+    from ard_sql.science.pipes_fit import FitResult
 
 PRIORITY_CLASSES = ("BGS", "LRG")
 STATUS_FILE, LOCK_FILE = "daemon.json", "daemon.lock"
@@ -131,7 +134,7 @@ def _worker_init(daemon_pid: int) -> None:
         pass
 
 
-def fit_job(job: Job, flux: np.ndarray, ivar: np.ndarray, workdir: str, config: Any, fitter: str):
+def fit_job(job: Job, flux: np.ndarray, ivar: np.ndarray, workdir: str, config: Any, fitter: str) -> FitResult:
     """Worker side: one fit; any exception becomes a NULL row with FIT_FAILED."""
     from ard_sql.science.pipes_fit import FLAGS, FitResult, null_row
 
@@ -145,10 +148,8 @@ def fit_job(job: Job, flux: np.ndarray, ivar: np.ndarray, workdir: str, config: 
 
 # ---------------------------------------------------------------- checkpoint
 def _atomic_parquet(table: pa.Table, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = paths.temporary_sibling(path)
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
+    with paths.atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
 
 
 def _append(path: Path, new: pa.Table) -> pa.Table:
@@ -227,15 +228,12 @@ def checkpoint(ard_dir: Path, results: list[tuple[Job, Any]]) -> int:
 
 # ---------------------------------------------------------------- status
 def status_path(ard_dir: Path | str) -> Path:
+    """The daemon's status file (JSON: state, pid, progress) in an ARD's bagpipes artifacts."""
     return paths.artifact_dir(ard_dir, "bagpipes") / STATUS_FILE
 
 
 def _write_status(ard_dir: Path, info: dict[str, Any]) -> None:
-    path = status_path(ard_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = paths.temporary_sibling(path)
-    tmp.write_text(json.dumps(info, indent=1, default=str))
-    os.replace(tmp, path)
+    paths.atomic_write_text(status_path(ard_dir), json.dumps(info, indent=1, default=str))
 
 
 def _now() -> str:
@@ -243,10 +241,13 @@ def _now() -> str:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (signal 0 checks without sending anything)."""
     try:
         os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):
+    except ProcessLookupError:
         return False
+    except PermissionError:
+        return True  # EPERM: the process exists but belongs to another user (a shared ARD)
     return True
 
 

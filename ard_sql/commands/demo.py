@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 
+from ard_sql import paths
 from ard_sql.commands._common import console, counting_bar, fail
 
 #: The blueprint's query (section 5.2), run as written.
@@ -35,18 +36,46 @@ def _demo_layer_options() -> dict[str, dict[str, object]]:
 
 
 def _mock(survey: Path, n: int, seed: int, area: float | None, zmax: float, progress: bool) -> None:
+    """Write the demo's mock survey into ``survey``, reusing one already there only if every setting matches."""
+    import shutil
+
     from ard_sql.build.mock.survey import MockConfig, run_mock
 
-    summary = survey / "mock.json"
-    if summary.exists():
-        done = json.loads(summary.read_text())
-        if done.get("n") == n and done.get("seed") == seed:
-            console.print(f"mock survey already in {survey} (n={n}, seed={seed}): reused")
-            return
     cfg = MockConfig(out=survey, n=n, seed=seed, area=area, zmax=zmax, truth_spectra=True)
     cfg.validate()
+    summary = survey / "mock.json"
+    if summary.exists():
+        try:
+            done = json.loads(summary.read_text())
+        except (OSError, ValueError):
+            done = {}  # unreadable: treat as a different mock and regenerate it
+        if not isinstance(done, dict):
+            done = {}
+        # Compare every setting that shapes the mock (area, zmax, physics, ...), not only n and seed:
+        # a mock.json from an older version lacks some of them and so is regenerated too.
+        wanted = cfg.settings()
+        differ = {k: (done.get(k), v) for k, v in wanted.items() if done.get(k) != v}
+        if not differ:
+            console.print(f"mock survey already in {survey} (n={n}, seed={seed}, area={cfg.area_deg2:g} deg^2, "
+                          f"zmax={zmax:g}): reused", highlight=False)
+            return
+        console.print(f"mock survey in {survey} was made with other settings ("
+                      + ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in differ.items())
+                      + "): regenerated", highlight=False)
+        # A different footprint makes different partition files: stale ones from the old mock
+        # would be ingested with the new ones, so clear the folder (it holds a finished mock of ours).
+        shutil.rmtree(survey)
     with counting_bar("mock survey (targets)", n, progress) as bar:
         run_mock(cfg, progress=bar)
+
+
+def _sparse_fraction(db) -> float:
+    """Fraction of the galaxies whose Web_Class the topology layer left NULL as too sparse (bit SPARSE)."""
+    from ard_sql.build.layers.topology import FLAGS
+
+    n_sparse, n_gal = db.sql(f"SELECT count(*) FILTER (WHERE Topology_flag & {FLAGS['SPARSE']} <> 0), count(*) "
+                             "FROM ard WHERE SPECTYPE = 'GALAXY'").fetchone()
+    return n_sparse / max(n_gal, 1)
 
 
 def _workflow(out: Path) -> dict[str, object]:
@@ -62,6 +91,12 @@ def _workflow(out: Path) -> dict[str, object]:
         sample = db.query(VOID_QUERY, columns=cols)
         console.print(f"{len(sample)} galaxies")
         result["void_query_rows"] = len(sample)
+        result["sparse_fraction"] = _sparse_fraction(db)
+        if result["sparse_fraction"] > 0.5:
+            # Say why instead of letting an empty answer look like "no massive galaxy lives in a void".
+            console.print(f"Web_Class is NULL for {result['sparse_fraction']:.0%} of the galaxies (Topology_flag bit "
+                          "SPARSE): this demo's 3000 targets (~3e-4 per Mpc^3) are too few for a T-web at 4 Mpc; "
+                          "it needs ~0.002 per Mpc^3 over >= 100 deg^2 (bench/RESULTS.md, 'Topology layer').")
         if sample.empty:
             # A small mock may hold no galaxy above 10^11 Msun in a void: say so, then widen the
             # mass cut step by step so the rest of the workflow has a seed galaxy.
@@ -133,7 +168,7 @@ def demo(
     console.rule("done")
     console.print(f"demo ARD in {out}; {time.perf_counter() - t0:.0f} s. Open it with ard_sql.open({str(out)!r}) "
                   f"or `ard sql {out} \"SELECT ...\"`.")
-    (out / "demo-result.json").write_text(json.dumps(result, indent=1, default=str))
+    paths.atomic_write_text(out / "demo-result.json", json.dumps(result, indent=1, default=str))
 
 
 def register(app: typer.Typer) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -12,21 +13,57 @@ from rich.table import Table
 from ard_sql.commands._common import fail, open_ard
 
 FORMATS = ("table", "csv", "json")
+#: A staging file named in a DuckDB error: ``.../staging/<table>/dataset/.../Npix=<p>.parquet``.
+_STAGING_FILE = re.compile(r"(\S*staging/(?P<table>[A-Za-z0-9_]+)/\S*?\.parquet)")
+
+
+def damaged_file_hint(message: str, ard_dir: Path) -> str:
+    """What to do about a DuckDB read error: name the staging file it names and how to rebuild it.
+
+    A truncated or damaged partition file makes every read of its table fail
+    (DuckDB: "No magic bytes found at end of file ..."); the build skips a
+    partition whose state says it is finished, so the file must be removed
+    before ``ard build`` writes it again. Returns "" when the message names no
+    staging file.
+    """
+    m = _STAGING_FILE.search(message)
+    if not m:
+        return ""
+    path, table = m.group(1).strip("'\""), m.group("table")
+    note = ""
+    if table == "core":
+        how, note = f"ard build SOURCE --out {ard_dir}", ", SOURCE being the DESI folder it was built from"
+    elif table == "wide":
+        how, note = f"ard build --out {ard_dir} --layers core", ": the compaction writes it again"
+    else:
+        how = f"ard build --out {ard_dir} --layers {table}"
+    return f"the {table} partition file {path} is damaged or truncated; remove it and rebuild it with `{how}`{note}"
 
 
 def info(ard_dir: Path = typer.Argument(..., help="ARD folder.")) -> None:
     """Show an ARD's tables, row counts per layer, provenance and last build report."""
     from rich.console import Console
 
+    import duckdb
+
     db = open_ard(ard_dir)
     out = Console()
     with db:
         counts = Table("table", "rows", title=f"ARD {db.path}")
         for layer in ("core", "lick", "ppxf", "bagpipes", "embed", "topology"):
-            counts.add_row(layer, str(db.sql(f"SELECT count(*) FROM {layer}").fetchall()[0][0]))
+            try:
+                counts.add_row(layer, str(db.sql(f"SELECT count(*) FROM {layer}").fetchall()[0][0]))
+            except duckdb.Error as exc:
+                hint = damaged_file_hint(str(exc), db.path)
+                raise fail(f"cannot read the {layer} table of {db.path}: " + (hint or f"{exc}; rebuild it with "
+                           f"`ard build --out {db.path} --layers {layer}` (--force to rewrite every file)")) from None
         out.print(counts)
         meta = Table("section", "name", "value", title="ard_meta (build and versions)")
-        for row in db.sql("SELECT section, name, value FROM ard_meta WHERE section <> 'column' ORDER BY section, name").fetchall():
+        try:
+            rows = db.sql("SELECT section, name, value FROM ard_meta WHERE section <> 'column' ORDER BY section, name").fetchall()
+        except duckdb.Error as exc:
+            raise fail(f"cannot read ard_meta of {db.path} ({exc}); rebuild the database with `ard build --out {db.path}`") from None
+        for row in rows:
             meta.add_row(*[str(v)[:100] for v in row])
         out.print(meta)
     report = db.path / "build-report.json"
@@ -54,7 +91,8 @@ def sql(
                 return
             table = rel.arrow().read_all()
         except duckdb.Error as exc:
-            raise fail(f"query failed: {exc}") from None
+            hint = damaged_file_hint(str(exc), db.path)
+            raise fail(f"query failed: {exc}" + (f"\n{hint}" if hint else "")) from None
     if format == "csv":
         import pyarrow.csv as pacsv
 

@@ -515,19 +515,17 @@ class AmortizedEstimator:
         Only tensors, strings, numbers, lists, dicts and None go in (arrays as tensors, same dtype), so
         that :meth:`load` can read it with ``weights_only=True``: the file may sit in a shared cache.
         """
-        import os
+        from ard_sql import paths
 
         def tensor(a: np.ndarray | None) -> torch.Tensor | None:
             return None if a is None else torch.from_numpy(np.array(a))  # a copy: same dtype, writable
 
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        torch.save({"format": FILE_FORMAT, "config": asdict(self.config),
-                    **{k: tensor(getattr(self, k)) for k in _ARRAYS},
-                    "state": self.net.state_dict(), "quantities": list(QUANTITIES),
-                    "saved": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, tmp)
-        os.replace(tmp, path)
+        with paths.atomic_path(path) as tmp:
+            torch.save({"format": FILE_FORMAT, "config": asdict(self.config),
+                        **{k: tensor(getattr(self, k)) for k in _ARRAYS},
+                        "state": self.net.state_dict(), "quantities": list(QUANTITIES),
+                        "saved": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, tmp)
         return path
 
     @classmethod

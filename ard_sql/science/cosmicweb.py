@@ -26,9 +26,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import product
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import fft as sfft
+
+if TYPE_CHECKING:  # for annotations only: density does not need cosmicweb, keep it that way
+    from ard_sql.science.density import SurveySelection
 
 #: Class names by code; the ENUM ``WEB_CLASS`` in the views uses the same order.
 WEB_CLASS_NAMES: tuple[str, ...] = ("Void", "Sheet", "Filament", "Knot")
@@ -110,7 +114,8 @@ def tidal_tensor(
     return out
 
 
-def symmetric_eigenvalues(xx, yy, zz, xy, xz, yz) -> np.ndarray:
+def symmetric_eigenvalues(xx: np.ndarray, yy: np.ndarray, zz: np.ndarray, xy: np.ndarray, xz: np.ndarray,
+                          yz: np.ndarray) -> np.ndarray:
     """Closed-form eigenvalues of symmetric 3x3 matrices, sorted ``l1 >= l2 >= l3``.
 
     Uses the trigonometric solution of the characteristic cubic (Smith 1961),
@@ -491,7 +496,7 @@ def survey_web(
     random_points: np.ndarray | None = None,
     sky_fraction: float | None = None,
     options: WebOptions | None = None,
-    selection=None,
+    selection: SurveySelection | None = None,
 ) -> SurveyWeb:
     """T-web classes at ``points`` and the filament skeleton of a survey, by sub-volumes.
 

@@ -65,7 +65,7 @@ import scipy.fft
 import torch
 
 from ard_sql.science.kinematics import (
-    C_KMS, FLAGS, LINE_NAMES, LINES, FitConfig, FitRun, KinematicsResult, at_lines, line_pixels,
+    C_KMS, FLAGS, LINE_NAMES, LINES, FitConfig, FitRun, KinematicsResult, at_lines, kinematics_constrained, line_pixels,
     resample_templates,
 )
 
@@ -99,7 +99,8 @@ def _masked_solve(Hs: torch.Tensor, bs: torch.Tensor, free: torch.Tensor, ridge:
 
 
 def nnls_normal(H: torch.Tensor, b: torch.Tensor, constrained: torch.Tensor, allowed: torch.Tensor,
-                free0: torch.Tensor | None = None, maxit: int | None = None):
+                free0: torch.Tensor | None = None, maxit: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Batched min 0.5 x'Hx - b'x with x_k >= 0 where ``constrained[k]``, on the normal equations.
 
     Block principal pivoting (Kim & Park 2011, SIAM J. Sci. Comput. 33, 3261): every infeasible
@@ -250,7 +251,8 @@ class FastFitter:
         self._mates_mask = torch.as_tensor(mask, device=self.device)
 
     # ------------------------------------------------------------------ public
-    def fit(self, wave, flux, ivar, mask, lsf_sigma, z) -> KinematicsResult:
+    def fit(self, wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None, lsf_sigma: np.ndarray,
+            z: np.ndarray) -> KinematicsResult:
         """Fit every spectrum of the batch; never raises for a bad spectrum (NULLs + flag instead).
 
         A batch whose fit raises is refitted one spectrum at a time, so that only the spectra that
@@ -542,6 +544,15 @@ class FastFitter:
         chi2 = st["yWy"] - 2 * (x * bvec).sum(1) + (x[:, None, :] @ H @ x[..., None])[:, 0, 0]
         out = dict(x=x, free=free, Hinv=Hinv, chi2=chi2, kkt=kkt)
         if not derivs:
+            # A line held at zero by the non-negativity has no entry in Hinv; it gets the variance it
+            # would have if freed (the Schur complement given the free columns), so that its flux of
+            # 0 comes with an error from which an upper limit follows, as pPXF gives one.
+            li = slice(ns, ns + _NL)
+            Hl = H[:, :, li]
+            cond = torch.diagonal(H[:, li, li], dim1=1, dim2=2) - torch.einsum("bkl,bkm,bml->bl", Hl, Hinv, Hl)
+            held = ~free[:, li] & allowed[:, li]
+            out["line_var"] = torch.where(held, 1.0 / cond.clamp_min(1e-300),
+                                          torch.diagonal(Hinv, dim1=1, dim2=2)[:, li])
             return out
         xs, fl, c = x[:, 0], x[:, 1 : 1 + _NL], x[:, 1 + _NL :]
         # gas derivative vectors (per pixel: sum over the lines of flux x profile derivative), from the
@@ -608,7 +619,7 @@ class FastFitter:
         hg = has_group.to(dt)
         JtJ = JtJ * hg[:, :, None] * hg[:, None, :] + torch.diag_embed(1 - hg)
         kerr = torch.sqrt(torch.diagonal(torch.linalg.pinv(JtJ), dim1=1, dim2=2).clamp_min(0) * red[:, None])
-        ferr = torch.sqrt(torch.diagonal(Hinv, dim1=1, dim2=2)[:, nt : nt + _NL].clamp_min(0) * red[:, None])
+        ferr = torch.sqrt(full["line_var"].clamp_min(0) * red[:, None])
         # best-fit models on the window: stars (templates + polynomial) and gas (scattered from the line cells)
         comp_ft = self._composite(x[:, :nt])
         pix = torch.arange(st["M"], device=dev)[None, :].expand(B, -1)
@@ -663,7 +674,7 @@ class FastFitter:
         r = torch.nonzero(rows).flatten()
         if r.numel():
             new = self._final(self._rows(st, r), kin[r], last["free"][r])
-            for k in ("x", "Hinv", "chi2", "kkt", "free"):
+            for k in ("x", "Hinv", "chi2", "kkt", "free", "line_var"):
                 out[k][r] = new[k]
         return out
 
@@ -745,18 +756,22 @@ class FastFitter:
             win = st["inwin"][k]
             c = st["cols"][k, win]
             s = kin[k, 1]
-            if s <= lo * 1.01 or s >= hi * 0.99:
+            if not kinematics_constrained(kin[k, 0], kerr[k, 0], kerr[k, 1], cfg):
+                flag[i] |= FLAGS["STARS_UNCONSTRAINED"]
+            elif s <= lo * 1.01 or s >= hi * 0.99:
                 flag[i] |= FLAGS["SIGMA_AT_BOUND"]
+                out["V_star"][i], out["V_star_err"][i] = kin[k, 0], kerr[k, 0]
             else:
                 out["VelDisp"][i], out["VelDisp_err"][i] = s, kerr[k, 1]
                 lam = np.exp(prep.ln_lam[c]) / (1 + zz[k])
                 inst = np.median(prep.fwhm_rest[i, c] / 2.3548 / lam) * C_KMS
                 if s < 0.5 * inst:
                     flag[i] |= FLAGS["SIGMA_UNRESOLVED"]
-            out["V_star"][i], out["V_star_err"][i] = kin[k, 0], kerr[k, 0]
+                out["V_star"][i], out["V_star_err"][i] = kin[k, 0], kerr[k, 0]
             for g, tag in ((1, "balmer"), (2, "forbidden")):
                 p = 2 * g
-                if has_group[k, p] and lo * 1.01 < kin[k, p + 1] < hi * 0.99:
+                if (has_group[k, p] and lo * 1.01 < kin[k, p + 1] < hi * 0.99
+                        and kinematics_constrained(kin[k, p], kerr[k, p], kerr[k, p + 1], cfg)):
                     out[f"V_gas_{tag}"][i], out[f"V_gas_{tag}_err"][i] = kin[k, p], kerr[k, p]
                     out[f"Sigma_gas_{tag}"][i], out[f"Sigma_gas_{tag}_err"][i] = kin[k, p + 1], kerr[k, p + 1]
             for j, nm in enumerate(LINE_NAMES):

@@ -22,6 +22,8 @@ errors times sqrt(reduced chi2).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy.interpolate import CubicSpline
@@ -51,8 +53,18 @@ FLAGS: dict[str, int] = {
     "NO_FORBIDDEN_GAS": 1 << 6,   # the same for the forbidden-line component
     "NO_GAS_AV": 1 << 7,          # Halpha or Hbeta missing or S/N < 3: Gas_Av NULL
     "NOT_CONVERGED": 1 << 8,      # fast mode only: the kinematics did not converge: every fitted value NULL (kinematics, fluxes, chi2, Gas_Av, models)
+        "STARS_UNCONSTRAINED": 1 << 9,  # stellar V at its +-v_bound, or a zero / non-finite stellar error: VelDisp, V_star NULL
     **{f"LINE_{name}": 1 << (16 + i) for i, name in enumerate(LINE_NAMES)},  # line outside coverage / masked: flux NULL
 }
+
+def kinematics_constrained(v: float, v_err: float, s_err: float, config: "FitConfig") -> bool:
+    """Whether a component's fitted V and sigma are measurements: V off its bounds, both errors finite and > 0.
+
+    A V at +-``v_bound`` or a zero error (a singular Jacobian: e.g. no stellar template weight) means
+    the fit did not constrain the component, and its starting values must not be reported.
+    """
+    return bool(abs(v) < 0.99 * config.v_bound and np.isfinite(v_err) and np.isfinite(s_err) and v_err > 0 and s_err > 0)
+
 
 #: A gas component's V and sigma are reported only when one of its lines has flux / error >= this.
 GAS_DETECTION_SNR = 3.0
@@ -397,7 +409,8 @@ class FitRun:
     t0: float
 
     @classmethod
-    def start(cls, wave, flux, ivar, mask, lsf_sigma, z, template_fwhm: float, config: FitConfig) -> "FitRun":
+    def start(cls, wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None, lsf_sigma: np.ndarray,
+              z: np.ndarray, template_fwhm: float, config: FitConfig) -> "FitRun":
         """Prepare the pixels and empty (NULL) outputs for every spectrum."""
         import time
 
@@ -407,7 +420,7 @@ class FitRun:
         return cls(prep, empty_columns(n), prep.flag.copy(), line_coverage(prep, config),
                    np.full((n, m), np.nan), np.full((n, m), np.nan), t0)
 
-    def failed(self, rows) -> None:
+    def failed(self, rows: int | np.ndarray) -> None:
         """Rows whose fit raised: NULL everything, flag FIT_FAILED."""
         self.flag[rows] |= FLAGS["FIT_FAILED"]
         for v in self.cols.values():
@@ -439,7 +452,8 @@ class ReferenceFitter:
         self.tpl_log, self.ln_lam_tpl = tpl_log, ln_lam_t
         self.template_fwhm = float(np.median(self.tpl.fwhm))
 
-    def fit(self, wave, flux, ivar, mask, lsf_sigma, z) -> KinematicsResult:
+    def fit(self, wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None, lsf_sigma: np.ndarray,
+            z: np.ndarray) -> KinematicsResult:
         """Fit every spectrum; never raises for a bad spectrum (NULLs + flag instead)."""
         run = FitRun.start(wave, flux, ivar, mask, lsf_sigma, z, self.template_fwhm, self.config)
         with _blas_threads(self.config.threads):
@@ -499,18 +513,21 @@ class ReferenceFitter:
             raise FloatingPointError("non-finite pPXF solution")
         lo, hi = cfg.sigma_bounds
         at_bound = lambda s: s <= lo * 1.01 or s >= hi * 0.99  # noqa: E731
-        if at_bound(sol[0, 1]):
+        if not kinematics_constrained(sol[0, 0], err[0, 0], err[0, 1], cfg):
+            flag[i] |= FLAGS["STARS_UNCONSTRAINED"]
+        elif at_bound(sol[0, 1]):
             flag[i] |= FLAGS["SIGMA_AT_BOUND"]
+            cols["V_star"][i], cols["V_star_err"][i] = sol[0, 0], err[0, 0]
         else:
             cols["VelDisp"][i], cols["VelDisp_err"][i] = sol[0, 1], err[0, 1]
             inst = np.median(prep.fwhm_rest[i, sel] / 2.3548 / lam) * C_KMS
             if sol[0, 1] < 0.5 * inst:
                 flag[i] |= FLAGS["SIGMA_UNRESOLVED"]
-        cols["V_star"][i], cols["V_star_err"][i] = sol[0, 0], err[0, 0]
+            cols["V_star"][i], cols["V_star_err"][i] = sol[0, 0], err[0, 0]
         for k, tag in ((1, "balmer"), (2, "forbidden")):
             if k in present:
                 c = 1 + present.index(k)
-                if not at_bound(sol[c, 1]):
+                if not at_bound(sol[c, 1]) and kinematics_constrained(sol[c, 0], err[c, 0], err[c, 1], cfg):
                     cols[f"V_gas_{tag}"][i], cols[f"V_gas_{tag}_err"][i] = sol[c, 0], err[c, 0]
                     cols[f"Sigma_gas_{tag}"][i], cols[f"Sigma_gas_{tag}_err"][i] = sol[c, 1], err[c, 1]
         if names:
@@ -533,8 +550,9 @@ def _blas_threads(n: int):
     return threadpool_limits(limits=n)
 
 
-def synthetic_batch(template_path, z: np.ndarray, sigma: np.ndarray, snr: np.ndarray, line_flux: np.ndarray | None = None,
-                    gas_sigma: float = 60.0, v_star: np.ndarray | None = None, seed: int = 0):
+def synthetic_batch(template_path: Path | str, z: np.ndarray, sigma: np.ndarray, snr: np.ndarray,
+                    line_flux: np.ndarray | None = None, gas_sigma: float = 60.0, v_star: np.ndarray | None = None,
+                    seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
     """Spectra on the DESI brz grid made from the templates themselves, with known truth (for tests and benches).
 
     Each spectrum mixes 3 random templates, broadened to ``sigma`` (km/s) and shifted by ``v_star``, at
@@ -586,7 +604,8 @@ def synthetic_batch(template_path, z: np.ndarray, sigma: np.ndarray, snr: np.nda
     return wave, flux.astype(np.float32), ivar.astype(np.float32), lsf, truth
 
 
-def synthetic_sample(template_path, n: int, seed: int = 0):
+def synthetic_sample(template_path: Path | str, n: int, seed: int = 0
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``n`` spectra of ``synthetic_batch`` spanning the layer's range, for benches: (wave, flux, ivar, lsf, z, sigma).
 
     z 0.02-0.45, sigma 70-300 km/s, S/N 8-40 per pixel, and the 12 lines in fixed

@@ -39,10 +39,14 @@ Conventions:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ard_sql.science import lick_kernel  # the compiled inner loop (numba)
+
+if TYPE_CHECKING:  # annotations only: pyarrow is imported where the Arrow output is made
+    import pyarrow as pa
 
 # ---------------------------------------------------------------- band definitions
 
@@ -258,7 +262,7 @@ _SEGMENTS = _segments()
 _ARROW_TYPES = {"BIGINT": "int64", "DOUBLE": "float64", "INTEGER": "int32"}
 
 
-def lick_arrow_schema():
+def lick_arrow_schema() -> pa.Schema:
     """Arrow schema of the ``lick`` staging table (``ard_sql.contract.LICK_COLUMNS``)."""
     import pyarrow as pa
 
@@ -267,7 +271,7 @@ def lick_arrow_schema():
     return pa.schema([pa.field(c.name, getattr(pa, _ARROW_TYPES[c.type])()) for c in LICK_COLUMNS])
 
 
-def to_arrow(targetid: np.ndarray, result: dict[str, np.ndarray]):
+def to_arrow(targetid: np.ndarray, result: dict[str, np.ndarray]) -> pa.Table:
     """Arrow table (TargetID + contract columns) from :func:`measure_indices`; NaN -> NULL."""
     import pyarrow as pa
 

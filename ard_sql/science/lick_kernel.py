@@ -405,8 +405,9 @@ def _covariance(x, var, pa, pb, moved_a, moved_b, a, b, touched_a, nta, touched_
 
 
 @numba.njit(cache=True, error_model="numpy")
-def measure_batch(x, flux, ivar, mask, zp1, zok, bands, kinds, segments, max_bad_frac, composite,
-                  values, errors, flags, comp):
+def measure_batch(x: np.ndarray, flux: np.ndarray, ivar: np.ndarray, mask: np.ndarray, zp1: np.ndarray, zok: np.ndarray,
+                  bands: np.ndarray, kinds: np.ndarray, segments: np.ndarray, max_bad_frac: float, composite: np.ndarray,
+                  values: np.ndarray, errors: np.ndarray, flags: np.ndarray, comp: np.ndarray) -> None:
     """Measure every index of every spectrum (see the module docstring); results written in place.
 
     ``composite``: positions of Mgb, Fe5270, Fe5335 in ``bands`` (or -1s to skip the composites);

@@ -3,7 +3,7 @@
 Distances go through a tabulated comoving distance ``D_C(z)`` interpolated with a
 cubic spline: the direct ``cosmology.comoving_distance`` call integrates once per
 object and is ~80x slower for millions of galaxies, while the table agrees with
-it to better than 1e-6 relative (``tests/test_topology_positions.py``).
+it to better than 1e-6 relative (``tests/test_topology_density.py::test_positions_match_astropy_direct``).
 
 The default cosmology is astropy's ``Planck18``; pass any astropy cosmology
 instance or the name of a built-in realisation (``"WMAP9"``, ``"Planck15"``...).

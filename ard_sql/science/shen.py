@@ -69,6 +69,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ard_sql import paths
 from ard_sql.science.restframe import (ERR_FLOOR, REST_DLNL, REST_RANGE, REST_WEIGHT, RestDecoder, clean_pixels, rest_chi2,
                                        restframe_targets)
 
@@ -96,6 +97,7 @@ class ShenConfig:
 
     @property
     def n_patches(self) -> int:
+        """Number of wavelength patches (tokens) covering ``lam_min``-``lam_max`` at ``patch_dlnl`` each."""
         return int(math.ceil(math.log(self.lam_max / self.lam_min) / self.patch_dlnl))
 
 
@@ -417,11 +419,8 @@ def resample_loglam(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, dlogla
 
 def save_checkpoint(model: ShenEncoder, path: Path | str, extra: dict[str, Any] | None = None) -> None:
     """Save ``{"state_dict", "hyper_parameters"}`` (+ ``extra``) atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"state_dict": model.state_dict(), "hyper_parameters": asdict(model.config), **(extra or {})}, tmp)
-    tmp.replace(path)
+    with paths.atomic_path(path) as tmp:
+        torch.save({"state_dict": model.state_dict(), "hyper_parameters": asdict(model.config), **(extra or {})}, tmp)
 
 
 def load_checkpoint(path: Path | str) -> ShenEncoder:

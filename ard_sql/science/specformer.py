@@ -66,6 +66,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ard_sql import paths
 from ard_sql.science.restframe import (ERR_FLOOR, REST_DLNL, REST_RANGE, REST_WEIGHT, RestDecoder, rest_chi2, restframe_targets,
                                        usable_redshift, window_weight)
 
@@ -518,12 +519,9 @@ def _window_rest_loss(model: SpecFormer, rest: dict[str, Any], idx: torch.Tensor
 
 def save_checkpoint(model: SpecFormer, path: Path | str, extra: dict[str, Any] | None = None) -> None:
     """Save in AstroCLIP's Lightning layout: ``{"state_dict", "hyper_parameters"}`` (+ ``extra``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"state_dict": model.state_dict(), "hyper_parameters": asdict(model.config),
-                "emb_head": embedding_head(model), **(extra or {})}, tmp)
-    tmp.replace(path)
+    with paths.atomic_path(path) as tmp:
+        torch.save({"state_dict": model.state_dict(), "hyper_parameters": asdict(model.config),
+                    "emb_head": embedding_head(model), **(extra or {})}, tmp)
 
 
 def load_checkpoint(path: Path | str) -> SpecFormer:

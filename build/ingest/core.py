@@ -149,8 +149,9 @@ def _relative(path: str, source: str) -> str:
 def ingest_partition(ard_dir: str | Path, part: PartitionInput) -> tuple[int, list[Problem]]:
     """Read, combine and write one partition (spectra file, then core file); return (rows, problems).
 
-    A coadd whose flux cannot be read is reported. On a first build its
-    targets are left out and the rest of the partition is written; on a
+    A coadd whose flux cannot be read (or fails its checksums) is reported.
+    On a first build its targets are left out, named in the report entry
+    (:func:`left_out_text`), and the rest of the partition is written; on a
     rebuild (the partition's core file exists) nothing is written and
     :data:`KEPT` is returned, so the finished partition keeps every row.
     """
@@ -165,7 +166,7 @@ def ingest_partition(ard_dir: str | Path, part: PartitionInput) -> tuple[int, li
     snr = {arm: np.full(n, np.nan, np.float32) for arm in desi_io.ARMS}
     ok = np.ones(n, dtype=bool)
     res_acc: dict[str, list] = {}
-    unread: list[Problem] = []
+    unread: list[tuple[Problem, np.ndarray]] = []
     for r in sorted(part.files):
         sel = np.flatnonzero(rank == r)
         coadd = part.files[r][0]
@@ -173,7 +174,7 @@ def ingest_partition(ard_dir: str | Path, part: PartitionInput) -> tuple[int, li
             arms = desi_io.read_arms(coadd, coadd_row[sel])
         except BadInput as exc:
             problems.append(exc.problem())
-            unread.append(problems[-1])
+            unread.append((problems[-1], sel))
             ok[sel] = False
             continue
         comb = combine.combine_arms({a: (d.index, d.flux, d.ivar, d.mask) for a, d in arms.items()}, len(sel))
@@ -199,9 +200,12 @@ def ingest_partition(ard_dir: str | Path, part: PartitionInput) -> tuple[int, li
     # A rebuild that cannot read one of its coadds would drop that file's finished rows:
     # keep the previous core file and spectra store untouched instead.
     if unread and paths.partition_file(ard_dir, part.order, part.pixel).exists():
-        for p in unread:
+        for p, _ in unread:
             p.reason += "; the partition was kept as previously built"
         return KEPT, problems
+    all_tid = rows.column("TARGETID").to_numpy()
+    for p, sel in unread:  # a first build: name what the skipped file cost
+        p.reason += "; " + left_out_text(all_tid[sel])
 
     keep = np.flatnonzero(ok)
     rows, flux, ivar, mask = rows.take(pa.array(keep)), flux[keep], ivar[keep], mask[keep]
@@ -218,6 +222,18 @@ def ingest_partition(ard_dir: str | Path, part: PartitionInput) -> tuple[int, li
     table = hats_writer.with_positions(hats_writer.conform_table(core, paths.CORE, f"core pixel {part.pixel}"), paths.CORE, ra[order_idx], dec[order_idx])
     hats_writer.write_partition(ard_dir, paths.CORE, part.order, part.pixel, table)
     return table.num_rows, problems
+
+
+#: TargetIDs a report entry lists before it gives only the count of the rest.
+MAX_LISTED_TARGETS = 20
+
+
+def left_out_text(targetids: np.ndarray) -> str:
+    """'its N target(s) ... left out of the ARD: TargetID a, b, ...' (the first MAX_LISTED_TARGETS, then a count)."""
+    tids = [int(t) for t in np.sort(np.asarray(targetids, dtype=np.int64))]
+    listed = ", ".join(str(t) for t in tids[:MAX_LISTED_TARGETS])
+    more = f" and {len(tids) - MAX_LISTED_TARGETS} more" if len(tids) > MAX_LISTED_TARGETS else ""
+    return f"its {len(tids)} target(s) of this partition are left out of the ARD: TargetID {listed}{more}"
 
 
 def _core_table(rows: pa.Table, part: PartitionInput, snr: dict[str, np.ndarray], snr_median: np.ndarray) -> pa.Table:
@@ -296,5 +312,5 @@ def zcatalog(path: str | Path | None) -> dict[int, tuple[str, str]] | None:
     return targets.read_zcatalog(path) if path else None
 
 
-__all__ = ["INGEST_VERSION", "KEPT", "Plan", "PartitionInput", "scan_one", "make_plan", "ingest_partition", "partitions_using",
+__all__ = ["INGEST_VERSION", "KEPT", "MAX_LISTED_TARGETS", "left_out_text", "Plan", "PartitionInput", "scan_one", "make_plan", "ingest_partition", "partitions_using",
            "plan_summary", "zcatalog"]

@@ -11,6 +11,9 @@ pair, never the flux, and checks the file: complete (not truncated), the
 HDUs the ingest needs, FIBERMAP rows = flux rows, redrock rows matching the
 coadd's targets. Columns an older file lacks come back as NULL (masked).
 :func:`read_arms` reads the flux/ivar/mask of selected rows, memory-mapped.
+Every HDU either reads is first checked against its CHECKSUM/DATASUM cards
+(:func:`verify_checksum`; DESI and the mock write them, an HDU without them
+is accepted), so a file damaged after it was written is never ingested.
 
 Any problem raises :class:`~ard_sql.build.report.BadInput` naming the file
 (and target) and the reason; per-target problems are returned as report
@@ -112,6 +115,75 @@ def open_checked(path: Path) -> fits.HDUList:
     return hdul
 
 
+#: Bytes summed per step when verifying a checksum (bounds the memory of a large HDU).
+_CHECKSUM_CHUNK = 1 << 24
+
+
+def _ones_complement_sum(path: Path, start: int, stop: int) -> int:
+    """The FITS checksum sum (32-bit ones' complement, big-endian words) of bytes [start, stop) of a file.
+
+    Bytes past the end of the file count as zero (a file whose last padding
+    block is missing; the data itself was checked to be complete).
+    """
+    stop = min(stop, path.stat().st_size)
+    if stop <= start:
+        return 0
+    raw = np.memmap(path, dtype=np.uint8, mode="r", offset=start, shape=(stop - start,))
+    whole = (stop - start) // 4 * 4
+    total = 0
+    for lo in range(0, whole, _CHECKSUM_CHUNK):
+        total += int(raw[lo:min(lo + _CHECKSUM_CHUNK, whole)].view(">u4").sum(dtype=np.uint64))
+    if whole < stop - start:
+        total += int.from_bytes(bytes(raw[whole:]).ljust(4, b"\0"), "big")
+    del raw
+    while total >> 32:  # end-around carry
+        total = (total & 0xFFFFFFFF) + (total >> 32)
+    return total
+
+
+def verify_checksum(hdul: fits.HDUList, name: str | int, path: Path) -> None:
+    """Check an HDU against its DATASUM and CHECKSUM cards; raise BadInput naming the file, the HDU and why.
+
+    An HDU without the cards is accepted (older files, other writers). Only
+    this HDU's bytes are read, so the ingest pays for the HDUs it uses. Call
+    it before the HDU's data is accessed (gzip-compressed files go through
+    astropy, which sums the data as loaded).
+    """
+    hdu = hdul[name]
+    label = hdu.name or f"#{name}"
+    header = hdu.header
+    if "CHECKSUM" not in header and "DATASUM" not in header:
+        return
+    damaged = f"HDU {label} fails its checksum"
+    if path.name.endswith(".gz"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            data_ok = hdu.verify_datasum() != 0
+            all_ok = hdu.verify_checksum() != 0
+        if not data_ok:
+            raise BadInput(f"{damaged}: its data does not match DATASUM (the file is damaged)", file=path)
+        if not all_ok:
+            raise BadInput(f"{damaged}: its header and data do not match CHECKSUM (the file is damaged)", file=path)
+        return
+    info = hdu.fileinfo()
+    data_sum = _ones_complement_sum(path, info["datLoc"], info["datLoc"] + info["datSpan"])
+    if "DATASUM" in header:
+        try:
+            expected = int(str(header["DATASUM"]).strip())
+        except ValueError:
+            raise BadInput(f"{damaged}: its DATASUM card {header['DATASUM']!r} is not a number", file=path) from None
+        if data_sum != expected:
+            raise BadInput(f"{damaged}: its data sums to {data_sum}, DATASUM says {expected} "
+                           "(the file is damaged: the data changed after it was written)", file=path)
+    if "CHECKSUM" in header:
+        total = _ones_complement_sum(path, info["hdrLoc"], info["datLoc"]) + data_sum
+        while total >> 32:
+            total = (total & 0xFFFFFFFF) + (total >> 32)
+        if total != 0xFFFFFFFF:  # the ones' complement sum of a whole HDU with a valid CHECKSUM is -0
+            raise BadInput(f"{damaged}: its header and data do not match CHECKSUM "
+                           "(the file is damaged: the HDU changed after it was written)", file=path)
+
+
 def _hdu(hdul: fits.HDUList, name: str, path: Path, required: bool = True) -> fits.hdu.base.ExtensionHDU | None:
     try:
         return hdul[name]
@@ -201,7 +273,10 @@ def scan_group(group: SourceGroup) -> tuple[Scan, list[Problem]]:
     problems: list[Problem] = []
     coadd_path, rr_path = Path(group.coadd), Path(group.redrock)
     with open_checked(coadd_path) as hdul:
-        fibermap = _hdu(hdul, "FIBERMAP", coadd_path).data
+        _hdu(hdul, "FIBERMAP", coadd_path)
+        for name in (0, "FIBERMAP"):  # the HDUs the scan reads (the flux HDUs are checked by read_arms)
+            verify_checksum(hdul, name, coadd_path)
+        fibermap = hdul["FIBERMAP"].data
         if fibermap is None:
             raise BadInput("FIBERMAP HDU is empty", file=coadd_path)
         n = len(fibermap)
@@ -233,7 +308,11 @@ def scan_group(group: SourceGroup) -> tuple[Scan, list[Problem]]:
         cols["COADD_FIBERSTATUS"] = _column(fibermap, "COADD_FIBERSTATUS", n, "int64")
         cols["OBJTYPE"] = _column(fibermap, "OBJTYPE", n, "str")
     with open_checked(rr_path) as rr:
-        zt = _hdu(rr, "REDSHIFTS", rr_path).data
+        _hdu(rr, "REDSHIFTS", rr_path)
+        for name in (0, "REDSHIFTS", "TSNR2"):
+            if name in rr:
+                verify_checksum(rr, name, rr_path)
+        zt = rr["REDSHIFTS"].data
         if zt is None or "TARGETID" not in [c.upper() for c in zt.columns.names]:
             raise BadInput("REDSHIFTS HDU has no TARGETID column", file=rr_path)
         ztid = _native(zt["TARGETID"]).astype(np.int64)
@@ -336,6 +415,9 @@ def read_arms(path: Path | str, rows: np.ndarray) -> dict[str, ArmData]:
     with open_checked(path) as hdul:
         names = {h.name.upper() for h in hdul}
         for arm in arms_present(hdul):
+            for part in ("WAVELENGTH", "FLUX", "IVAR", "MASK", "RESOLUTION"):
+                if f"{arm}_{part}" in names:  # before any data is read: a damaged HDU is never ingested
+                    verify_checksum(hdul, f"{arm}_{part}", path)
             try:
                 index = brz_index(hdul[f"{arm}_WAVELENGTH"].data, path, arm)
                 flux = _native(hdul[f"{arm}_FLUX"].data[rows]).astype(np.float32)

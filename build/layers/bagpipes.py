@@ -49,12 +49,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -63,10 +63,17 @@ import pyarrow.parquet as pq
 
 from ard_sql import contract, paths
 from ard_sql.build import hats_writer
-from ard_sql.build.layers.base import Partition, parse_options
+from ard_sql.build.layers.base import Partition, count, parse_options, positive_integer
 
-_OPTIONS = {"n_sims": int, "n_test": int, "epochs": int, "seed": int, "n_pca": int, "hidden": int,
-            "cache_dir": str, "batch_size": int, "sim_workers": int, "model_error_mocks": int}
+if TYPE_CHECKING:  # annotations only: amortized imports torch, which most builds never need
+    from ard_sql.science.amortized import AmortizedConfig, AmortizedEstimator
+
+#: A progress logger: called with one line of text.
+Log = Callable[[str], None]
+
+_OPTIONS = {"n_sims": positive_integer, "n_test": count, "epochs": positive_integer, "seed": count,
+            "n_pca": positive_integer, "hidden": positive_integer, "cache_dir": str, "batch_size": positive_integer,
+            "sim_workers": positive_integer, "model_error_mocks": count}
 DEFAULTS = {"n_sims": 80000, "n_test": 500, "epochs": 40, "seed": 0, "batch_size": 4096, "sim_workers": 2,
             "model_error_mocks": 3}
 #: Targets per calibration mock and the first seed (the slow tests' prior-drawn mock uses seed 2).
@@ -82,7 +89,7 @@ def options(raw: dict[str, Any]) -> dict[str, Any]:
     return {**DEFAULTS, **parse_options("bagpipes", raw, _OPTIONS)}
 
 
-def amortized_config(opts: dict[str, Any]):
+def amortized_config(opts: dict[str, Any]) -> AmortizedConfig:
     """The :class:`AmortizedConfig` these options ask for."""
     from ard_sql.science.amortized import AmortizedConfig
 
@@ -110,14 +117,12 @@ def _cached_npz(path: Path, make) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as blob:
             return {k: blob[k] for k in blob.files}
     data = make()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
-    np.savez(tmp, **data)
-    os.replace(tmp, path)
+    with paths.atomic_path(path, suffix=".npz") as tmp:  # .npz: np.savez would append it otherwise
+        np.savez(tmp, **data)
     return data
 
 
-def cached_simulations(cache: Path, n: int, seed: int, log=None, workers: int = 1) -> dict[str, np.ndarray]:
+def cached_simulations(cache: Path, n: int, seed: int, log: Log | None = None, workers: int = 1) -> dict[str, np.ndarray]:
     """Noiseless simulated set of size ``n`` from ``cache`` (``sims-<key>.npz``), simulating it when absent."""
     from ard_sql.science.amortized import simulate_training_set
 
@@ -135,7 +140,7 @@ def cached_simulations(cache: Path, n: int, seed: int, log=None, workers: int = 
 HELDOUT_SEED_OFFSET = 7919
 
 
-def heldout_set(cache: Path, opts: dict[str, Any], log=None) -> dict[str, np.ndarray]:
+def heldout_set(cache: Path, opts: dict[str, Any], log: Log | None = None) -> dict[str, np.ndarray]:
     """The held-out test simulations, realised with noise and calibration (a seed of their own)."""
     from ard_sql.science.amortized import realise
 
@@ -166,7 +171,7 @@ def model_error_key(n_mocks: int) -> str:
                                    ).encode()).hexdigest()[:12]
 
 
-def model_error_set(cache: Path, n_mocks: int, log=None) -> dict[str, np.ndarray]:
+def model_error_set(cache: Path, n_mocks: int, log: Log | None = None) -> dict[str, np.ndarray]:
     """Binned spectra, Z and truth of the galaxies of ``n_mocks`` prior-drawn mock surveys (cached).
 
     Each mock (``ard mock --physics prior``, 600 targets, seeds 1001...) goes
@@ -198,7 +203,7 @@ def _bin_key() -> str:
     return f"{pm.FIT_BIN}:{pm.fit_wavelengths()[0]:.3f}:{pm.fit_wavelengths().size}"
 
 
-def binned_spectra(ard_dir: Path | str, select) -> dict[str, np.ndarray]:
+def binned_spectra(ard_dir: Path | str, select: Callable[[pa.Table], np.ndarray]) -> dict[str, np.ndarray]:
     """Binned spectra (``pipes_model.bin_spectra``), Z and TargetID of the core rows ``select`` keeps.
 
     ``select(core)`` gets each partition's core table (TargetID, Z, SPECTYPE)
@@ -252,7 +257,7 @@ def _mock_galaxies(tmp: Path, seed: int) -> dict[str, np.ndarray]:
     return {**data, **{f"truth_{q}": t[col].to_numpy(float) for q, col in MOCK_TRUTH.items()}}
 
 
-def train_estimator(cache: Path, opts: dict[str, Any], log=None) -> tuple[Path, dict[str, Any]]:
+def train_estimator(cache: Path, opts: dict[str, Any], log: Log | None = None) -> tuple[Path, dict[str, Any]]:
     """The trained estimator file in ``cache`` and its training log (cached by content key)."""
     from ard_sql.science import amortized as am
 
@@ -265,7 +270,9 @@ def train_estimator(cache: Path, opts: dict[str, Any], log=None) -> tuple[Path, 
                        .encode()).hexdigest()[:12]
     est_path, log_path = Path(cache) / f"estimator-{key}.pt", Path(cache) / f"estimator-{key}.json"
     if est_path.exists() and log_path.exists():
-        return est_path, json.loads(log_path.read_text())
+        # the log is the training's (its seconds are that run's); say this run loaded the weights
+        return est_path, {**json.loads(log_path.read_text()), "loaded_from_cache": str(est_path)}
+    sims_cached = (Path(cache) / f"sims-{train_key}.npz").exists()
     t0 = time.perf_counter()
     sims = cached_simulations(cache, cfg.n_sims, cfg.seed, log, workers=opts["sim_workers"])
     t_sim = time.perf_counter() - t0
@@ -280,7 +287,8 @@ def train_estimator(cache: Path, opts: dict[str, Any], log=None) -> tuple[Path, 
         del sims
         t_train = time.perf_counter() - t0 - t_sim
         info: dict[str, Any] = {"key": key, "config": asdict(cfg), "simulations": train_key,
-                                "simulate_seconds": round(t_sim, 1), "train_seconds": round(t_train, 1)}
+                                "simulate_seconds": round(t_sim, 1), "simulations_cached": sims_cached,
+                                "train_seconds": round(t_train, 1)}
         if opts["n_test"] > 0:
             test = heldout_set(cache, opts, log)
             q = est.percentiles_binned(test["flux"], test["ivar"], test["z"], model_error=False)
@@ -301,10 +309,25 @@ def train_estimator(cache: Path, opts: dict[str, Any], log=None) -> tuple[Path, 
             info["model_error_coverage68_after"] = {k: round(v, 3) for k, v in am.coverage(after, truth).items()}
             info["model_error_seconds"] = round(time.perf_counter() - t1, 1)
     est.save(est_path)
-    tmp = paths.temporary_sibling(log_path)
-    tmp.write_text(json.dumps(info, indent=1))
-    os.replace(tmp, log_path)
+    paths.atomic_write_text(log_path, json.dumps(info, indent=1))
     return est_path, info
+
+
+def training_summary(info: dict[str, Any]) -> str:
+    """One line for ``ard_meta`` (``bagpipes_amortized_training``) from a training log.
+
+    Says whether this build trained the estimator (and whether it simulated or
+    loaded its simulations) or loaded a cached one, and from which file; the
+    seconds of a cached estimator are those of the run that trained it.
+    """
+    n_sims = info.get("config", {}).get("n_sims", "?")
+    sim_s, train_s = info.get("simulate_seconds", 0), info.get("train_seconds", 0)
+    if info.get("loaded_from_cache"):
+        return (f"estimator loaded from cache {info['loaded_from_cache']} (nothing simulated or trained by this "
+                f"build; it was trained on {n_sims} simulations: {sim_s} s simulating, {train_s} s training)")
+    simulated = ("simulations loaded from cache" if info.get("simulations_cached")
+                 else f"{sim_s} s simulating")
+    return f"trained by this build: {n_sims} simulations ({simulated}), {train_s} s training"
 
 
 def estimator_file(ard_dir: Path | str) -> Path:
@@ -312,7 +335,7 @@ def estimator_file(ard_dir: Path | str) -> Path:
     return paths.artifact_dir(ard_dir, NAME) / ESTIMATOR
 
 
-def load_estimator(ard_dir: Path | str):
+def load_estimator(ard_dir: Path | str) -> AmortizedEstimator:
     """The ARD's estimator, loaded once per process (reloaded when the file changes)."""
     from ard_sql.science.amortized import AmortizedEstimator
 
@@ -340,7 +363,7 @@ def rows_to_table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema)
 
 
-def amortized_table(estimator, core: pa.Table, flux: np.ndarray, ivar: np.ndarray,
+def amortized_table(estimator: AmortizedEstimator, core: pa.Table, flux: np.ndarray, ivar: np.ndarray,
                     batch_size: int = 4096) -> pa.Table:
     """Amortized rows for every core row (non-galaxies: NULL + ``NOT_GALAXY``), in core order."""
     from ard_sql.science.pipes_fit import FLAGS, null_row
@@ -496,16 +519,13 @@ class BagpipesLayer:
         art.mkdir(parents=True, exist_ok=True)
         target = estimator_file(ard_dir)
         if not target.exists() or _file_hash(target) != _file_hash(est_path):
-            tmp = paths.temporary_sibling(target)
-            shutil.copyfile(est_path, tmp)
-            os.replace(tmp, target)
+            with paths.atomic_path(target) as tmp:
+                shutil.copyfile(est_path, tmp)
         log_path = art / TRAIN_LOG
-        tmp = paths.temporary_sibling(log_path)
         from ard_sql.science import pipes_model as pm
 
         # the cache key holds the model key, so a cached estimator is always today's model's
-        tmp.write_text(json.dumps({**info, "cache": str(cache), MODEL_KEY_FIELD: pm.model_key()}, indent=1))
-        os.replace(tmp, log_path)
+        paths.atomic_write_text(log_path, json.dumps({**info, "cache": str(cache), MODEL_KEY_FIELD: pm.model_key()}, indent=1))
         return _file_hash(target)
 
     def run(self, part: Partition) -> pa.Table:
@@ -533,9 +553,7 @@ class BagpipesLayer:
         if log_path.exists():
             info = json.loads(log_path.read_text())
             out["bagpipes_amortized_config"] = json.dumps(info.get("config", {}))
-            out["bagpipes_amortized_training"] = (f"{info['config']['n_sims']} simulations, "
-                                                  f"{info.get('simulate_seconds', 0)} s simulating (0 = cached), "
-                                                  f"{info.get('train_seconds', 0)} s training")
+            out["bagpipes_amortized_training"] = training_summary(info)
             if "heldout_coverage68" in info:
                 out["bagpipes_amortized_heldout_coverage68"] = json.dumps(info["heldout_coverage68"])
             out["bagpipes_amortized_model_error"] = json.dumps(info.get("model_error"))

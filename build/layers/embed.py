@@ -45,10 +45,10 @@ import pyarrow.parquet as pq
 
 from ard_sql import contract, paths, similarity, spectra_store
 from ard_sql.build import hats_writer
-from ard_sql.build.layers.base import Partition, parse_options
+from ard_sql.build.layers.base import Partition, count, number, parse_options, positive, positive_integer
 
-_OPTIONS = {"astroclip_checkpoint": str, "train_max": int, "train_min_snr": float, "epochs": int,
-            "max_seconds": float, "seed": int, "batch_size": int, "device": str}
+_OPTIONS = {"astroclip_checkpoint": str, "train_max": positive_integer, "train_min_snr": number(), "epochs": positive_integer,
+            "max_seconds": positive, "seed": count, "batch_size": positive_integer, "device": str}
 ASTRO_CKPT, SHEN_CKPT, TRAIN_LOG = "specformer.ckpt", "shen.ckpt", "training.json"
 _MODELS: dict[str, Any] = {}
 
@@ -195,9 +195,7 @@ class EmbedLayer:
             log["inputs"] = wanted
             specformer.save_checkpoint(model, folder / ASTRO_CKPT)
             shen.save_checkpoint(smodel, folder / SHEN_CKPT)
-            tmp = paths.temporary_sibling(log_path)
-            tmp.write_text(json.dumps(log, indent=1, default=str))
-            tmp.replace(log_path)
+            paths.atomic_write_text(log_path, json.dumps(log, indent=1, default=str))
         return f"{_file_hash(folder / ASTRO_CKPT)}-{_file_hash(folder / SHEN_CKPT)}"
 
     def run(self, part: Partition) -> pa.Table:

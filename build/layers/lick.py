@@ -6,7 +6,7 @@ table of :data:`ard_sql.contract.LICK_COLUMNS`, one row per core row. A
 spectrum that cannot be measured gets NULL indices and ``Lick_flag`` bits.
 
 Options (``BuildOptions.layer_options["lick"]``):
-``max_bad_frac`` (float, default 0.25): largest bad-pixel fraction of a band.
+``max_bad_frac`` (a fraction in [0, 1], default 0.25): largest bad-pixel fraction of a band.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ard_sql.build.layers.base import Partition, parse_options
+from ard_sql.build.layers.base import Partition, fraction, parse_options
 from ard_sql.science import lick
 
-_OPTIONS = {"max_bad_frac": float}
+_OPTIONS = {"max_bad_frac": fraction}
 
 
 def options(raw: dict[str, Any]) -> dict[str, Any]:

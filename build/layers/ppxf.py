@@ -31,12 +31,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ard_sql import contract, paths, spectra_store
-from ard_sql.build.layers.base import Partition, parse_options
+from ard_sql.build.layers.base import Partition, count, fraction, parse_options, positive_integer
 from ard_sql.science import kinematics
 from ard_sql.science.templates import TemplateConfig, template_file
 
 MODES = ("fast", "reference")
-_OPTIONS = {"mode": str, "templates": str, "reference_fraction": float, "batch_size": int, "seed": int}
+_OPTIONS = {"mode": str, "templates": str, "reference_fraction": fraction, "batch_size": positive_integer,
+            "seed": count}
 AGREEMENT_LINES = ("OIII_5007", "Halpha")
 
 
@@ -45,6 +46,27 @@ def options(raw: dict[str, Any]) -> dict[str, Any]:
     opts = parse_options("ppxf", raw, _OPTIONS)
     if opts.get("mode", "fast") not in MODES:
         raise ValueError(f"ppxf layer: mode must be one of {MODES}, got {opts['mode']!r}")
+    return opts
+
+
+def check_options(raw: dict[str, Any]) -> dict[str, Any]:
+    """``options`` plus what only the build's own machine can check: a ``templates`` file that is
+    missing, unreadable or not a pPXF ``sps_lib`` .npz is a ValueError naming the file."""
+    from ard_sql.science.templates import load_templates
+
+    opts = options(raw)
+    if "templates" in opts:
+        # checked here, once, before ingest: at run time a bad file fails every partition in turn
+        tpl = Path(opts["templates"])
+        if not tpl.is_file():
+            raise ValueError(f"ppxf layer: templates {tpl}: no such file")
+        try:
+            load_templates(tpl)
+        except Exception as exc:  # noqa: BLE001 - unreadable, not a zip, wrong keys: all mean "not usable"
+            if str(exc).startswith(str(tpl)):  # load_templates' own message: file, then missing keys / bad shapes
+                raise ValueError(f"ppxf layer: templates {exc}") from None
+            raise ValueError(f"ppxf layer: templates {tpl}: cannot be read as a pPXF .npz file "
+                             f"({type(exc).__name__}: {exc})") from None
     return opts
 
 
@@ -80,7 +102,7 @@ class PpxfLayer:
     name = "ppxf"
     version = "5"  # 3: templates log-rebinned as pPXF does (VelDisp moves by ~1-2%); 4: fast fitter's three passes and +-4 sigma line windows, per-spectrum smoothing reach; 5: errors scaled for correlated noise, non-converged rows all NULL
 
-    check_options = staticmethod(options)
+    check_options = staticmethod(check_options)
 
     def run(self, part: Partition) -> pa.Table:
         """Fit every galaxy of the partition; NULLs and flags where a fit is impossible."""
@@ -115,11 +137,8 @@ class PpxfLayer:
             out[f"{name}_fast"] = fast.column(name).to_numpy(zero_copy_only=False).astype(float)[pick]
             out[f"{name}_fast_err"] = fast.column(f"{name}_err").to_numpy(zero_copy_only=False).astype(float)[pick]
             out[f"{name}_reference"] = ref.columns[name]
-        path = agreement_file(part.ard_dir, part.order, part.pixel)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = paths.temporary_sibling(path)
-        pq.write_table(pa.table(out), tmp)
-        tmp.replace(path)
+        with paths.atomic_path(agreement_file(part.ard_dir, part.order, part.pixel)) as tmp:
+            pq.write_table(pa.table(out), tmp)
 
     @staticmethod
     def finalize(ard_dir: Path | str, options: dict[str, Any]) -> dict[str, str]:

@@ -30,7 +30,6 @@ Folder layout (DR1-like, relative to a survey root ``DIR``)::
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,8 @@ from typing import Any
 import numpy as np
 from astropy.io import fits
 from astropy.table import Table
+
+from ard_sql import paths
 
 #: Comment written on CHECKSUM/DATASUM cards instead of the current time (reproducible bytes).
 CHECKSUM_WHEN = "ard_sql mock (fixed for reproducibility)"
@@ -88,17 +89,11 @@ def _table_hdu(table: Table, name: str) -> fits.BinTableHDU:
 def _write_atomic(hdus: list[fits.PrimaryHDU | fits.ImageHDU | fits.BinTableHDU], path: Path) -> Path:
     """Write an HDU list to ``path`` via a temporary sibling and ``os.replace`` (never a half file)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     for hdu in hdus:
         hdu.add_checksum(when=CHECKSUM_WHEN)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with paths.atomic_path(path) as tmp:
         # checksum=False: the cards were added above with a fixed comment.
         fits.HDUList(hdus).writeto(tmp, overwrite=True, checksum=False, output_verify="exception")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -91,6 +92,7 @@ class ConeGeometry:
 
     @property
     def chi_max(self) -> float:
+        """Comoving distance (Mpc) to ``zmax``: the cone's depth."""
         return float(MOCK_COSMO.comoving_distance(self.zmax).to_value("Mpc"))
 
     def to_radec(self, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -244,7 +246,7 @@ def observed_redshift(z_cosmo: np.ndarray, v_los_kms: np.ndarray) -> np.ndarray:
 
 
 def sample_galaxies(
-    web: CosmicWeb, geom: ConeGeometry, nbar_of_z, bias: float, n: int, rng: np.random.Generator,
+    web: CosmicWeb, geom: ConeGeometry, nbar_of_z: Callable[[np.ndarray], np.ndarray], bias: float, n: int, rng: np.random.Generator,
     sigma_v_kms: float = 150.0,
 ) -> dict[str, np.ndarray]:
     """Draw exactly ``n`` galaxies with rate nbar(z) (1 + delta)^bias inside the cone.

@@ -111,10 +111,12 @@ class SSPLibrary:
 
     @property
     def n_z(self) -> int:
+        """Number of metallicities of the library."""
         return METALLICITIES.size
 
     @property
     def n_age(self) -> int:
+        """Number of age bins of the library."""
         return self.live_frac.shape[1]
 
 

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from astropy.table import Table
 
-from ard_sql import grid
+from ard_sql import grid, paths
 
 from . import desi_writer, field, objects, population, spectra, truth
 from .ssp import C_KMS, MOCK_COSMO, REST_MIN, ssp_library
@@ -83,7 +83,18 @@ class MockConfig:
 
     @property
     def area_deg2(self) -> float:
+        """Footprint area in deg^2 actually used: ``area``, else the default max(20, n / 100)."""
         return float(self.area) if self.area is not None else max(20.0, self.n / 100.0)
+
+    def settings(self) -> dict[str, object]:
+        """Every option that shapes the mock's content (recorded in ``mock.json``; ``out`` is not one).
+
+        Two configurations with equal settings write the same bytes, so a mock on disk whose
+        ``mock.json`` holds these settings can be reused instead of regenerated.
+        """
+        return {"n": int(self.n), "seed": int(self.seed), "area_deg2": self.area_deg2, "zmax": float(self.zmax),
+                "truth_spectra": bool(self.truth_spectra), "resolution": bool(self.resolution),
+                "max_cells": int(self.max_cells), "physics": str(self.physics)}
 
 
 def build_catalog(cfg: MockConfig) -> tuple[dict[str, np.ndarray], field.CosmicWeb]:
@@ -306,14 +317,11 @@ def _write_truth_spectra(out: Path, program: str, pixel: int, targetid: np.ndarr
     import h5py
 
     path = truth_spectra_path(out, program, pixel)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w", track_order=True) as f:
+    with paths.atomic_path(path) as tmp, h5py.File(tmp, "w", track_order=True) as f:
         f.attrs["units"] = "1e-17 erg/(s cm2 Angstrom)"
         f.attrs["description"] = "noise-free model at instrument resolution on the brz grid (ard_sql.grid)"
         f.create_dataset("targetid", data=np.asarray(targetid, dtype=np.int64))
         f.create_dataset("flux", data=flux.astype(np.float32), chunks=(1, flux.shape[1]), compression="gzip", compression_opts=4, shuffle=True)
-    tmp.replace(path)
 
 
 TRUTH_ORDER = ["TARGETID", "RA", "DEC", "Z", "Z_COSMO", "V_LOS", "V_LOS_FLOW", "CX", "CY", "CZ", "HEALPIX", "SURVEY", "PROGRAM", "SAMPLE", "SPECTYPE",
@@ -351,41 +359,41 @@ def run_mock(cfg: MockConfig, progress: Callable[[int, int], None] | None = None
     writer = None
     zcat_parts = []
     done = 0
-    tmp_truth = out / ".truth.parquet.tmp"
-    try:
-        for program, pixel, rows in parts:
-            t = generate_partition(cat, program, pixel, rows, cfg, rdata)
-            table = _truth_table(t)
-            if writer is None:
-                meta = {"DELTA_SMOOTHING_MPC": str(web.smoothing_mpc), "TWEB_LAMBDA_TH": str(web.lambda_th),
-                        "GRID_CELL_MPC": f"{web.cell:.4f}", "SEED": str(cfg.seed), "AREA_DEG2": str(cfg.area_deg2),
-                        "ZMAX": str(cfg.zmax), "COSMOLOGY": "FlatLambdaCDM(H0=70, Om0=0.3), sigma8=0.8, ns=0.965, Ob0=0.048"}
-                schema = table.schema.with_metadata({k.encode(): v.encode() for k, v in meta.items()})
-                writer = pq.ParquetWriter(tmp_truth, schema, compression="zstd")
-            writer.write_table(table.cast(writer.schema))
-            zc = Table()
-            zc["TARGETID"] = t["TARGETID"]
-            zc["SURVEY"], zc["PROGRAM"] = t["SURVEY"].astype("<U7"), t["PROGRAM"].astype("<U6")
-            zc["HEALPIX"] = np.full(rows.size, pixel, np.int32)
-            zc["TARGET_RA"], zc["TARGET_DEC"] = t["RA"], t["DEC"]
-            zc["Z"], zc["ZWARN"] = t["ZRR"], t["ZWARN"].astype(np.int64)
-            zc["SPECTYPE"] = t["SPECTYPE"].astype("<U6")
-            zc["DESI_TARGET"], zc["BGS_TARGET"] = t["DESI_TARGET"], t["BGS_TARGET"]
-            zc["ZCAT_PRIMARY"] = np.ones(rows.size, bool)
-            zc["ZCAT_NSPEC"] = np.ones(rows.size, np.int16)
-            zcat_parts.append(zc)
-            done += rows.size
-            if progress is not None:
-                progress(done, cfg.n)
-    finally:
-        if writer is not None:
-            writer.close()
-    tmp_truth.replace(out / "truth.parquet")
+    # truth.parquet appears whole or not at all (a failed run leaves no temporary behind)
+    with paths.atomic_path(out / "truth.parquet") as tmp_truth:
+        try:
+            for program, pixel, rows in parts:
+                t = generate_partition(cat, program, pixel, rows, cfg, rdata)
+                table = _truth_table(t)
+                if writer is None:
+                    meta = {"DELTA_SMOOTHING_MPC": str(web.smoothing_mpc), "TWEB_LAMBDA_TH": str(web.lambda_th),
+                            "GRID_CELL_MPC": f"{web.cell:.4f}", "SEED": str(cfg.seed), "AREA_DEG2": str(cfg.area_deg2),
+                            "ZMAX": str(cfg.zmax), "COSMOLOGY": "FlatLambdaCDM(H0=70, Om0=0.3), sigma8=0.8, ns=0.965, Ob0=0.048"}
+                    schema = table.schema.with_metadata({k.encode(): v.encode() for k, v in meta.items()})
+                    writer = pq.ParquetWriter(tmp_truth, schema, compression="zstd")
+                writer.write_table(table.cast(writer.schema))
+                zc = Table()
+                zc["TARGETID"] = t["TARGETID"]
+                zc["SURVEY"], zc["PROGRAM"] = t["SURVEY"].astype("<U7"), t["PROGRAM"].astype("<U6")
+                zc["HEALPIX"] = np.full(rows.size, pixel, np.int32)
+                zc["TARGET_RA"], zc["TARGET_DEC"] = t["RA"], t["DEC"]
+                zc["Z"], zc["ZWARN"] = t["ZRR"], t["ZWARN"].astype(np.int64)
+                zc["SPECTYPE"] = t["SPECTYPE"].astype("<U6")
+                zc["DESI_TARGET"], zc["BGS_TARGET"] = t["DESI_TARGET"], t["BGS_TARGET"]
+                zc["ZCAT_PRIMARY"] = np.ones(rows.size, bool)
+                zc["ZCAT_NSPEC"] = np.ones(rows.size, np.int16)
+                zcat_parts.append(zc)
+                done += rows.size
+                if progress is not None:
+                    progress(done, cfg.n)
+        finally:
+            if writer is not None:
+                writer.close()
     from astropy.table import vstack
 
     zcat = vstack(zcat_parts)
     desi_writer.write_zcatalog(desi_writer.zcatalog_path(out, RELEASE), zcat, header={"RELEASE": RELEASE})
-    summary = {"n": cfg.n, "seed": cfg.seed, "area_deg2": cfg.area_deg2, "zmax": cfg.zmax, "partitions": len(parts),
-               "grid_cell_mpc": web.cell, "grid_shape": list(web.shape)}
-    (out / "mock.json").write_text(json.dumps(summary, indent=1, sort_keys=True))
+    summary = {**cfg.settings(), "partitions": len(parts), "grid_cell_mpc": web.cell, "grid_shape": list(web.shape)}
+    # written last and atomically: its presence marks a finished mock (``ard demo`` reuses it)
+    paths.atomic_write_text(out / "mock.json", json.dumps(summary, indent=1, sort_keys=True))
     return summary

@@ -4,7 +4,8 @@
 -- the star-forming sequence of normal galaxies); stellar mass below 10^9.5 Msun where the
 -- physics layer has one (NULL mass kept: the selection must not depend on Bagpipes having run).
 -- On the mock survey its purity and completeness against the injected green peas are measured
--- by tests/test_case_studies.py and reported in bench/RESULTS.md.
+-- by bench/bench_case_studies.py and reported in bench/RESULTS.md (case studies); no unit test
+-- checks the selection itself (tests/test_docs.py only checks every view is documented).
 CREATE OR REPLACE VIEW green_pea_candidates AS
 SELECT TargetID, RA, DEC, Z, OIII_5007_Flux, Hbeta_Flux,
        log10(OIII_5007_Flux / Hbeta_Flux) AS log_OIII_Hbeta,
