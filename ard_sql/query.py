@@ -8,7 +8,13 @@ A researcher writes the filter the way the blueprint does::
 or as a plain SQL expression (``AND``/``OR``/``NOT``, ``BETWEEN``, ``IN``,
 ``LIKE``, ``IS NULL``, arithmetic, allowed functions). ``&``, ``|`` and ``~``
 are the logical and/or/not of pandas (with their low precedence), and ``==``
-is ``=``. Bitmask tests therefore use shifts: ``(DESI_TARGET >> 1) % 2 = 1``.
+is ``=``. As in pandas, between two integers they are bitwise: a flag test is
+``(PPXF_flag & 8) == 0``, and an integer standing alone as a condition means
+"non-zero" (``Topology_flag & 256`` selects the galaxies with that bit). An
+integer joined by ``&``/``|`` to a condition is refused with a hint, because
+the low precedence makes ``PPXF_flag & 8 == 0`` read ``PPXF_flag & (8 == 0)``.
+A string compared with an ENUM column (``Web_Class``) must be one of its
+values: ``Web_Class == 'void'`` is an error, not an empty answer.
 
 The filter is parsed with ``sqlglot`` and checked node by node: only known
 columns (``ard_sql.contract.all_columns()``), literals, operators and an
@@ -192,7 +198,76 @@ def parse_filter(text: str) -> exp.Expression:
     columns = known_columns()
     for node in tree.walk():
         _check_node(node, sql, columns)
+    types = {c.name.lower(): c.type for c in contract.all_columns()}
+    _check_enum_literals(tree, types)
+    tree = tree.transform(lambda node: _bitwise_between_integers(node, types))
+    if _kind(tree, types) == "int":  # an integer as the whole condition: non-zero, as pandas reads it
+        tree = exp.NEQ(this=exp.paren(tree, copy=False), expression=exp.Literal.number(0))
     return tree
+
+
+_INTEGER_TYPES = {"TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT"}
+_INTEGER_OPS = (exp.BitwiseAnd, exp.BitwiseOr, exp.BitwiseXor, exp.BitwiseLeftShift, exp.BitwiseRightShift,
+                exp.BitwiseNot, exp.Add, exp.Sub, exp.Mul, exp.Mod, exp.IntDiv)
+#: Values of the ENUM types a filter may compare with strings.
+_ENUM_VALUES: dict[str, list[str]] = {"WEB_CLASS": contract.WEB_CLASSES}
+
+
+def _kind(node: exp.Expression, types: dict[str, str]) -> str:
+    """'bool', 'int' or 'other': what a filter sub-expression yields, as far as it can be told."""
+    while isinstance(node, exp.Paren):
+        node = node.this
+    if isinstance(node, (exp.Predicate, exp.Connector, exp.Not, exp.Boolean)):
+        return "bool"
+    if isinstance(node, exp.Column):
+        t = types.get(str(node.name).lower(), "")
+        return "int" if t in _INTEGER_TYPES else "other"
+    if isinstance(node, exp.Literal) and not node.is_string:
+        return "int" if node.is_int else "other"
+    if isinstance(node, exp.Neg):
+        return _kind(node.this, types)
+    if isinstance(node, _INTEGER_OPS):
+        parts = [a for a in (node.this, node.args.get("expression")) if a is not None]
+        return "int" if all(_kind(a, types) == "int" for a in parts) else "other"
+    return "other"
+
+
+def _bitwise_between_integers(node: exp.Expression, types: dict[str, str]) -> exp.Expression:
+    """``&`` / ``|`` / ``~`` (read as AND / OR / NOT) between integers become bitwise, as in pandas."""
+    if isinstance(node, (exp.And, exp.Or)):
+        kinds = (_kind(node.this, types), _kind(node.expression, types))
+        if kinds == ("int", "int"):
+            op = exp.BitwiseAnd if isinstance(node, exp.And) else exp.BitwiseOr
+            return op(this=node.this, expression=node.expression)
+        if "int" in kinds:
+            word = "&" if isinstance(node, exp.And) else "|"
+            raise QueryError(
+                f"'{word}' joins an integer and a condition in {node.sql(dialect='duckdb')!r}: in a filter '&' and '|' "
+                "bind more loosely than comparisons (as in pandas' query), so 'PPXF_flag & 8 == 0' reads "
+                "'PPXF_flag & (8 == 0)'. Put the bit test in parentheses, '(PPXF_flag & 8) == 0', or write "
+                "'(Topology_flag & 256) != 0' for a set bit.")
+    if isinstance(node, exp.Not) and _kind(node.this, types) == "int":
+        return exp.BitwiseNot(this=node.this)
+    return node
+
+
+def _check_enum_literals(tree: exp.Expression, types: dict[str, str]) -> None:
+    """A string compared with an ENUM column must be one of its values (else DuckDB answers nothing)."""
+    for node in tree.walk():
+        if not isinstance(node, (exp.EQ, exp.NEQ, exp.In)):
+            continue
+        col = node.this if isinstance(node.this, exp.Column) else None
+        if col is None:
+            continue
+        allowed = _ENUM_VALUES.get(types.get(str(col.name).lower(), ""))
+        if allowed is None:
+            continue
+        values = node.expressions if isinstance(node, exp.In) else [node.expression]
+        for v in values:
+            if isinstance(v, exp.Literal) and v.is_string and v.this not in allowed:
+                hint = difflib.get_close_matches(v.this.capitalize(), allowed, n=1)
+                did = f"; did you mean {hint[0]!r}?" if hint else ""
+                raise QueryError(f"{col.name} is one of {', '.join(repr(a) for a in allowed)}, not {v.this!r}{did}")
 
 
 def _literal_number(node: exp.Expression) -> float:

@@ -142,3 +142,36 @@ def test_region_macros_follow_the_ard_view_not_the_files(toy, monkeypatch):
         got = db.sql("SELECT count(*) FROM cone_search(150.0, 2.0, 6.0)").fetchall()
         assert got == db.sql("SELECT count(*) FROM ard WHERE cone(RA, DEC, 150.0, 2.0, 6.0)").fetchall()
     assert plan.count("READ_PARQUET") == 1, plan  # the wide table alone, no join of the layers
+
+
+def test_ampersand_between_integers_is_bitwise_as_in_pandas():
+    assert filter_to_sql("(PPXF_flag & 8) == 0") == "(PPXF_flag & 8) = 0"
+    assert filter_to_sql("Topology_flag & 256") == "(Topology_flag & 256) <> 0"
+    assert filter_to_sql("(Lick_flag | 2) == 3 & Z < 0.2") == "(Lick_flag | 2) = 3 AND Z < 0.2"
+    assert filter_to_sql("Z < 0.2 & ~(SNR_Median < 5)") == "Z < 0.2 AND NOT (SNR_Median < 5)"
+
+
+@pytest.mark.parametrize(
+    "bad, words",
+    [
+        ("PPXF_flag & 8 == 0", ["joins an integer and a condition", "(PPXF_flag & 8) == 0"]),
+        ("Web_Class == 'void'", ["Web_Class is one of", "did you mean 'Void'"]),
+        ("Web_Class in ('Void', 'Filaments')", ["not 'Filaments'"]),
+    ],
+)
+def test_silent_wrong_answers_are_errors(bad, words):
+    with pytest.raises(QueryError) as err:
+        filter_to_sql(bad)
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_flag_tests_match_sql(toy):
+    _, con, _ = toy
+    # targeting bits and ZWARN (the synthetic catalogue's layer flags are all 0)
+    for flt, where in (("(DESI_TARGET & 1) == 0", "(DESI_TARGET & 1) = 0"),
+                       ("ZWARN & 4", "(ZWARN & 4) <> 0")):
+        got = run_query(con, flt, ["TargetID"])
+        want = con.sql(f"SELECT TargetID FROM ard WHERE {where}").df()
+        assert sorted(got.TargetID) == sorted(want.TargetID), flt
+        assert 0 < len(got) < con.sql("SELECT count(*) FROM ard").fetchall()[0][0]

@@ -74,7 +74,7 @@ def _sparse_fraction(db) -> float:
     from ard_sql.build.layers.topology import FLAGS
 
     n_sparse, n_gal = db.sql(f"SELECT count(*) FILTER (WHERE Topology_flag & {FLAGS['SPARSE']} <> 0), count(*) "
-                             "FROM ard WHERE SPECTYPE = 'GALAXY'").fetchone()
+                             "FROM ard WHERE SPECTYPE = 'GALAXY'").fetchall()[0]
     return n_sparse / max(n_gal, 1)
 
 
