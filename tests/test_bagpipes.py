@@ -677,3 +677,36 @@ def test_ard_meta_says_when_the_estimator_was_loaded_from_cache(small_estimator,
     trained = {k: v for k, v in info.items() if k != "loaded_from_cache"}
     assert layer.training_summary({**trained, "simulate_seconds": 202.8}).startswith("trained by this build")
     assert "simulations loaded from cache" in layer.training_summary({**trained, "simulations_cached": True})
+
+
+def test_posteriors_stay_inside_the_physical_support(small_estimator) -> None:
+    """The model-error term widens Gaussians past 0 for Age / Dust_Av and past the Tau / Metallicity priors.
+
+    The percentiles are those of the posterior truncated to the support (not clipped): they equal a
+    truncated normal's, and none lies outside (a user walkthrough found Age_p50 < 0 and Tau 0.08).
+    """
+    import torch
+    from scipy.stats import truncnorm
+
+    from ard_sql.build.layers import bagpipes as layer
+    from ard_sql.science import amortized as am
+
+    cal = layer.model_error_set(shared_cache(), 1)
+    q = small_estimator.percentiles_binned(cal["flux"][:300], cal["ivar"][:300], cal["z"][:300])
+    sup = am.physical_support(cal["z"][:300])
+    for name in ("Age", "Dust_Av", "Tau", "Metallicity"):
+        j = am.QUANTITIES.index(name)
+        lo, hi = sup[:, j, 0], sup[:, j, 1]
+        if name in ("Tau", "Metallicity"):
+            lo, hi = 10**lo, 10**hi
+        assert np.all(q[:, j, 0] >= lo - 1e-6) and np.all(q[:, j, 2] <= hi + 1e-6), name
+        assert np.all(np.diff(q[:, j], axis=1) >= 0), name
+    # one Gaussian near Age = 0: the quantiles are the truncated normal's
+    Q = len(am.QUANTITIES)
+    logw, mu, sd = torch.zeros(1, Q, 1), torch.full((1, Q, 1), 0.2), torch.full((1, Q, 1), 0.5)
+    s = torch.from_numpy(am.physical_support(np.array([0.1])).astype(np.float32))
+    f = am.mixture_cdf(logw, mu, sd, s)
+    got = am.mixture_quantiles(logw, mu, sd, f[..., :1] + torch.tensor((0.16, 0.5, 0.84)) * (f[..., 1:] - f[..., :1]))
+    j = am.QUANTITIES.index("Age")
+    want = truncnorm.ppf([0.16, 0.5, 0.84], -0.4, (float(s[0, j, 1]) - 0.2) / 0.5, 0.2, 0.5)
+    assert np.allclose(got[0, j].numpy(), want, atol=1e-5)

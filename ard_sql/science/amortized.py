@@ -273,8 +273,34 @@ class MarginalMDN(nn.Module):
         return -torch.logsumexp(logp, dim=-1).sum(dim=1).mean()
 
 
+def mixture_cdf(logw: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """CDF of 1-D Gaussian mixtures (n, n_out, k) at ``x`` (n, n_out, m) -> (n, n_out, m); +-inf allowed."""
+    w = logw.exp()[..., None, :]
+    z = (x[..., None] - mu[..., None, :]) / (sigma[..., None, :] * math.sqrt(2))
+    return (w * (0.5 + 0.5 * torch.erf(z))).sum(-1)
+
+
+def physical_support(z: np.ndarray) -> np.ndarray:
+    """(n, 8, 2) bounds of each reported quantity in target space (-inf / inf where open).
+
+    The model-error term widens the network's Gaussians, which then reach values no galaxy can
+    have (a negative age or A_V, Tau or Metallicity outside their priors); the posterior is
+    conditioned on this support (truncated, not clipped) before its quantiles are read.
+    """
+    n = len(z)
+    out = np.empty((n, len(QUANTITIES), 2))
+    out[..., 0], out[..., 1] = -np.inf, np.inf
+    prior = {p.name: p for p in pm.PRIORS}
+    out[:, QUANTITIES.index("Age"), 0] = 0.0
+    out[:, QUANTITIES.index("Age"), 1] = pm.age_of_universe(np.asarray(z, float))
+    out[:, QUANTITIES.index("Dust_Av")] = (prior["Av"].low, prior["Av"].high)
+    for q, name in (("Tau", "tau"), ("Metallicity", "metallicity")):
+        out[:, QUANTITIES.index(q)] = (np.log10(prior[name].low), np.log10(prior[name].high))
+    return out
+
+
 def mixture_quantiles(logw: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor,
-                      probs: tuple[float, ...], iters: int = 30) -> torch.Tensor:
+                      probs: tuple[float, ...] | torch.Tensor, iters: int = 30) -> torch.Tensor:
     """Quantiles of 1-D Gaussian mixtures by vectorised bisection -> (n, n_out, len(probs)).
 
     Every quantile is bisected at once; 30 halvings of a bracket of ~12 sigma
@@ -282,9 +308,10 @@ def mixture_quantiles(logw: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor,
     """
     w = logw.exp()[..., None, :]                      # (n, q, 1, k)
     m, s = mu[..., None, :], sigma[..., None, :] * math.sqrt(2)
-    p = torch.tensor(probs, dtype=mu.dtype)           # (P,)
-    a = (mu - 6 * sigma).min(dim=-1).values[..., None].expand(*mu.shape[:-1], len(probs)).clone()
-    b = (mu + 6 * sigma).max(dim=-1).values[..., None].expand(*mu.shape[:-1], len(probs)).clone()
+    # (P,), or per row and quantity (n, q, P): the probabilities of a truncated posterior
+    p = probs.to(mu.dtype) if isinstance(probs, torch.Tensor) else torch.tensor(probs, dtype=mu.dtype)
+    a = (mu - 6 * sigma).min(dim=-1).values[..., None].expand(*mu.shape[:-1], p.shape[-1]).clone()
+    b = (mu + 6 * sigma).max(dim=-1).values[..., None].expand(*mu.shape[:-1], p.shape[-1]).clone()
     for _ in range(iters):
         mid = 0.5 * (a + b)
         cdf = (w * (0.5 + 0.5 * torch.erf((mid[..., None] - m) / s))).sum(-1)
@@ -476,8 +503,15 @@ class AmortizedEstimator:
         logw, mu, sigma, scal = self._mixtures(flux, ivar, z, model_error)
         with torch.no_grad():
             ym, ys = torch.from_numpy(np.asarray(self.y_mean, np.float32)), torch.from_numpy(np.asarray(self.y_std, np.float32))
-            q = mixture_quantiles(logw, mu * ys[None, :, None] + ym[None, :, None], sigma * ys[None, :, None],
-                                  tuple(probs))
+            mu_t, sd_t = mu * ys[None, :, None] + ym[None, :, None], sigma * ys[None, :, None]
+            # condition on the physical support: p -> F(lo) + p (F(hi) - F(lo)) (no bounded quantity is anchored)
+            support = torch.from_numpy(physical_support(np.asarray(z, float)).astype(np.float32))
+            f = mixture_cdf(logw, mu_t, sd_t, support)
+            mass = (f[..., 1:2] - f[..., 0:1]).clamp_min(1e-6)
+            p = f[..., 0:1] + torch.tensor(tuple(probs), dtype=mu_t.dtype) * mass
+            q = mixture_quantiles(logw, mu_t, sd_t, p)
+            lo, hi = support[..., 0:1], support[..., 1:2]
+            q = torch.minimum(torch.maximum(q, lo), hi)  # a posterior (almost) wholly outside: its edge
         q = q.numpy().astype(np.float64)
         q[:, _anchor_columns(), :] += scal[:, 3].astype(np.float64)[:, None, None]
         for j, name in enumerate(QUANTITIES):
