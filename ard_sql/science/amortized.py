@@ -73,6 +73,9 @@ FEATURE_VERSION = 4
 #: Layout of the estimator file (:meth:`AmortizedEstimator.save`); part of the cache key, so files of
 #: another layout are never picked from a cache. 2: arrays as tensors, loadable with weights_only=True.
 FILE_FORMAT = 2
+#: How posteriors are read from the network (part of the cache key: the model error is fitted on them).
+#: 2: truncated to the physical support (:func:`physical_support`), the model error bisected on that.
+POSTERIOR_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -472,6 +475,11 @@ class AmortizedEstimator:
         y = self._targets(truth_in_target_space(truth, n), scal)
         tail = (1 - level) / 2
         out = np.zeros(len(QUANTITIES))
+        # the reported intervals are those of the posterior truncated to the physical support
+        # (quantiles_binned), so the coverage is bisected on the same truncated intervals
+        support = torch.from_numpy(physical_support(np.asarray(z, float)).astype(np.float32))
+        support = (support - torch.as_tensor(self.y_mean, dtype=torch.float32)[None, :, None]) \
+            / torch.as_tensor(self.y_std, dtype=torch.float32)[None, :, None]  # bounded quantities are not anchored
         for j in range(len(QUANTITIES)):
             ok = torch.isfinite(y[:, j])
             if int(ok.sum()) < 20:
@@ -479,16 +487,29 @@ class AmortizedEstimator:
 
             def coverage_with(extra: float) -> float:
                 s = torch.sqrt(sigma[ok, j:j + 1] ** 2 + extra**2)
-                q = mixture_quantiles(logw[ok, j:j + 1], mu[ok, j:j + 1], s, (tail, 1 - tail))[:, 0]
+                lw, m = logw[ok, j:j + 1], mu[ok, j:j + 1]
+                f = mixture_cdf(lw, m, s, support[ok, j:j + 1])
+                p = f[..., :1] + torch.tensor((tail, 1 - tail), dtype=m.dtype) * (f[..., 1:] - f[..., :1]).clamp_min(1e-6)
+                q = mixture_quantiles(lw, m, s, p)[:, 0]
                 return float(((y[ok, j] >= q[:, 0]) & (y[ok, j] <= q[:, 1])).float().mean())
 
             if coverage_with(0.0) >= level:
                 continue
-            lo, hi = 0.0, 4.0  # standardised units: 4 target sds is more than any prior width
-            for _ in range(iters):
+            # Truncated to a bounded support, coverage need not grow with the added width (widening
+            # near a bound also moves the interval): scan a grid (standardised units; 4 target sds is
+            # more than any prior width), take the first width that reaches the level, else the best,
+            # then refine by bisection inside the grid step where it was first reached.
+            grid = np.concatenate([[0.0], np.geomspace(0.01, 4.0, 40)])
+            cov = np.array([coverage_with(float(g)) for g in grid])
+            reached = np.flatnonzero(cov >= level)
+            if reached.size == 0:
+                out[j] = float(grid[int(np.argmax(cov))]) * float(self.y_std[j])
+                continue
+            lo, hi = float(grid[reached[0] - 1]), float(grid[reached[0]])
+            for _ in range(min(iters, 12)):
                 mid = 0.5 * (lo + hi)
                 lo, hi = (mid, hi) if coverage_with(mid) < level else (lo, mid)
-            out[j] = 0.5 * (lo + hi) * float(self.y_std[j])
+            out[j] = hi * float(self.y_std[j])
         self.model_error = out
         return out
 
@@ -590,7 +611,7 @@ def config_fingerprint(config: AmortizedConfig) -> str:
     """A short string identifying the training configuration (cache key for checkpoints)."""
     import hashlib
 
-    blob = json.dumps({"features": FEATURE_VERSION, "file_format": FILE_FORMAT,
+    blob = json.dumps({"features": FEATURE_VERSION, "file_format": FILE_FORMAT, "posterior": POSTERIOR_VERSION,
                        "config": asdict(config), "priors": [asdict(p) for p in pm.PRIORS],
                        "calib": [pm.CALIB_MU, pm.CALIB_SIGMA, pm.CALIB_BOUND], "bin": pm.FIT_BIN,
                        "z": [Z_MIN, Z_MAX], "snr": [SNR_MIN, SNR_MAX]}, sort_keys=True)
