@@ -134,7 +134,9 @@ def plot_quenching_diagram(*, db: Any = None, where: str | None = None, out: str
     """Dn4000 against HdeltaA for the galaxies (optionally filtered with ``db.query`` syntax)."""
     plt = _pyplot()
     with _db(db) as con:
-        df = con.query(where, ["TargetID", "Dn4000", "Hdelta_A", "SNR_Median"]).dropna()
+        galaxies = "SPECTYPE == 'GALAXY'"  # stars and QSOs have Lick indices too, but no place on this diagram
+        df = con.query(galaxies if where is None else f"{galaxies} & ({where})",
+                       ["TargetID", "Dn4000", "Hdelta_A", "SNR_Median"]).dropna()
     fig, ax = plt.subplots(figsize=(6, 5))
     sc = ax.scatter(df.Dn4000, df.Hdelta_A, c=np.log10(df.SNR_Median.clip(lower=0.1)), s=4, cmap="viridis")
     fig.colorbar(sc, label="log10 S/N")
