@@ -38,3 +38,17 @@ def test_every_view_macro_and_function_is_documented(core_ard):
     assert "spectrum" in udfs
     missing = [n for n in views + macros + udfs if not _documented(n)]
     assert not missing, f"not in docs/reference.md: {missing}"
+
+
+def test_every_flag_bit_is_documented_with_its_value():
+    """docs/reference.md's "Flag bits" tables name every bit of every layer's flag column, at its value."""
+    from ard_sql.build.layers import topology
+    from ard_sql.science import kinematics, lick, pipes_fit
+
+    text = (Path(__file__).parents[1] / "docs" / "reference.md").read_text()
+    section = text.split("## Flag bits", 1)[1].split("\n## ", 1)[0]
+    for name, bit in [*kinematics.FLAGS.items(), *pipes_fit.FLAGS.items(), *topology.FLAGS.items()]:
+        if not name.startswith("LINE_"):
+            assert f"| {bit} | `{name}` |" in section, (name, bit)
+    assert "`LINE_<line>`" in section and all(f"<index>_{r}" in section for r in lick._REASONS)
+    assert all(kinematics.FLAGS[f"LINE_{nm}"] == 1 << (16 + j) for j, nm in enumerate(kinematics.LINE_NAMES))

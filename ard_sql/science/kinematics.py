@@ -53,7 +53,7 @@ FLAGS: dict[str, int] = {
     "NO_FORBIDDEN_GAS": 1 << 6,   # the same for the forbidden-line component
     "NO_GAS_AV": 1 << 7,          # Halpha or Hbeta missing or S/N < 3: Gas_Av NULL
     "NOT_CONVERGED": 1 << 8,      # fast mode only: the kinematics did not converge: every fitted value NULL (kinematics, fluxes, chi2, Gas_Av, models)
-        "STARS_UNCONSTRAINED": 1 << 9,  # stellar V at its +-v_bound, or a zero / non-finite stellar error: VelDisp, V_star NULL
+    "STARS_UNCONSTRAINED": 1 << 9,  # stellar V at its +-v_bound, or a zero / non-finite stellar error: VelDisp, V_star NULL
     **{f"LINE_{name}": 1 << (16 + i) for i, name in enumerate(LINE_NAMES)},  # line outside coverage / masked: flux NULL
 }
 
