@@ -470,15 +470,26 @@ def _to_astropy(table: pa.Table) -> Any:
     import numpy as np
     from astropy.table import Table
 
+    from astropy.table import MaskedColumn
+
     cols = {}
     for name, col in zip(table.column_names, table.columns):
+        col = col.combine_chunks()
+        null = col.is_null().to_numpy(zero_copy_only=False)
         if pa.types.is_fixed_size_list(col.type):
-            flat = col.combine_chunks().flatten().to_numpy(zero_copy_only=False)
-            cols[name] = flat.reshape(len(col), col.type.list_size)
+            # a NULL vector has no child values: fill its row so the (n, N) array keeps its shape
+            filled = col.fill_null(pa.scalar([np.nan] * col.type.list_size, col.type)) if null.any() else col
+            data = filled.flatten().to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
+            mask = np.repeat(null[:, None], col.type.list_size, axis=1)
         elif pa.types.is_list(col.type) or pa.types.is_dictionary(col.type) or pa.types.is_string(col.type):
-            cols[name] = np.asarray(col.to_pylist(), dtype=object)
+            data, mask = np.asarray(col.to_pylist(), dtype=object), null
+        elif null.any() and (pa.types.is_integer(col.type) or pa.types.is_floating(col.type) or pa.types.is_boolean(col.type)):
+            # NULL stays masked (not NaN), and integers stay integers, as astropy users expect
+            data, mask = col.fill_null(pa.scalar(0, col.type) if not pa.types.is_boolean(col.type) else False).to_numpy(
+                zero_copy_only=False), null
         else:
-            cols[name] = col.to_numpy(zero_copy_only=False)
+            data, mask = col.to_numpy(zero_copy_only=False), null
+        cols[name] = MaskedColumn(data, mask=mask) if mask.any() else data
     out = Table(cols, names=table.column_names)
     units = {c.name.lower(): c.unit for c in contract.all_columns()}
     for name in out.colnames:

@@ -175,3 +175,17 @@ def test_flag_tests_match_sql(toy):
         want = con.sql(f"SELECT TargetID FROM ard WHERE {where}").df()
         assert sorted(got.TargetID) == sorted(want.TargetID), flt
         assert 0 < len(got) < con.sql("SELECT count(*) FROM ard").fetchall()[0][0]
+
+
+def test_astropy_output_masks_nulls_and_keeps_integers():
+    """NULL is a masked entry, not NaN, and nullable integers stay integers (the catalogue's NULLs)."""
+    from ard_sql.query import _to_astropy
+
+    vec = pa.array([[1.0, 2.0], None, [3.0, 4.0]], pa.list_(pa.float32(), 2))
+    t = pa.table({"TargetID": pa.array([1, 2, 3], pa.int64()), "Dn4000": pa.array([1.2, None, 1.5]),
+                  "ZWARN": pa.array([0, None, 4], pa.int32()), "emb_astro": vec})
+    tab = _to_astropy(t)
+    assert list(tab["Dn4000"].mask) == [False, True, False] and tab["Dn4000"][0] == 1.2
+    assert tab["ZWARN"].dtype.kind == "i" and list(tab["ZWARN"].mask) == [False, True, False]
+    assert tab["emb_astro"].shape == (3, 2) and tab["emb_astro"].mask[1].all() and not tab["emb_astro"].mask[0].any()
+    assert tab["TargetID"].dtype.kind == "i" and not hasattr(tab["TargetID"], "mask")
