@@ -448,3 +448,19 @@ def test_peak_memory_is_bounded_by_the_partition_not_by_n(tmp_path):
     large = _peak_rss_mb(tmp_path / "large", 16000, 160.0)
     print(f"peak RSS: N=4000 {small:.0f} MB, N=16000 {large:.0f} MB")
     assert large < 1.3 * small, (small, large)
+
+
+def test_resolution_rows_sum_to_one_up_to_the_arm_edges():
+    """A flat spectrum stays flat through the mock's resolution matrix, its first and last pixels included.
+
+    The kernel's part beyond the arm used to be dropped: the edge pixels of every arm read 20-45 %
+    low and left single-pixel dips where the ingest combines the arms.
+    """
+    from ard_sql import grid
+
+    wave = grid.brz_wavelength()
+    for arm, (lo, hi) in grid.ARMS.items():
+        w = wave[(wave >= lo) & (wave <= hi)]
+        data = spectra.resolution_diagonals(w, spectra.arm_resolving_power(arm, w))
+        out = spectra.apply_resolution(np.ones((1, w.size), np.float32), data)[0]
+        assert np.allclose(out, 1.0, atol=1e-5), (arm, out[:3], out[-3:])
