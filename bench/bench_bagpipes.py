@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy.stats import median_abs_deviation
 
 from ard_sql import grid
 from ard_sql.build.layers import bagpipes as layer
@@ -142,7 +143,7 @@ def _truth_stats(df: pd.DataFrame) -> dict[str, object]:
         d = np.log10(mid) - np.log10(tv) if q in ("SFR", "Metallicity", "Tau") else mid - tv
         bias = float(np.median(d))
         out[q] = {"coverage68": round(cov, 3), "median_abs_d": round(float(np.median(np.abs(d))), 3),
-                  "median_d": round(bias, 3), "scatter": round(float(1.4826 * np.median(np.abs(d - bias))), 3)}
+                  "median_d": round(bias, 3), "scatter": round(float(median_abs_deviation(d, scale="normal")), 3)}
     return out
 
 

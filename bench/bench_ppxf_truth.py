@@ -58,8 +58,9 @@ def _robust(x: np.ndarray) -> tuple[float, float]:
     """Median and 1.4826 x median absolute deviation."""
     if x.size == 0:
         return float("nan"), float("nan")
-    m = float(np.median(x))
-    return m, float(1.4826 * np.median(np.abs(x - m)))
+    from scipy.stats import median_abs_deviation
+
+    return float(np.median(x)), float(median_abs_deviation(x, scale="normal"))
 
 
 def compare(value: np.ndarray, err: np.ndarray, truth: np.ndarray, kind: str) -> dict[str, float]:

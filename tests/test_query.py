@@ -53,6 +53,10 @@ def test_blueprint_filter_translates_with_pandas_precedence():
         ("t.Z > 1", ["qualified column"]),
         ("Z > (1", ["cannot parse"]),
         ("", ["empty"]),
+        # answers that would otherwise be silently wrong
+        ("PPXF_flag & 8 == 0", ["joins an integer and a condition", "(PPXF_flag & 8) == 0"]),
+        ("Web_Class == 'void'", ["Web_Class is one of", "did you mean 'Void'"]),
+        ("Web_Class in ('Void', 'Filaments')", ["not 'Filaments'"]),
     ],
 )
 def test_rejections_say_what_and_where(bad, words):
@@ -149,21 +153,6 @@ def test_ampersand_between_integers_is_bitwise_as_in_pandas():
     assert filter_to_sql("Topology_flag & 256") == "(Topology_flag & 256) <> 0"
     assert filter_to_sql("(Lick_flag | 2) == 3 & Z < 0.2") == "(Lick_flag | 2) = 3 AND Z < 0.2"
     assert filter_to_sql("Z < 0.2 & ~(SNR_Median < 5)") == "Z < 0.2 AND NOT (SNR_Median < 5)"
-
-
-@pytest.mark.parametrize(
-    "bad, words",
-    [
-        ("PPXF_flag & 8 == 0", ["joins an integer and a condition", "(PPXF_flag & 8) == 0"]),
-        ("Web_Class == 'void'", ["Web_Class is one of", "did you mean 'Void'"]),
-        ("Web_Class in ('Void', 'Filaments')", ["not 'Filaments'"]),
-    ],
-)
-def test_silent_wrong_answers_are_errors(bad, words):
-    with pytest.raises(QueryError) as err:
-        filter_to_sql(bad)
-    for w in words:
-        assert w in str(err.value)
 
 
 def test_flag_tests_match_sql(toy):

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from scipy.stats import spearmanr
+from scipy.stats import median_abs_deviation, spearmanr
 
 from ard_sql.build.layers import topology
 from ard_sql.build.mock.field import observed_redshift
@@ -115,7 +115,7 @@ def test_sigma5_and_knn_follow_the_true_density(check_catalog, observed) -> None
         slope, icpt = np.polyfit(x, y, 1)
         resid = y - (slope * x + icpt)
         print(f"{name}: Spearman vs DELTA {rho[name]:.3f}, slope {slope:.2f}, "
-              f"scatter {1.4826 * np.median(np.abs(resid - np.median(resid))):.3f} dex, n {ok.sum()}")
+              f"scatter {median_abs_deviation(resid, scale='normal'):.3f} dex, n {ok.sum()}")
     assert rho["Sigma_5"] > 0.7 and rho["Sigma_10"] > 0.7 and rho["kNN"] > 0.75
 
 

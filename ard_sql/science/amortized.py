@@ -302,6 +302,14 @@ def physical_support(z: np.ndarray) -> np.ndarray:
     return out
 
 
+def truncated_quantiles(logw: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, support: torch.Tensor,
+                        probs: tuple[float, ...]) -> torch.Tensor:
+    """Quantiles of the mixtures conditioned on ``support`` (n, n_out, 2): p -> F(lo) + p (F(hi) - F(lo))."""
+    f = mixture_cdf(logw, mu, sigma, support)
+    mass = (f[..., 1:2] - f[..., 0:1]).clamp_min(1e-6)
+    return mixture_quantiles(logw, mu, sigma, f[..., 0:1] + torch.tensor(tuple(probs), dtype=mu.dtype) * mass)
+
+
 def mixture_quantiles(logw: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor,
                       probs: tuple[float, ...] | torch.Tensor, iters: int = 30) -> torch.Tensor:
     """Quantiles of 1-D Gaussian mixtures by vectorised bisection -> (n, n_out, len(probs)).
@@ -309,16 +317,13 @@ def mixture_quantiles(logw: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor,
     Every quantile is bisected at once; 30 halvings of a bracket of ~12 sigma
     leave an error below 1e-8 sigma.
     """
-    w = logw.exp()[..., None, :]                      # (n, q, 1, k)
-    m, s = mu[..., None, :], sigma[..., None, :] * math.sqrt(2)
     # (P,), or per row and quantity (n, q, P): the probabilities of a truncated posterior
     p = probs.to(mu.dtype) if isinstance(probs, torch.Tensor) else torch.tensor(probs, dtype=mu.dtype)
     a = (mu - 6 * sigma).min(dim=-1).values[..., None].expand(*mu.shape[:-1], p.shape[-1]).clone()
     b = (mu + 6 * sigma).max(dim=-1).values[..., None].expand(*mu.shape[:-1], p.shape[-1]).clone()
     for _ in range(iters):
         mid = 0.5 * (a + b)
-        cdf = (w * (0.5 + 0.5 * torch.erf((mid[..., None] - m) / s))).sum(-1)
-        below = cdf < p
+        below = mixture_cdf(logw, mu, sigma, mid) < p
         a = torch.where(below, mid, a)
         b = torch.where(below, b, mid)
     return 0.5 * (a + b)
@@ -487,10 +492,8 @@ class AmortizedEstimator:
 
             def coverage_with(extra: float) -> float:
                 s = torch.sqrt(sigma[ok, j:j + 1] ** 2 + extra**2)
-                lw, m = logw[ok, j:j + 1], mu[ok, j:j + 1]
-                f = mixture_cdf(lw, m, s, support[ok, j:j + 1])
-                p = f[..., :1] + torch.tensor((tail, 1 - tail), dtype=m.dtype) * (f[..., 1:] - f[..., :1]).clamp_min(1e-6)
-                q = mixture_quantiles(lw, m, s, p)[:, 0]
+                q = truncated_quantiles(logw[ok, j:j + 1], mu[ok, j:j + 1], s, support[ok, j:j + 1],
+                                        (tail, 1 - tail))[:, 0]
                 return float(((y[ok, j] >= q[:, 0]) & (y[ok, j] <= q[:, 1])).float().mean())
 
             if coverage_with(0.0) >= level:
@@ -525,12 +528,9 @@ class AmortizedEstimator:
         with torch.no_grad():
             ym, ys = torch.from_numpy(np.asarray(self.y_mean, np.float32)), torch.from_numpy(np.asarray(self.y_std, np.float32))
             mu_t, sd_t = mu * ys[None, :, None] + ym[None, :, None], sigma * ys[None, :, None]
-            # condition on the physical support: p -> F(lo) + p (F(hi) - F(lo)) (no bounded quantity is anchored)
+            # conditioned on the physical support (no bounded quantity is anchored)
             support = torch.from_numpy(physical_support(np.asarray(z, float)).astype(np.float32))
-            f = mixture_cdf(logw, mu_t, sd_t, support)
-            mass = (f[..., 1:2] - f[..., 0:1]).clamp_min(1e-6)
-            p = f[..., 0:1] + torch.tensor(tuple(probs), dtype=mu_t.dtype) * mass
-            q = mixture_quantiles(logw, mu_t, sd_t, p)
+            q = truncated_quantiles(logw, mu_t, sd_t, support, tuple(probs))
             lo, hi = support[..., 0:1], support[..., 1:2]
             q = torch.minimum(torch.maximum(q, lo), hi)  # a posterior (almost) wholly outside: its edge
         q = q.numpy().astype(np.float64)

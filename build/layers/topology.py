@@ -268,7 +268,8 @@ def compute(
         table = positions.distance_table(cosmology, z_max=max(6.0, float(np.ceil(zg.max()))))
         xyz = positions.cartesian(rg, dg, zg, cosmology)
         foot = density.Footprint.from_positions(rg, dg)
-        selection = density.SurveySelection.from_tracers(foot, np.linalg.norm(xyz, axis=1), settings["radial_smoothing"])
+        distance = np.linalg.norm(xyz, axis=1)
+        selection = density.SurveySelection.from_tracers(foot, distance, settings["radial_smoothing"])
         timings["positions_footprint_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         dm = table.transverse_distance(zg)
@@ -284,7 +285,7 @@ def compute(
         result = cosmicweb.survey_web(xyz, xyz, options=web, selection=selection)
         # expected tracers in the smoothing kernel at each galaxy's distance: below the threshold the
         # T-web classifies shot noise (see MIN_KERNEL_TRACERS)
-        kernel_tracers = selection.radial(np.linalg.norm(xyz, axis=1)) * (2 * np.pi) ** 1.5 * web.smoothing**3
+        kernel_tracers = selection.radial(distance) * (2 * np.pi) ** 1.5 * web.smoothing**3
         sparse = kernel_tracers < float(mine.get("min_kernel_tracers", MIN_KERNEL_TRACERS))
         web_code[galaxy] = np.where(sparse, cosmicweb.MASKED_CODE, result.codes)
         timings["web_class_skeleton_s"] = time.perf_counter() - t0
