@@ -21,6 +21,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # click's plain help: rich's option table cut long option names and words at 80 columns
+    rich_markup_mode=None,
 )
 
 #: Command modules, in the order `ard --help` lists them.

@@ -41,10 +41,21 @@ def cli_ard(tmp_path_factory):
 
 
 def test_help_of_every_command():
-    for cmd in ([], ["build"], ["info"], ["sql"], ["mock"]):
-        res = ard(*cmd, "--help")
+    """Every command's --help fits an 80-column terminal without cutting a name or a sentence."""
+    import typer.main
+
+    group = typer.main.get_command(app)
+    commands = [[]] + [[name] for name in group.commands]
+    commands += [["daemon", name] for name in group.commands["daemon"].commands]
+    assert len(commands) >= 12
+    for cmd in commands:
+        res = runner.invoke(app, [*cmd, "--help"], catch_exceptions=False, terminal_width=80, env={"COLUMNS": "80"})
         assert res.exit_code == 0, res.output
         assert "Usage" in res.output
+        assert "…" not in res.output, (cmd, res.output)  # rich cuts names and words
+        listed = res.output.partition("Commands:")[2].splitlines()
+        assert not any(line.rstrip().endswith("...") for line in listed), (cmd, res.output)  # click cuts short help
+        assert max(len(line) for line in res.output.splitlines()) <= 80, (cmd, res.output)
     assert "--keep-going" in ard("build", "--help").output and "--scheduler" in ard("build", "--help").output
     assert "--format" in ard("sql", "--help").output
 

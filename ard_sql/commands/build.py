@@ -84,4 +84,4 @@ def build(
 
 def register(app: typer.Typer) -> None:
     """Add ``ard build`` to the app."""
-    app.command("build")(build)
+    app.command("build", short_help="Build or update an ARD from DESI files or a mock.")(build)

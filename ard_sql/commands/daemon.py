@@ -54,7 +54,7 @@ PRIORITY_CLASSES = ("BGS", "LRG")
 STATUS_FILE, LOCK_FILE = "daemon.json", "daemon.lock"
 DEFAULT_FITTER = "ard_sql.science.pipes_fit:fit_galaxy"
 
-daemon_app = typer.Typer(help="Background work on a built ARD (Bagpipes fits).", no_args_is_help=True)
+daemon_app = typer.Typer(help="Background work on a built ARD (Bagpipes fits).", no_args_is_help=True, rich_markup_mode=None)
 
 
 # ---------------------------------------------------------------- queue
@@ -404,7 +404,7 @@ def run_daemon(ard_dir: Path | str, workers: int = 1, max_fits: int | None = Non
 
 
 # ---------------------------------------------------------------- commands
-@daemon_app.command("bagpipes")
+@daemon_app.command("bagpipes", short_help="Fit every galaxy with Bagpipes (nautilus), resumable.")
 def bagpipes(
     ard_dir: Path = typer.Argument(..., help="ARD folder (built; the bagpipes layer gives the amortized rows)."),
     workers: int = typer.Option(1, "--workers", help="Fits running at once (one core each)."),
@@ -430,7 +430,7 @@ def bagpipes(
         raise typer.Exit(1)
 
 
-@daemon_app.command("status")
+@daemon_app.command("status", short_help="Progress of the Bagpipes daemon: fitted, failed, queued.")
 def status(ard_dir: Path = typer.Argument(..., help="ARD folder."),
            as_json: bool = typer.Option(False, "--json", help="Print the status as JSON.")) -> None:
     """Show the Bagpipes daemon's progress: fitted, failed, queued, running or not."""

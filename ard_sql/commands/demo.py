@@ -173,4 +173,4 @@ def demo(
 
 def register(app: typer.Typer) -> None:
     """Add ``ard demo`` to the app."""
-    app.command("demo")(demo)
+    app.command("demo", short_help="Build the demo ARD and run the example workflow.")(demo)

@@ -113,5 +113,5 @@ def sql(
 
 def register(app: typer.Typer) -> None:
     """Add ``ard info`` and ``ard sql`` to the app."""
-    app.command("info")(info)
-    app.command("sql")(sql)
+    app.command("info", short_help="An ARD's tables, row counts, provenance, report.")(info)
+    app.command("sql", short_help="Run one SQL query on an ARD and print the result.")(sql)

@@ -43,4 +43,4 @@ def mock(
 
 def register(app: typer.Typer) -> None:
     """Add ``ard mock`` to the app."""
-    app.command("mock")(mock)
+    app.command("mock", short_help="Write a mock DESI survey with its truth table.")(mock)

@@ -44,4 +44,4 @@ def plot(
 
 def register(app: typer.Typer) -> None:
     """Add ``ard plot`` to the app."""
-    app.command("plot")(plot)
+    app.command("plot", short_help="Spectrum, quenching, BPT or sky-by-Web_Class plots.")(plot)

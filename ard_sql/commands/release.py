@@ -67,5 +67,5 @@ def pull(
 
 def register(app: typer.Typer) -> None:
     """Add ``ard publish`` and ``ard pull`` to the app."""
-    app.command("publish")(publish)
-    app.command("pull")(pull)
+    app.command("publish", short_help="Publish an ARD as a checksummed release.")(publish)
+    app.command("pull", short_help="Fetch and verify a release (layers, region).")(pull)

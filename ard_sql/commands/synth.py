@@ -35,4 +35,4 @@ def synth_catalog(
 
 def register(app: typer.Typer) -> None:
     """Add ``ard synth-catalog`` to the app."""
-    app.command("synth-catalog")(synth_catalog)
+    app.command("synth-catalog", short_help="Write a catalog-only ARD for scale tests.")(synth_catalog)
