@@ -135,7 +135,7 @@ BAGPIPES_COLUMNS: list[Column] = [
     *_percentiles("Metallicity", "", "Stellar metallicity Z/Zsun"),
     *_percentiles("Tau", "Gyr", "Delayed-tau e-folding time"),
     *_percentiles("t_quench", "Gyr", "Quenching time (lookback); definition in docs/physics.md"),
-    _c("Physics_Source", "VARCHAR", "", "'bagpipes' (nested-sampling fit) or 'amortized' (neural posterior)"),
+    _c("Physics_Source", "VARCHAR", "", "'bagpipes' (nested-sampling fit), 'amortized' (neural posterior) or 'synthetic' (ard synth-catalog: drawn, not fitted)"),
     _c("Bagpipes_flag", "INTEGER", "", "Bitmask: fit failed / not converged / out of prior"),
 ]
 

@@ -18,6 +18,11 @@ The galaxy model (per target, vectorised):
   velocity dispersion and the cosmic-web columns drawn from that label with
   scatter, so that e.g. a green-valley cut on Dn4000 picks mostly green-valley
   galaxies, as in real data.
+
+Nothing here is measured: ``Physics_Source`` is ``'synthetic'`` on every row
+(never ``'amortized'`` or ``'bagpipes'``), ``ard_meta`` records the source as
+``ard synth-catalog (no spectra)``, and the ``*_flag`` columns are 0 because no
+fit was attempted, not because one succeeded.
 """
 
 from __future__ import annotations
@@ -252,7 +257,7 @@ def _bagpipes(rng: np.random.Generator, g: dict[str, np.ndarray]) -> dict[str, n
         else:
             lo, hi = v - w, v + w
         out[f"{k}_p16"], out[f"{k}_p50"], out[f"{k}_p84"] = lo, v, hi
-    out["Physics_Source"] = np.full(n, "amortized", dtype=object)
+    out["Physics_Source"] = np.full(n, "synthetic", dtype=object)  # drawn, not fitted: say so on every row
     out["Bagpipes_flag"] = np.zeros(n, np.int32)
     return out
 

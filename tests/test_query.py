@@ -78,6 +78,8 @@ def test_results_match_numpy(toy):
     want = t[(t.LogMass_p50 > 10.5) & (t.Web_Class == "Void") & (t.SNR_Median > 10)]
     assert sorted(df.TargetID) == sorted(want.TargetID)
     assert list(df.columns) == ["TargetID", "LogMass_p50"]
+    # a synthetic catalogue never passes for a fitted one
+    assert con.sql("SELECT DISTINCT Physics_Source FROM ard WHERE LogMass_p50 IS NOT NULL").fetchall() == [("synthetic",)]
 
 
 def test_outputs_arrow_astropy_and_batches(toy):
