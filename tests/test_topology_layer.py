@@ -24,7 +24,7 @@ from scipy.stats import median_abs_deviation, spearmanr
 from ard_sql.build.layers import topology
 from ard_sql.build.mock.field import observed_redshift
 from ard_sql.build.mock.survey import MockConfig, build_catalog
-from ard_sql.science import cosmicweb, density, positions
+from ard_sql.science import cosmicweb, density, positions, skeleton
 from ard_sql.science.cosmicweb_synthetic import lognormal_catalog
 
 MOCK_COSMOLOGY = "FlatLambdaCDM(H0=70, Om0=0.3)"
@@ -32,9 +32,13 @@ CHECK = dict(n=40000, seed=3, area=100.0, zmax=0.15)
 
 
 @pytest.fixture(scope="module")
-def check_catalog(tmp_path_factory):
-    cat, _ = build_catalog(MockConfig(out=tmp_path_factory.mktemp("cat"), **CHECK))
-    return cat
+def check_mock(tmp_path_factory):
+    return build_catalog(MockConfig(out=tmp_path_factory.mktemp("cat"), **CHECK))
+
+
+@pytest.fixture(scope="module")
+def check_catalog(check_mock):
+    return check_mock[0]
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +104,33 @@ def test_filament_galaxies_lie_closer_to_the_skeleton_than_voids(check_catalog, 
     assert res.settings["n_filament_segments"] > 100
     assert np.isfinite(res.dist_filament[gal]).all()
     assert not (res.flag & topology.FLAGS["NO_SKELETON"]).any()
+
+
+def test_dist_filament_follows_the_true_skeleton(check_mock, observed) -> None:
+    """Dist_Filament against the distance to the skeleton of the true field (same code, real space, no noise).
+
+    Measured on this mock: Spearman 0.745, median 10.8 against 9.7 Mpc, log10((d + 1) / (d_true + 1))
+    median +0.015 with scatter 0.128 dex, |d - d_true| median 2.1 Mpc (from real-space redshifts:
+    0.813, +0.014, 0.077 dex, 1.2 Mpc; the rest is the redshift-space distortions).
+    """
+    from ard_sql.build.mock import field
+
+    cat, web = check_mock
+    gal, res = observed
+    foot = density.Footprint.from_positions(cat["RA"][gal], cat["DEC"][gal])
+    pos = np.stack([cat["X"], cat["Y"], cat["Z_COMOVING"]], axis=1)[gal]
+    nbar = density.SurveySelection.from_tracers(foot, np.linalg.norm(pos, axis=1)).radial
+    a, b = field.truth_skeleton(web, field.ConeGeometry(CHECK["area"], CHECK["zmax"]), nbar)
+    d_true = skeleton.distance_to_segments(pos, a, b)
+    d = res.dist_filament[gal]
+    ok = np.isfinite(d) & np.isfinite(d_true)
+    rho = spearmanr(d[ok], d_true[ok]).statistic
+    lr = np.log10((d[ok] + 1) / (d_true[ok] + 1))
+    bias, scatter = np.median(lr), median_abs_deviation(lr, scale="normal")
+    print(f"Dist_Filament vs truth skeleton ({len(a)} segments): Spearman {rho:.3f}, bias {bias:+.3f} dex, "
+          f"scatter {scatter:.3f} dex, |d - d_true| median {np.median(np.abs(d[ok] - d_true[ok])):.1f} Mpc")
+    assert ok.mean() > 0.99 and len(a) > 100
+    assert rho > 0.7 and abs(bias) < 0.05 and scatter < 0.16
 
 
 def test_sigma5_and_knn_follow_the_true_density(check_catalog, observed) -> None:

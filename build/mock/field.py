@@ -239,6 +239,33 @@ def cone_cells(web: CosmicWeb, geom: ConeGeometry, zmin: float = 0.01) -> tuple[
     return flat, z[flat]
 
 
+def truth_skeleton(
+    web: CosmicWeb, geom: ConeGeometry, nbar: Callable[[np.ndarray], np.ndarray], bias: float = 1.3, nsigma: float = 3.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Filament skeleton of the true field in the cone: the truth for ``Dist_Filament``.
+
+    The layer's own skeleton code (``ard_sql.science.skeleton``) on ``1 + bias x delta_truth``
+    (real space, no sampling noise; cells outside the cone masked), with the persistence cut
+    in units of the Poisson noise the galaxies' density ``nbar(r)`` (Mpc^-3) gives a cell of
+    the layer, so that the same ``nsigma`` keeps filaments of the same significance.
+    Returns the segments' end points ``(m, 3)``, ``(m, 3)`` in the box frame (Mpc).
+    """
+    from ard_sql.science.skeleton import filament_skeleton
+
+    flat, _ = cone_cells(web, geom)
+    inside = np.zeros(int(np.prod(web.shape)), bool)
+    inside[flat] = True
+    inside = inside.reshape(web.shape)
+    field = np.where(inside, np.maximum(1.0 + bias * web.delta_truth, 0.0), np.nan).astype(np.float32)
+    centres = web.origin + (np.indices(web.shape).reshape(3, -1).T + 0.5) * web.cell
+    expected = nbar(np.linalg.norm(centres, axis=1)).reshape(web.shape) * web.cell**3
+    n_eff = (2.0 * np.sqrt(np.pi) * web.smoothing_mpc / web.cell) ** 3  # cells in the smoothing kernel
+    sigma = np.sqrt(np.maximum(np.nan_to_num(field, nan=1.0), 1e-3) / np.maximum(expected * n_eff, 1e-12))
+    sk = filament_skeleton(field, sigma, nsigma)
+    ends = [web.origin + (np.stack(np.unravel_index(i, web.shape), axis=-1) + 0.5) * web.cell for i in (sk.start, sk.end)]
+    return ends[0], ends[1]
+
+
 def observed_redshift(z_cosmo: np.ndarray, v_los_kms: np.ndarray) -> np.ndarray:
     """Redshift seen for a cosmological redshift and a line-of-sight peculiar velocity (km/s):
     (1 + z_obs) = (1 + z_cosmo)(1 + v/c)."""
