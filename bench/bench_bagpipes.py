@@ -43,6 +43,7 @@ from scipy.stats import median_abs_deviation
 
 from ard_sql import grid
 from ard_sql.build.layers import bagpipes as layer
+from ard_sql.build.mock.truth import t_quench_truth
 from ard_sql.science import amortized as am
 from ard_sql.science import pipes_env
 from ard_sql.science import pipes_fit as pf
@@ -105,15 +106,23 @@ def figure(cal: dict[str, list[float]], path: Path, n: int, what: str = "held-ou
     fig.savefig(path, dpi=120)
 
 
+#: Truth column of every quantity; t_quench in the layer's definition, from the mock's true SFH
+#: (``build.mock.truth.t_quench_truth``; NaN where a non-delayed-tau history has not fallen yet).
+T_QUENCH_TRUTH = "T_QUENCH_LAYER_DEFINITION"
+TRUTH_COLUMNS = {**layer.MOCK_TRUTH, "t_quench": T_QUENCH_TRUTH}
+
+
 def amortized_mock_rows(ard: Path, truth_file: Path) -> pd.DataFrame:
     """The layer's amortized rows of the mock's galaxies, joined with their truth rows (one query for every check)."""
     import duckdb
 
-    return duckdb.connect().sql(f"""SELECT b.*, t.* EXCLUDE (TARGETID)
+    df = duckdb.connect().sql(f"""SELECT b.*, t.* EXCLUDE (TARGETID)
                      FROM read_parquet('{ard}/staging/bagpipes/dataset/**/*.parquet') b
                      JOIN read_parquet('{truth_file}') t ON t.TARGETID = b.TargetID
                      WHERE b.LogMass_p50 IS NOT NULL AND b.Physics_Source = 'amortized' AND t.SPECTYPE = 'GALAXY'
                      """).df()
+    df[T_QUENCH_TRUTH] = t_quench_truth(df)
+    return df
 
 
 def mock_spectra(ard: Path, truth_file: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
@@ -122,15 +131,14 @@ def mock_spectra(ard: Path, truth_file: Path) -> tuple[np.ndarray, np.ndarray, n
     wanted = rows.index.to_numpy()
     data = layer.binned_spectra(ard, lambda core: np.isin(core.column("TargetID").to_numpy(), wanted))
     t = rows.loc[data["TargetID"]]
-    truth = {q: t[col].to_numpy(float) for q, col in layer.MOCK_TRUTH.items()}
-    truth["t_quench"] = np.full(len(t), np.nan)  # the mock's T_QUENCH is another definition
+    truth = {q: t[col].to_numpy(float) for q, col in TRUTH_COLUMNS.items()}
     return data["flux"], data["ivar"], data["z"], truth
 
 
 def _truth_stats(df: pd.DataFrame) -> dict[str, object]:
     """68 % coverage, median (absolute) offset and its scatter (1.4826 MAD) of the amortized rows in ``df`` against the mock truth."""
     out = {"n": len(df)}
-    for q, col in layer.MOCK_TRUTH.items():
+    for q, col in TRUTH_COLUMNS.items():
         tv = df[col].to_numpy(float)
         if q == "SFR":
             tv = np.maximum(tv, 10**am.LOG_SFR_FLOOR)

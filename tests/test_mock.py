@@ -243,6 +243,26 @@ def _hdelta_a(rows) -> np.ndarray:
     return np.array(out)
 
 
+def test_t_quench_truth_follows_the_layers_definition():
+    """The truth for t_quench: the fall below 10 % of the peak SFR, read off each mock history."""
+    from ard_sql.science.pipes_model import QUENCH_X
+
+    rows = {  # quenched delayed tau, young delayed tau, post-starburst, green pea, star
+        "SPECTYPE": ["GALAXY", "GALAXY", "GALAXY", "GALAXY", "STAR"],
+        "SFH_AGE": [10.0, 4.0, 9.0, 9.0, np.nan], "TAU": [1.0, 2.0, 1.0, 3.0, np.nan],
+        "METALLICITY": [1.0] * 5, "BURST_FRAC": [0.0, 0.0, 0.3, 0.4, 0.0], "BURST_AGE": [0.1, 0.1, 0.8, 0.05, 0.1],
+        "BURST_TAU": [0.05, 0.05, 0.1, 1.0, 0.05], "TRUNC_AGE": [0.0, 0.0, 0.1, 0.0, 0.0], "Z_COSMO": [0.1] * 5,
+    }
+    got = truth.t_quench_truth({k: np.asarray(v) for k, v in rows.items()})
+    assert got[0] == pytest.approx(10.0 - QUENCH_X * 1.0) and got[1] == pytest.approx(4.0 - QUENCH_X * 2.0)
+    # the burst (0.3 of the mass in an e-folding of 0.1 Gyr) is the peak; it falls by 10x ln(10) x 0.1 Gyr later
+    assert got[2] == pytest.approx(0.8 - np.log(10) * 0.1, abs=0.01)
+    assert np.isnan(got[3]) and np.isnan(got[4])  # still forming at its peak rate; not a galaxy
+    # the numeric reading agrees with the formula on a pure delayed tau (a truncation 1 kyr ago changes nothing)
+    forced = truth.t_quench_truth({**{k: np.asarray(v[:1]) for k, v in rows.items()}, "TRUNC_AGE": np.array([1e-6])})
+    assert forced[0] == pytest.approx(got[0], abs=0.06)
+
+
 def test_stars_and_qsos_are_labelled(truth_df):
     t = truth_df
     st, qs = t[t.SPECTYPE == "STAR"], t[t.SPECTYPE == "QSO"]

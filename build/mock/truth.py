@@ -69,6 +69,47 @@ def arm_resolution_data() -> dict[str, np.ndarray]:
             for arm in grid.ARMS}
 
 
+def t_quench_truth(t: Mapping[str, np.ndarray] | object, batch: int = 2000) -> np.ndarray:
+    """Each galaxy's true ``t_quench`` in the bagpipes layer's definition (docs/physics.md), Gyr lookback.
+
+    The truth table's T_QUENCH is bagpipes' own definition (SFR below 10 % of the
+    mean SFR over the Universe's age; NaN when not quenched), which the layer does
+    not report. This is the layer's: the lookback time at which SFR(t), after its
+    peak, first fell below ``QUENCH_FRACTION`` of the peak, read off the mock's
+    own star-formation history (delayed tau, burst, truncation). A galaxy that
+    has not fallen so far gets ``age - x_q tau`` (negative, as the layer's) when
+    its history is a pure delayed tau, and NaN otherwise (no definite value).
+    Non-galaxies are NaN.
+    """
+    from ard_sql.science.pipes_model import QUENCH_FRACTION, t_quench
+
+    from .ssp import MOCK_COSMO, age_grids
+
+    spectype = np.asarray(_col(t, "SPECTYPE")).astype(str)
+    params = {c: np.asarray(_col(t, c), float) for c in
+              ("SFH_AGE", "TAU", "METALLICITY", "BURST_FRAC", "BURST_AGE", "BURST_TAU", "TRUNC_AGE", "Z_COSMO")}
+    ok = (spectype == "GALAXY") & np.all([np.isfinite(v) for v in params.values()], axis=0)
+    out = np.full(len(spectype), np.nan)
+    plain = ok & (params["BURST_FRAC"] <= 0) & (params["TRUNC_AGE"] <= 0)
+    out[plain] = t_quench(params["SFH_AGE"][plain], params["TAU"][plain])  # exact for a pure delayed tau
+    lookback = age_grids().fine_ages * 1e-9
+    rows = np.flatnonzero(ok & ~plain)
+    for i in range(0, rows.size, batch):
+        r = rows[i:i + batch]
+        p = {k: v[r] for k, v in params.items()}
+        sfh = SFHParams(np.zeros(r.size), p["SFH_AGE"], p["TAU"], p["METALLICITY"], p["BURST_FRAC"], p["BURST_AGE"],
+                        p["BURST_TAU"], p["TRUNC_AGE"], MOCK_COSMO.age(p["Z_COSMO"]).value)
+        _, sfr = star_formation_histories(sfh)
+        peak = np.argmax(sfr, axis=1)
+        below = sfr < QUENCH_FRACTION * sfr[np.arange(r.size), peak][:, None]
+        after_peak = np.arange(sfr.shape[1])[None, :] < peak[:, None]  # lookback below the peak's
+        fell = below & after_peak
+        # the first fall after the peak is the largest lookback below the peak's where SFR is under the cut
+        first = sfr.shape[1] - 1 - np.argmax(fell[:, ::-1], axis=1)
+        out[r] = np.where(fell.any(axis=1), lookback[first], np.nan)
+    return out
+
+
 def intrinsic_spectra(t: Mapping[str, np.ndarray] | object, wave: np.ndarray) -> np.ndarray:
     """(n, nwave) noise-free spectra before the instrument, 1e-17 erg/s/cm2/A, from truth columns."""
     return intrinsic_spectra_grids(t, [wave])[0]
