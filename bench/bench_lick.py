@@ -41,6 +41,7 @@ for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_v, "1")
 
 import numpy as np  # noqa: E402
+from scipy.stats import median_abs_deviation  # noqa: E402
 
 EW_NAMES = ["Dn4000", "D4000", "Hdelta_A", "Hgamma_A", "Fe4383", "Mgb", "Fe5270", "Fe5335"]
 ALL_NAMES = EW_NAMES + ["Fe_mean", "MgFe_prime"]
@@ -180,8 +181,7 @@ def _robust(x):
     x = x[np.isfinite(x)]
     if x.size == 0:
         return np.nan, np.nan, 0
-    med = np.median(x)
-    return med, 1.4826 * np.median(np.abs(x - med)), x.size
+    return np.median(x), median_abs_deviation(x, scale="normal"), x.size
 
 
 def noise_table(both) -> list[str]:
