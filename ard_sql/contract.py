@@ -163,7 +163,7 @@ TOPOLOGY_COLUMNS: list[Column] = [
     _c("Topology_flag", "INTEGER", "", "Bitmask (see ard_sql.build.layers.topology.FLAG_MEANINGS): 1 not a galaxy, 2 T-web masked, "
        "4 Sigma_N circle leaves the footprint, 8 too few neighbours, 16 unreliable or out-of-range redshift, "
        "32 too few tracers, 64 no filament skeleton, 128 coincident neighbours (infinite density), "
-       "256 too sparse for the T-web (Web_Class, Dist_Filament NULL)"),
+       "256 too sparse for the T-web (Web_Class, Dist_Filament NULL), 512 tide mostly outside the survey (Web_Class NULL)"),
 ]
 
 #: Every staging table, in the order the ``ard`` view joins them.

@@ -69,13 +69,16 @@ def _mock(survey: Path, n: int, seed: int, area: float | None, zmax: float, prog
         run_mock(cfg, progress=bar)
 
 
-def _sparse_fraction(db) -> float:
-    """Fraction of the galaxies whose Web_Class the topology layer left NULL as too sparse (bit SPARSE)."""
+def _null_web_fractions(db) -> tuple[float, float]:
+    """Fractions of the galaxies whose Web_Class the topology layer left NULL as too sparse (bit SPARSE)
+    and as lying where the tide comes mostly from outside the survey (bit TIDE_EDGE)."""
     from ard_sql.build.layers.topology import FLAGS
 
-    n_sparse, n_gal = db.sql(f"SELECT count(*) FILTER (WHERE Topology_flag & {FLAGS['SPARSE']} <> 0), count(*) "
-                             "FROM ard WHERE SPECTYPE = 'GALAXY'").fetchall()[0]
-    return n_sparse / max(n_gal, 1)
+    n_sparse, n_edge, n_gal = db.sql(
+        f"SELECT count(*) FILTER (WHERE Topology_flag & {FLAGS['SPARSE']} <> 0), "
+        f"count(*) FILTER (WHERE Topology_flag & {FLAGS['TIDE_EDGE']} <> 0), count(*) "
+        "FROM ard WHERE SPECTYPE = 'GALAXY'").fetchall()[0]
+    return n_sparse / max(n_gal, 1), n_edge / max(n_gal, 1)
 
 
 def _workflow(out: Path) -> dict[str, object]:
@@ -91,12 +94,14 @@ def _workflow(out: Path) -> dict[str, object]:
         sample = db.query(VOID_QUERY, columns=cols)
         console.print(f"{len(sample)} galaxies")
         result["void_query_rows"] = len(sample)
-        result["sparse_fraction"] = _sparse_fraction(db)
+        result["sparse_fraction"], result["tide_edge_fraction"] = _null_web_fractions(db)
         if result["sparse_fraction"] > 0.5:
             # Say why instead of letting an empty answer look like "no massive galaxy lives in a void".
             console.print(f"Web_Class is NULL for {result['sparse_fraction']:.0%} of the galaxies (Topology_flag bit "
                           "SPARSE): this demo's 3000 targets (~3e-4 per Mpc^3) are too few for a T-web at 4 Mpc; "
-                          "it needs ~0.002 per Mpc^3 over >= 100 deg^2 (bench/RESULTS.md, 'Topology layer').")
+                          "it needs ~0.002 per Mpc^3 over >= 100 deg^2 (bench/RESULTS.md, 'Topology layer'); "
+                          f"{result['tide_edge_fraction']:.1%} more lie where the tide comes mostly from outside "
+                          "the survey (bit TIDE_EDGE).")
         if sample.empty:
             # A small mock may hold no galaxy above 10^11 Msun in a void: say so, then widen the
             # mass cut step by step so the rest of the workflow has a seed galaxy.

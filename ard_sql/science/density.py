@@ -198,6 +198,42 @@ class SurveySelection:
             n[pos] *= self.footprint.contains_vec(xyz[pos])
         return n
 
+    def ball_coverage(self, xyz: np.ndarray, radius: float, edge_distance: np.ndarray | None = None,
+                      n_points: int = 64, batch: int = 20000) -> np.ndarray:
+        """Fraction of the ball of ``radius`` (Mpc) around each position that lies inside the survey.
+
+        Inside means in the footprint and within the radial range of ``n(r)``. Read at
+        ``n_points`` fixed points spread uniformly in the ball (the same for every
+        position, so the result is deterministic). ``edge_distance`` (Mpc, e.g. the
+        angular edge distance times the comoving distance), when given, skips the
+        positions whose transverse and radial edges are both at least ``radius`` away:
+        their coverage is 1.
+        """
+        xyz = np.asarray(xyz, float)
+        out = np.ones(len(xyz))
+        r = np.linalg.norm(xyz, axis=1)
+        lo, hi = float(self.edges[0]), float(self.edges[-1])
+        near = np.minimum(r - lo, hi - r) < radius
+        if edge_distance is not None:
+            near |= np.asarray(edge_distance, float) < radius
+        else:
+            near[:] = True
+        # a Fibonacci-like fixed pattern: directions from a golden-angle spiral, radii uniform in volume
+        k = np.arange(n_points) + 0.5
+        cos_t, phi = 1.0 - 2.0 * k / n_points, np.pi * (1.0 + 5.0**0.5) * k
+        sin_t = np.sqrt(1.0 - cos_t**2)
+        ball = np.stack([sin_t * np.cos(phi), sin_t * np.sin(phi), cos_t], axis=1)
+        ball *= (np.random.default_rng(0).permutation(n_points) + 0.5)[:, None] ** (1 / 3) / n_points ** (1 / 3)
+        idx = np.flatnonzero(near)
+        for s in range(0, idx.size, batch):
+            rows = idx[s:s + batch]
+            p = xyz[rows, None, :] + radius * ball[None]
+            rr = np.linalg.norm(p, axis=2)
+            unit = (p / np.maximum(rr, 1e-12)[..., None]).reshape(-1, 3)
+            inside = self.footprint.contains_vec(unit).reshape(rr.shape) & (rr >= lo) & (rr <= hi)
+            out[rows] = inside.mean(axis=1)
+        return out
+
     def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
         """``n`` random positions ``(n, 3)`` following the selection (for those who want randoms)."""
         shell = 4.0 / 3.0 * np.pi * np.diff(self.edges**3)
