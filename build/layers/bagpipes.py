@@ -158,15 +158,22 @@ def _mock_code_key() -> str:
     return h.hexdigest()[:12]
 
 
-#: Mock truth column of each quantity the calibration mocks constrain (t_quench: another definition).
+#: Mock truth column of each quantity the calibration mocks constrain. t_quench has no column (the
+#: mock's T_QUENCH is bagpipes' definition, not ours): it is read off each true history by
+#: ``build.mock.truth.t_quench_truth`` (:data:`T_QUENCH_TRUTH`).
 MOCK_TRUTH = {"LogMass": "LOG_MASS", "SFR": "SFR", "sSFR": "SSFR", "Age": "AGE_MW", "Dust_Av": "AV",
               "Metallicity": "METALLICITY", "Tau": "TAU"}
+#: How the calibration set's t_quench truth is made (part of its cache key).
+T_QUENCH_TRUTH = "t_quench_truth: first fall below 10 % of the peak SFR, from the true SFH"
+#: Truth columns ``t_quench_truth`` reads.
+_SFH_COLUMNS = ("SPECTYPE", "SFH_AGE", "TAU", "METALLICITY", "BURST_FRAC", "BURST_AGE", "BURST_TAU", "TRUNC_AGE", "Z_COSMO")
 
 
 def model_error_key(n_mocks: int) -> str:
     """Content key of the calibration set: mock size, seeds, mock code, binning and which galaxies count."""
     return hashlib.sha1(json.dumps({"n": MODEL_ERROR_MOCK_N, "mocks": n_mocks, "seed0": MODEL_ERROR_SEED0,
-                                    "mock_code": _mock_code_key(), "bin": _bin_key(), "truth": MOCK_TRUTH,
+                                    "mock_code": _mock_code_key(), "bin": _bin_key(),
+                                    "truth": {**MOCK_TRUTH, "t_quench": T_QUENCH_TRUTH},
                                     "selection": "GALAXY, Z in range, MIN_GOOD_BINS"}, sort_keys=True
                                    ).encode()).hexdigest()[:12]
 
@@ -251,10 +258,13 @@ def _mock_galaxies(tmp: Path, seed: int) -> dict[str, np.ndarray]:
     data = binned_spectra(tmp / "ard", galaxies_in_range)
     usable = (data["ivar"] > 0).sum(axis=1) >= MIN_GOOD_BINS  # the rows predict_rows gives values
     data = {k: v[usable] for k, v in data.items()}
-    truth = pq.read_table(tmp / "mock" / "truth.parquet",
-                          columns=["TARGETID", *MOCK_TRUTH.values()]).to_pandas().set_index("TARGETID")
+    from ard_sql.build.mock.truth import t_quench_truth
+
+    wanted = ["TARGETID", *dict.fromkeys([*MOCK_TRUTH.values(), *_SFH_COLUMNS])]
+    truth = pq.read_table(tmp / "mock" / "truth.parquet", columns=wanted).to_pandas().set_index("TARGETID")
     t = truth.loc[data["TargetID"]]
-    return {**data, **{f"truth_{q}": t[col].to_numpy(float) for q, col in MOCK_TRUTH.items()}}
+    return {**data, **{f"truth_{q}": t[col].to_numpy(float) for q, col in MOCK_TRUTH.items()},
+            "truth_t_quench": t_quench_truth(t)}
 
 
 def train_estimator(cache: Path, opts: dict[str, Any], log: Log | None = None) -> tuple[Path, dict[str, Any]]:
@@ -299,7 +309,7 @@ def train_estimator(cache: Path, opts: dict[str, Any], log: Log | None = None) -
         if opts["model_error_mocks"] > 0:
             t1 = time.perf_counter()
             cal = model_error_set(cache, opts["model_error_mocks"], log)
-            truth = {q: cal[f"truth_{q}"] for q in MOCK_TRUTH}
+            truth = {q: cal[f"truth_{q}"] for q in am.QUANTITIES if f"truth_{q}" in cal}
             before = est.percentiles_binned(cal["flux"], cal["ivar"], cal["z"], model_error=False)
             err = est.fit_model_error(cal["flux"], cal["ivar"], cal["z"], truth)
             after = est.percentiles_binned(cal["flux"], cal["ivar"], cal["z"])
