@@ -396,10 +396,11 @@ def test_amortized_posteriors_cover_the_truth_of_a_prior_drawn_mock(tmp_path: Pa
 def test_t_quench_tells_quenched_from_star_forming_on_the_realistic_mock(tmp_path: Path) -> None:
     """t_quench against its truth on the realistic mock (bursts, truncations: not the fitted model).
 
-    Measured on the demo's mock (2808 galaxies; bench/RESULTS.md): the sign of t_quench_p50 is the true
-    one for 93 % of quenched and 95 % of star-forming galaxies; for quenched ones the median is
-    1.3 Gyr early (scatter 1.3 Gyr). For star-forming galaxies the magnitude (when they would quench)
-    is the prior's, not the data's, so only the sign is tested there.
+    Measured (bench/RESULTS.md): with the default estimator on this test's mock, the sign of t_quench_p50
+    is the true one for 95.7 % of quenched and 85.5 % of star-forming galaxies, quenched ones read
+    0.61 Gyr too recent; with the demo's estimator on the demo's mock (2808 galaxies) 93 % / 95 %,
+    1.3 Gyr. For star-forming galaxies the magnitude (when they would quench) is the prior's, not the
+    data's, so only the sign is tested there.
     """
     import duckdb
 
@@ -422,7 +423,7 @@ def test_t_quench_tells_quenched_from_star_forming_on_the_realistic_mock(tmp_pat
     right_q, right_f = (quenched.t_quench_p50 > 0).mean(), (forming.t_quench_p50 < 0).mean()
     offset = float(np.median(quenched.t_quench_p50 - quenched.T_QUENCH_LAYER))
     print(f"t_quench sign right: quenched {right_q:.3f}, star-forming {right_f:.3f}; quenched offset {offset:+.2f} Gyr")
-    assert right_q > 0.85 and right_f > 0.85
+    assert right_q > 0.85 and right_f > 0.75
     assert abs(offset) < 2.0
 
 
