@@ -376,7 +376,8 @@ def test_amortized_posteriors_cover_the_truth_of_a_prior_drawn_mock(tmp_path: Pa
     assert not report.errors, report.errors
     df = _bagpipes_rows(tmp_path / "ard").merge(
         duckdb.connect().sql(f"""SELECT TARGETID, LOG_MASS, SFR, SSFR, AGE_MW, AV, METALLICITY, TAU, SFH_AGE, BURST_FRAC,
-                                        BURST_AGE, BURST_TAU, TRUNC_AGE, Z_COSMO, SPECTYPE AS TRUTH_SPECTYPE
+                                        BURST_AGE, BURST_TAU, TRUNC_AGE, LOG_MASS_FORMED, AGE_UNIVERSE,
+                                        SPECTYPE AS TRUTH_SPECTYPE
                                  FROM read_parquet('{tmp_path / 'mock' / 'truth.parquet'}')""").df(),
         left_on="TargetID", right_on="TARGETID")
     df = df[(df.SPECTYPE == "GALAXY") & (df.Physics_Source == "amortized") & df.LogMass_p50.notna()]

@@ -8,8 +8,13 @@ from pathlib import Path
 
 import typer
 
+from typing import TYPE_CHECKING
+
 from ard_sql import paths
 from ard_sql.commands._common import console, counting_bar, fail
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ard_sql.connection import ARD
 
 #: The blueprint's query (section 5.2), run as written.
 VOID_QUERY = "LogMass_p50 > 11.0 & Web_Class == 'Void' & SNR_Median > 10"
@@ -69,14 +74,15 @@ def _mock(survey: Path, n: int, seed: int, area: float | None, zmax: float, prog
         run_mock(cfg, progress=bar)
 
 
-def _null_web_fractions(db) -> tuple[float, float]:
+def _null_web_fractions(db: ARD) -> tuple[float, float]:
     """Fractions of the galaxies whose Web_Class the topology layer left NULL as too sparse (bit SPARSE)
-    and as lying where the tide comes mostly from outside the survey (bit TIDE_EDGE)."""
+    and, of the others, as lying where the tide comes mostly from outside the survey (bit TIDE_EDGE)."""
     from ard_sql.build.layers.topology import FLAGS
 
+    sparse, edge = FLAGS["SPARSE"], FLAGS["TIDE_EDGE"]
     n_sparse, n_edge, n_gal = db.sql(
-        f"SELECT count(*) FILTER (WHERE Topology_flag & {FLAGS['SPARSE']} <> 0), "
-        f"count(*) FILTER (WHERE Topology_flag & {FLAGS['TIDE_EDGE']} <> 0), count(*) "
+        f"SELECT count(*) FILTER (WHERE Topology_flag & {sparse} <> 0), "
+        f"count(*) FILTER (WHERE Topology_flag & {edge} <> 0 AND Topology_flag & {sparse} = 0), count(*) "
         "FROM ard WHERE SPECTYPE = 'GALAXY'").fetchall()[0]
     return n_sparse / max(n_gal, 1), n_edge / max(n_gal, 1)
 

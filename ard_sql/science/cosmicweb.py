@@ -380,6 +380,17 @@ class SurveyWeb:
     """Largest extended sub-volume grid: what sets the peak memory."""
 
 
+def skeleton_noise(field: np.ndarray, expected: np.ndarray, cell: float, smoothing: float) -> np.ndarray:
+    """Poisson noise per cell of a smoothed density ``field`` (1 + delta) built from ``expected`` tracers per cell.
+
+    A Gaussian kernel of ``smoothing`` averages over (2 sqrt(pi) R / cell)^3 cells, so
+    the noise of 1 + delta is sqrt((1 + delta) / (expected x that count)): the unit
+    in which the skeleton's persistence pairs are cut (``nsigma``).
+    """
+    n_eff = (2.0 * np.sqrt(np.pi) * smoothing / cell) ** 3 if smoothing > 0 else 1.0
+    return np.sqrt(np.maximum(field, 1e-3) / np.maximum(expected * n_eff, 1e-12))
+
+
 def _radial_density(random_points: np.ndarray, sky_fraction: float, cell: float):
     """Random number density (Mpc^-3) a full footprint would have, as a function of radius."""
     r = np.linalg.norm(random_points, axis=1)
@@ -569,7 +580,6 @@ def survey_web(
     eig = np.full((n, 3), np.nan, np.float32)
     dlt = np.full(n, np.nan, np.float32)
     seg_a, seg_b, seg_p = [], [], []
-    n_eff = (2.0 * np.sqrt(np.pi) * R / cell) ** 3 if R > 0 else 1.0
     biggest = (0, 0, 0)
     for sv in subs:
         lo, hi = np.asarray(sv.lo), np.asarray(sv.hi)
@@ -600,7 +610,7 @@ def survey_web(
             codes[mine] = classify_tweb(ev, opt.lambda_th)
             dlt[mine] = np.where(ok, delta.ravel()[flat], np.nan)
         field = np.where(valid, 1.0 + delta, np.nan).astype(np.float32)
-        sigma = np.sqrt(np.maximum(field, 1e-3) / np.maximum(expected * n_eff, 1e-12))
+        sigma = skeleton_noise(field, expected, cell, R)
         del expected, delta
         sk = filament_skeleton(field, sigma, opt.nsigma)
         del field, sigma

@@ -198,40 +198,38 @@ class SurveySelection:
             n[pos] *= self.footprint.contains_vec(xyz[pos])
         return n
 
-    def ball_coverage(self, xyz: np.ndarray, radius: float, edge_distance: np.ndarray | None = None,
+    def ball_coverage(self, xyz: np.ndarray, radius: float, edge_angle: np.ndarray | None = None,
                       n_points: int = 64, batch: int = 20000) -> np.ndarray:
         """Fraction of the ball of ``radius`` (Mpc) around each position that lies inside the survey.
 
-        Inside means in the footprint and within the radial range of ``n(r)``. Read at
-        ``n_points`` fixed points spread uniformly in the ball (the same for every
-        position, so the result is deterministic). ``edge_distance`` (Mpc, e.g. the
-        angular edge distance times the comoving distance), when given, skips the
-        positions whose transverse and radial edges are both at least ``radius`` away:
-        their coverage is 1.
+        Inside means where the selection is non-zero (footprint and the radial range
+        of ``n(r)``). Read at ``n_points`` fixed points spread uniformly in the ball
+        (the same for every position, so the result is deterministic).
+        ``edge_angle`` (radians, ``Footprint.edge_angle`` of the positions), when
+        given, skips the positions the ball cannot reach out of: footprint edge
+        farther than the ball's angular radius arcsin(radius / r) and both radial
+        ends farther than ``radius``; their coverage is 1.
         """
         xyz = np.asarray(xyz, float)
         out = np.ones(len(xyz))
         r = np.linalg.norm(xyz, axis=1)
-        lo, hi = float(self.edges[0]), float(self.edges[-1])
-        near = np.minimum(r - lo, hi - r) < radius
-        if edge_distance is not None:
-            near |= np.asarray(edge_distance, float) < radius
-        else:
+        near = np.minimum(r - self.edges[0], self.edges[-1] - r) < radius
+        if edge_angle is None:
             near[:] = True
-        # a Fibonacci-like fixed pattern: directions from a golden-angle spiral, radii uniform in volume
+        else:
+            reach = np.arcsin(np.clip(radius / np.maximum(r, 1e-12), 0.0, 1.0))
+            near |= np.asarray(edge_angle, float) < reach
+        # a golden-angle spiral of directions, radii uniform in volume (stratified, in a fixed shuffle)
         k = np.arange(n_points) + 0.5
         cos_t, phi = 1.0 - 2.0 * k / n_points, np.pi * (1.0 + 5.0**0.5) * k
         sin_t = np.sqrt(1.0 - cos_t**2)
         ball = np.stack([sin_t * np.cos(phi), sin_t * np.sin(phi), cos_t], axis=1)
-        ball *= (np.random.default_rng(0).permutation(n_points) + 0.5)[:, None] ** (1 / 3) / n_points ** (1 / 3)
+        ball *= ((np.random.default_rng(0).permutation(n_points) + 0.5) / n_points)[:, None] ** (1 / 3)
         idx = np.flatnonzero(near)
         for s in range(0, idx.size, batch):
             rows = idx[s:s + batch]
-            p = xyz[rows, None, :] + radius * ball[None]
-            rr = np.linalg.norm(p, axis=2)
-            unit = (p / np.maximum(rr, 1e-12)[..., None]).reshape(-1, 3)
-            inside = self.footprint.contains_vec(unit).reshape(rr.shape) & (rr >= lo) & (rr <= hi)
-            out[rows] = inside.mean(axis=1)
+            p = (xyz[rows, None, :] + radius * ball[None]).reshape(-1, 3)
+            out[rows] = (self.density(p) > 0).reshape(rows.size, n_points).mean(axis=1)
         return out
 
     def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:

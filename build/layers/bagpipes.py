@@ -163,17 +163,16 @@ def _mock_code_key() -> str:
 #: ``build.mock.truth.t_quench_truth`` (:data:`T_QUENCH_TRUTH`).
 MOCK_TRUTH = {"LogMass": "LOG_MASS", "SFR": "SFR", "sSFR": "SSFR", "Age": "AGE_MW", "Dust_Av": "AV",
               "Metallicity": "METALLICITY", "Tau": "TAU"}
-#: How the calibration set's t_quench truth is made (part of its cache key).
-T_QUENCH_TRUTH = "t_quench_truth: first fall below 10 % of the peak SFR, from the true SFH"
-#: Truth columns ``t_quench_truth`` reads.
-_SFH_COLUMNS = ("SPECTYPE", "SFH_AGE", "TAU", "METALLICITY", "BURST_FRAC", "BURST_AGE", "BURST_TAU", "TRUNC_AGE", "Z_COSMO")
+#: How the calibration set's t_quench truth is made (part of its cache key). The calibration mocks are
+#: prior-drawn (pure delayed tau), so it is exactly ``age - x_q tau`` of their true parameters.
+T_QUENCH_CALIBRATION = "t_quench_truth: first fall below 10 % of the peak SFR, from the true SFH"
 
 
 def model_error_key(n_mocks: int) -> str:
     """Content key of the calibration set: mock size, seeds, mock code, binning and which galaxies count."""
     return hashlib.sha1(json.dumps({"n": MODEL_ERROR_MOCK_N, "mocks": n_mocks, "seed0": MODEL_ERROR_SEED0,
                                     "mock_code": _mock_code_key(), "bin": _bin_key(),
-                                    "truth": {**MOCK_TRUTH, "t_quench": T_QUENCH_TRUTH},
+                                    "truth": {**MOCK_TRUTH, "t_quench": T_QUENCH_CALIBRATION},
                                     "selection": "GALAXY, Z in range, MIN_GOOD_BINS"}, sort_keys=True
                                    ).encode()).hexdigest()[:12]
 
@@ -258,9 +257,9 @@ def _mock_galaxies(tmp: Path, seed: int) -> dict[str, np.ndarray]:
     data = binned_spectra(tmp / "ard", galaxies_in_range)
     usable = (data["ivar"] > 0).sum(axis=1) >= MIN_GOOD_BINS  # the rows predict_rows gives values
     data = {k: v[usable] for k, v in data.items()}
-    from ard_sql.build.mock.truth import t_quench_truth
+    from ard_sql.build.mock.truth import SFH_COLUMNS, t_quench_truth
 
-    wanted = ["TARGETID", *dict.fromkeys([*MOCK_TRUTH.values(), *_SFH_COLUMNS])]
+    wanted = ["TARGETID", *dict.fromkeys([*MOCK_TRUTH.values(), "SPECTYPE", *SFH_COLUMNS])]
     truth = pq.read_table(tmp / "mock" / "truth.parquet", columns=wanted).to_pandas().set_index("TARGETID")
     t = truth.loc[data["TargetID"]]
     return {**data, **{f"truth_{q}": t[col].to_numpy(float) for q, col in MOCK_TRUTH.items()},

@@ -306,8 +306,10 @@ def compute(
         kernel_tracers = selection.radial(distance) * (2 * np.pi) ** 1.5 * web.smoothing**3
         sparse = kernel_tracers < float(mine.get("min_kernel_tracers", MIN_KERNEL_TRACERS))
         # the tide is non-local: where most of the ball around a galaxy is unobserved, the class is a guess
-        coverage = selection.ball_coverage(xyz, TIDE_RADIUS_SMOOTHINGS * web.smoothing, edge_distance=edge * distance)
-        tide_edge = coverage < float(mine.get("min_tide_coverage", MIN_TIDE_COVERAGE))
+        min_cover = float(mine.get("min_tide_coverage", MIN_TIDE_COVERAGE))
+        tide_edge = np.zeros(len(xyz), bool)
+        if min_cover > 0:
+            tide_edge = selection.ball_coverage(xyz, TIDE_RADIUS_SMOOTHINGS * web.smoothing, edge_angle=edge) < min_cover
         web_code[galaxy] = np.where(sparse | tide_edge, cosmicweb.MASKED_CODE, result.codes)
         timings["web_class_skeleton_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()

@@ -247,9 +247,12 @@ def truth_skeleton(
     The layer's own skeleton code (``ard_sql.science.skeleton``) on ``1 + bias x delta_truth``
     (real space, no sampling noise; cells outside the cone masked), with the persistence cut
     in units of the Poisson noise the galaxies' density ``nbar(r)`` (Mpc^-3) gives a cell of
-    the layer, so that the same ``nsigma`` keeps filaments of the same significance.
+    the layer (``cosmicweb.skeleton_noise``), so that the same ``nsigma`` keeps filaments of
+    about the same significance. Approximately: the mock draws its galaxies from
+    ``(1 + delta)^b`` (b 1.3 bright, 2 dark), which moves no ridge but changes the contrasts.
     Returns the segments' end points ``(m, 3)``, ``(m, 3)`` in the box frame (Mpc).
     """
+    from ard_sql.science.cosmicweb import skeleton_noise
     from ard_sql.science.skeleton import filament_skeleton
 
     flat, _ = cone_cells(web, geom)
@@ -259,8 +262,7 @@ def truth_skeleton(
     field = np.where(inside, np.maximum(1.0 + bias * web.delta_truth, 0.0), np.nan).astype(np.float32)
     centres = web.origin + (np.indices(web.shape).reshape(3, -1).T + 0.5) * web.cell
     expected = nbar(np.linalg.norm(centres, axis=1)).reshape(web.shape) * web.cell**3
-    n_eff = (2.0 * np.sqrt(np.pi) * web.smoothing_mpc / web.cell) ** 3  # cells in the smoothing kernel
-    sigma = np.sqrt(np.maximum(np.nan_to_num(field, nan=1.0), 1e-3) / np.maximum(expected * n_eff, 1e-12))
+    sigma = skeleton_noise(np.nan_to_num(field, nan=1.0), expected, web.cell, web.smoothing_mpc)
     sk = filament_skeleton(field, sigma, nsigma)
     ends = [web.origin + (np.stack(np.unravel_index(i, web.shape), axis=-1) + 0.5) * web.cell for i in (sk.start, sk.end)]
     return ends[0], ends[1]

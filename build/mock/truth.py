@@ -69,6 +69,16 @@ def arm_resolution_data() -> dict[str, np.ndarray]:
             for arm in grid.ARMS}
 
 
+#: Truth columns of a galaxy's star-formation history, in ``SFHParams`` order.
+SFH_COLUMNS = ("LOG_MASS_FORMED", "SFH_AGE", "TAU", "METALLICITY", "BURST_FRAC", "BURST_AGE", "BURST_TAU", "TRUNC_AGE",
+               "AGE_UNIVERSE")
+
+
+def _sfh_params(t: Mapping[str, np.ndarray] | object, rows: np.ndarray | slice) -> SFHParams:
+    """The true star-formation histories of ``rows`` of the truth table."""
+    return SFHParams(*(np.asarray(_col(t, c), np.float64)[rows] for c in SFH_COLUMNS))
+
+
 def t_quench_truth(t: Mapping[str, np.ndarray] | object, batch: int = 2000) -> np.ndarray:
     """Each galaxy's true ``t_quench`` in the bagpipes layer's definition (docs/physics.md), Gyr lookback.
 
@@ -76,37 +86,44 @@ def t_quench_truth(t: Mapping[str, np.ndarray] | object, batch: int = 2000) -> n
     mean SFR over the Universe's age; NaN when not quenched), which the layer does
     not report. This is the layer's: the lookback time at which SFR(t), after its
     peak, first fell below ``QUENCH_FRACTION`` of the peak, read off the mock's
-    own star-formation history (delayed tau, burst, truncation). A galaxy that
-    has not fallen so far gets ``age - x_q tau`` (negative, as the layer's) when
-    its history is a pure delayed tau, and NaN otherwise (no definite value).
-    Non-galaxies are NaN.
+    own star-formation history (delayed tau, burst, truncation) and interpolated
+    between the two grid ages around the crossing. A pure delayed tau gets the
+    exact ``age - x_q tau`` (negative if it has not fallen yet, as the layer's);
+    any other history that has not fallen gets NaN (no definite value: in the mock
+    these are the green peas' bursts), as does one that forms no stars. Non-galaxies
+    are NaN. Reads the columns ``SPECTYPE`` and :data:`SFH_COLUMNS`.
     """
     from ard_sql.science.pipes_model import QUENCH_FRACTION, t_quench
 
-    from .ssp import MOCK_COSMO, age_grids
+    from .ssp import age_grids
 
     spectype = np.asarray(_col(t, "SPECTYPE")).astype(str)
-    params = {c: np.asarray(_col(t, c), float) for c in
-              ("SFH_AGE", "TAU", "METALLICITY", "BURST_FRAC", "BURST_AGE", "BURST_TAU", "TRUNC_AGE", "Z_COSMO")}
-    ok = (spectype == "GALAXY") & np.all([np.isfinite(v) for v in params.values()], axis=0)
+    p_all = _sfh_params(t, slice(None))
+    ok = (spectype == "GALAXY") & np.all([np.isfinite(getattr(p_all, f)) for f in p_all.__dataclass_fields__], axis=0)
     out = np.full(len(spectype), np.nan)
-    plain = ok & (params["BURST_FRAC"] <= 0) & (params["TRUNC_AGE"] <= 0)
-    out[plain] = t_quench(params["SFH_AGE"][plain], params["TAU"][plain])  # exact for a pure delayed tau
+    plain = ok & (p_all.burst_frac <= 0) & (p_all.trunc_age <= 0)
+    out[plain] = t_quench(p_all.age[plain], p_all.tau[plain])  # exact for a pure delayed tau
+    # a truncation at or before the start of every component leaves no stars (star_formation_histories refuses)
+    start = np.maximum(np.minimum(p_all.age, p_all.age_of_universe),
+                       np.where(p_all.burst_frac > 0, np.minimum(p_all.burst_age, p_all.age_of_universe), 0.0))
+    forms = (p_all.trunc_age <= 0) | (p_all.trunc_age < start)
     lookback = age_grids().fine_ages * 1e-9
-    rows = np.flatnonzero(ok & ~plain)
+    rows = np.flatnonzero(ok & ~plain & forms)
     for i in range(0, rows.size, batch):
         r = rows[i:i + batch]
-        p = {k: v[r] for k, v in params.items()}
-        sfh = SFHParams(np.zeros(r.size), p["SFH_AGE"], p["TAU"], p["METALLICITY"], p["BURST_FRAC"], p["BURST_AGE"],
-                        p["BURST_TAU"], p["TRUNC_AGE"], MOCK_COSMO.age(p["Z_COSMO"]).value)
-        _, sfr = star_formation_histories(sfh)
+        _, sfr = star_formation_histories(_sfh_params(t, r))
+        n = np.arange(r.size)
         peak = np.argmax(sfr, axis=1)
-        below = sfr < QUENCH_FRACTION * sfr[np.arange(r.size), peak][:, None]
-        after_peak = np.arange(sfr.shape[1])[None, :] < peak[:, None]  # lookback below the peak's
-        fell = below & after_peak
-        # the first fall after the peak is the largest lookback below the peak's where SFR is under the cut
+        cut = QUENCH_FRACTION * sfr[n, peak]
+        fell = (sfr < cut[:, None]) & (np.arange(sfr.shape[1])[None, :] < peak[:, None])
+        # the first fall after the peak: the largest lookback below the peak's where SFR is under the cut;
+        # the crossing lies between it and the next older grid age (still above the cut)
         first = sfr.shape[1] - 1 - np.argmax(fell[:, ::-1], axis=1)
-        out[r] = np.where(fell.any(axis=1), lookback[first], np.nan)
+        nxt = np.minimum(first + 1, sfr.shape[1] - 1)
+        s0, s1 = sfr[n, first], sfr[n, nxt]
+        frac = np.clip((cut - s0) / np.where(s1 > s0, s1 - s0, 1.0), 0.0, 1.0)
+        crossing = lookback[first] + frac * (lookback[nxt] - lookback[first])
+        out[r] = np.where(fell.any(axis=1), crossing, np.nan)
     return out
 
 
@@ -128,8 +145,7 @@ def intrinsic_spectra_grids(
     outs = [np.zeros((stype.size, w.size), dtype=np.float32) for w in waves]
     gal = np.flatnonzero(stype == "GALAXY")
     if gal.size:
-        p = SFHParams(*(_col(t, c)[gal].astype(np.float64) for c in
-                        ("LOG_MASS_FORMED", "SFH_AGE", "TAU", "METALLICITY", "BURST_FRAC", "BURST_AGE", "BURST_TAU", "TRUNC_AGE", "AGE_UNIVERSE")))
+        p = _sfh_params(t, gal)
         for chunk in np.array_split(np.arange(gal.size), max(1, gal.size // 400)):
             if weights is None:
                 sub = SFHParams(*(getattr(p, f)[chunk] for f in p.__dataclass_fields__))
