@@ -132,9 +132,9 @@ BAGPIPES_COLUMNS: list[Column] = [
     *_percentiles("sSFR", "dex(1 / yr)", "log10 specific SFR (100 Myr)"),
     *_percentiles("Age", "Gyr", "Mass-weighted stellar age"),
     *_percentiles("Dust_Av", "mag", "Calzetti V-band attenuation"),
-    *_percentiles("Metallicity", "", "Stellar metallicity Z/Zsun"),
-    *_percentiles("Tau", "Gyr", "Delayed-tau e-folding time"),
-    *_percentiles("t_quench", "Gyr", "Quenching time (lookback); definition in docs/physics.md"),
+    *_percentiles("Metallicity", "", "Stellar metallicity Z/Zsun; weakly constrained (intervals mostly the prior's, docs/physics.md)"),
+    *_percentiles("Tau", "Gyr", "Delayed-tau e-folding time; weakly constrained (intervals mostly the prior's, docs/physics.md)"),
+    *_percentiles("t_quench", "Gyr", "Quenching time (lookback; negative: not yet quenched, read only the sign); docs/physics.md"),
     _c("Physics_Source", "VARCHAR", "", "'bagpipes' (nested-sampling fit), 'amortized' (neural posterior) or 'synthetic' (ard synth-catalog: drawn, not fitted)"),
     _c("Bagpipes_flag", "INTEGER", "", "Bitmask: fit failed / not converged / out of prior"),
 ]
