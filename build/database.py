@@ -1,4 +1,4 @@
-"""Create ``ard.duckdb``: types, views, macros and the ``ard_meta`` table.
+"""Create ``ard.duckdb``: types, views, macros and the ``ard_meta`` and ``ard_functions`` tables.
 
 The database file holds no data, only objects over the staging Parquet files,
 created in this order from the ``.sql`` files of ``ard_sql.sql``:
@@ -11,7 +11,10 @@ created in this order from the ``.sql`` files of ``ard_sql.sql``:
    each group in file-name order (macros and case-study views; one object
    per file, named after it);
 5. ``tables/ard_meta.sql`` filled with provenance and the unit and
-   description of every column (also set as column comments of ``ard``).
+   description of every column (also set as column comments of ``ard``);
+6. ``tables/ard_functions.sql`` filled with every SQL function and macro and
+   where it works (``ard_sql.udfs.function_catalog``), so that a plain DuckDB
+   client that reports ``spectrum`` missing can find out why.
 
 The file is written under a temporary name and renamed into place, so a
 reader never opens a half-made database.
@@ -249,6 +252,7 @@ def write_database(ard_dir: Path | str, prov: Provenance) -> list[str]:
         con = duckdb.connect(str(tmp))
         try:
             from ard_sql.connection import ARD
+            from ard_sql.udfs import function_catalog
 
             # Types, then UDFs: persistent macros may call UDFs (they bind at creation),
             # and the UDF modules' TEMP macros cast to the types.
@@ -256,6 +260,8 @@ def write_database(ard_dir: Path | str, prov: Provenance) -> list[str]:
             ard = ARD.attach(con, ard_dir)
             problems = create_views(con, ard_dir)
             con.execute(sql_text("tables/ard_meta.sql"))
+            con.execute(sql_text("tables/ard_functions.sql"))
+            con.executemany("INSERT INTO ard_functions VALUES (?, ?, ?, ?)", function_catalog())
             rows = meta_rows(prov) + [("problem", f"sql_{i}", p, None, "SQL file not created", None) for i, p in enumerate(problems)]
             con.executemany("INSERT INTO ard_meta VALUES (?, ?, ?, ?, ?, ?)", rows)
             _comment_columns(con)

@@ -60,6 +60,29 @@ def test_help_of_every_command():
     assert "--format" in ard("sql", "--help").output
 
 
+def test_ard_functions_lists_every_function_and_where_it_works(cli_ard):
+    """A plain DuckDB client can look up what it is missing: every UDF and TEMP macro that ard_sql.open()
+    registers is listed as Python-only, every macro stored in ard.duckdb as working anywhere."""
+    import duckdb
+
+    import ard_sql
+    from ard_sql.udfs import EVERYWHERE, PYTHON_ONLY
+
+    _, _, out, _ = cli_ard
+    plain = duckdb.connect(str(out / "ard.duckdb"), read_only=True)
+    rows = plain.sql("SELECT name, available_in FROM ard_functions").fetchall()
+    stored = {r[0] for r in plain.sql("SELECT function_name FROM duckdb_functions() WHERE NOT internal "
+                                      "AND database_name = current_database()").fetchall()}
+    plain.close()
+    listed = {where: {name for name, w in rows if w == where} for where in (EVERYWHERE, PYTHON_ONLY)}
+    assert stored and stored == listed[EVERYWHERE]
+    with ard_sql.open(out) as db:
+        temp = {r[0] for r in db.sql("SELECT function_name FROM duckdb_functions() WHERE database_name = 'temp'").fetchall()}
+        registered = set(db._instance_functions) | temp
+    assert registered and registered <= listed[PYTHON_ONLY]
+    assert {"spectrum", "lick", "cone_search"} <= listed[PYTHON_ONLY]
+
+
 def test_build_info_sql(cli_ard):
     _, truth, out, res = cli_ard
     assert "(0 errors" in flat(res.output)

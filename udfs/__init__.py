@@ -11,6 +11,11 @@ once and makes a name that two modules both claim an error naming it.
 Connection-local objects (TEMP macros over a UDF) are created with plain
 ``con.execute`` in ``register``; they are per connection, so they are made
 again for each cursor.
+
+Each module also lists what it registers, for the ``ard_functions`` table of
+``ard.duckdb`` (:func:`function_catalog`): ``SQL_FUNCTIONS`` (name ->
+(signature, one line)) and, for its TEMP macros, ``MACRO_FILES`` (``sql/`` files
+whose first comment line reads ``name(args): what it does``).
 """
 
 from __future__ import annotations
@@ -82,3 +87,55 @@ def register_all(con: duckdb.DuckDBPyConnection, ard: "ARD") -> None:
             module.register(con, ard)
         finally:
             ard._registering_module = ""
+
+
+#: ``ard_functions.available_in`` of what ``ard.duckdb`` holds itself and of what needs Python.
+EVERYWHERE = "any DuckDB client"
+PYTHON_ONLY = "ard_sql.open() and `ard sql`"
+
+
+def macro_header(sql: str) -> tuple[str, str, str]:
+    """(name, signature, first sentence) of a macro file's first comment paragraph ``-- name(args): what``."""
+    lines = []
+    for line in sql.splitlines():
+        if not line.startswith("--") or not line[2:].strip():
+            break
+        lines.append(line[2:].strip())
+    text = " ".join(lines)
+    if text.startswith("TEMP "):
+        text = text[len("TEMP "):]
+    depth, end = 0, -1
+    for i, ch in enumerate(text):  # the signature's closing parenthesis (defaults may hold parentheses)
+        depth += ch == "("
+        depth -= ch == ")"
+        if ch == ")" and depth == 0:
+            end = i
+            break
+    if end < 0:
+        raise ValueError(f"macro file does not start with '-- name(args): ...': {text[:60]!r}")
+    signature, rest = text[: end + 1], text[end + 1:].lstrip(" :")
+    name = signature.split("(", 1)[0].strip().strip('"')
+    return name, signature, rest.split(". ")[0].rstrip(".")
+
+
+def function_catalog() -> list[tuple[str, str, str, str]]:
+    """Every SQL function and macro an ARD offers: (name, signature, available_in, description).
+
+    The persistent macros of ``sql/macros`` work in any DuckDB client; the UDFs and
+    TEMP macros of :data:`UDF_MODULES` need ``ard_sql.open()`` (or ``ard sql``). An
+    index-backed TEMP macro that shadows a persistent one is listed under both.
+    """
+    from importlib import resources
+
+    root = resources.files("ard_sql.sql")
+    rows = []
+    for f in sorted(root.joinpath("macros").iterdir(), key=lambda f: f.name):
+        if f.name.endswith(".sql"):
+            rows.append((*macro_header(f.read_text()), EVERYWHERE))
+    for module_name in UDF_MODULES:
+        module = importlib.import_module(f"ard_sql.udfs.{module_name}")
+        for name, (signature, what) in getattr(module, "SQL_FUNCTIONS", {}).items():
+            rows.append((name, signature, what, PYTHON_ONLY))
+        for rel in getattr(module, "MACRO_FILES", ()):
+            rows.append((*macro_header(root.joinpath(rel).read_text()), PYTHON_ONLY))
+    return [(name, signature, where, what) for name, signature, what, where in rows]

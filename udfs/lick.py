@@ -35,6 +35,13 @@ from ard_sql.udfs import create_function
 if TYPE_CHECKING:  # pragma: no cover
     from ard_sql.connection import ARD
 
+#: SQL functions this module registers: name -> (signature, one line for ``ard_functions``).
+SQL_FUNCTIONS: dict[str, tuple[str, str]] = {
+    "lick": ("lick(targetid BIGINT)", "every Lick index with its error and the flag, measured on the stored spectrum"),
+    "lick_spectrum": ("lick_spectrum(wavelength DOUBLE[], flux DOUBLE[], ivar DOUBLE[], z DOUBLE)",
+                      "the same for any spectrum given as arrays"),
+}
+
 RETURN_TYPE = "STRUCT(" + ", ".join(f"{c.name} {c.type}" for c in LICK_COLUMNS[1:]) + ")"
 _STRUCT_TYPE = pa.struct(list(lick.lick_arrow_schema())[1:])
 

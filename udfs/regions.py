@@ -30,6 +30,15 @@ from ard_sql.udfs import create_function
 if TYPE_CHECKING:  # pragma: no cover
     from ard_sql.connection import ARD
 
+#: SQL functions this module registers: name -> (signature, one line for ``ard_functions``);
+#: the TEMP macros of ``MACRO_FILES`` are described by their files' first comment lines.
+SQL_FUNCTIONS: dict[str, tuple[str, str]] = {
+    "in_region": ("in_region(ra DOUBLE, dec DOUBLE, region VARCHAR)",
+                  "exact membership in 'CIRCLE ra dec r', 'POLYGON ra1 dec1 ...' or 'MOC ...'"),
+    "region_files": ("region_files(layer VARCHAR, region VARCHAR)",
+                     "the partition files of a staging table that overlap a region (used by cone_search, region_search)"),
+}
+
 MACRO_FILES = ("region_macros/cone_search.sql", "region_macros/region_search.sql")
 #: DuckDB 2.0 binds a table macro once when it is created, with each parameter
 #: standing in as its own name (a string constant): these are the texts that

@@ -44,12 +44,21 @@ from ard_sql.udfs import create_function
 if TYPE_CHECKING:  # pragma: no cover
     from ard_sql.connection import ARD
 
+#: SQL functions this module registers: name -> (signature, one line for ``ard_functions``);
+#: the TEMP macros of ``MACRO_FILES`` are described by their files' first comment lines.
+SQL_FUNCTIONS: dict[str, tuple[str, str]] = {
+    "ard_similar": ("ard_similar(vector FLOAT[], k BIGINT, embedding VARCHAR, allowed BIGINT[])",
+                    "the HNSW-index search behind the index-backed \"similar\": LIST(STRUCT(TargetID, distance))"),
+    "ard_similar_to": ("ard_similar_to(targetid BIGINT, k BIGINT, embedding VARCHAR, allowed BIGINT[])",
+                       "the HNSW-index search behind the index-backed similar_to"),
+}
+
 RESULT_TYPE = "STRUCT(TargetID BIGINT, distance FLOAT)[]"
 _ARROW_RESULT = pa.list_(pa.struct([("TargetID", pa.int64()), ("distance", pa.float32())]))
 #: An ``allowed`` set at most this large (or this fraction of the index) is searched exactly.
 EXACT_MAX = 50_000
 EXACT_FRACTION = 0.02
-_TEMP_SQL = ("similar_index/similar.sql", "similar_index/similar_to.sql")
+MACRO_FILES = ("similar_index/similar.sql", "similar_index/similar_to.sql")
 
 
 class IndexSet:
@@ -166,5 +175,5 @@ def register(con, ard: "ARD") -> None:
     create_function(con, ard, "ard_similar_to", ard_similar_to, ["BIGINT", "BIGINT", "VARCHAR", "BIGINT[]"], RESULT_TYPE, **common)
     if not indexes.available():
         return  # no index yet: the persistent brute-force macros answer
-    for rel in _TEMP_SQL:
+    for rel in MACRO_FILES:
         con.execute(resources.files("ard_sql.sql").joinpath(rel).read_text())

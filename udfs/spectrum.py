@@ -28,6 +28,12 @@ from ard_sql.udfs import create_function
 if TYPE_CHECKING:  # pragma: no cover
     from ard_sql.connection import ARD
 
+#: SQL functions this module registers: name -> (signature, one line for ``ard_functions``).
+SQL_FUNCTIONS: dict[str, tuple[str, str]] = {
+    "spectrum": ("spectrum(targetid BIGINT)", "the target's spectrum from the HDF5 store: STRUCT(wavelength, flux, "
+                 "ivar, mask) on the brz grid; NULL for an unknown id"),
+}
+
 # Fixed-size arrays (every spectrum is on the brz grid): DuckDB moves them about twice as
 # fast as variable-length lists, and they cast implicitly to lists where a function wants one.
 RETURN_TYPE = (f"STRUCT(wavelength FLOAT[{grid.NPIX}], flux FLOAT[{grid.NPIX}], ivar FLOAT[{grid.NPIX}], "
