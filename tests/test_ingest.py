@@ -464,11 +464,17 @@ def test_duplicate_target_inside_one_file(bad_survey):
     assert abs(np.median(stored_spectrum(out, tid)["flux"]) - 3.0) < 0.3  # the first row is kept
 
 
-def test_failed_rebuild_keeps_the_finished_ard(tmp_path):
+def _built_small_survey(tmp_path: Path) -> tuple[Path, dict, Path]:
+    """The small survey, built once without errors: (survey root, its truth, ARD folder)."""
     root = tmp_path / "survey"
     truth = write_small_survey(root)
     out = tmp_path / "ard"
     assert not run_build(root, out).errors
+    return root, truth, out
+
+
+def test_failed_rebuild_keeps_the_finished_ard(tmp_path):
+    root, truth, out = _built_small_survey(tmp_path)
     before = core_rows(out, "TargetID, SNR_Median")
     assert len(before) == len(truth["targets"])
     # Corrupt one source file of a partition that also holds other files' targets.
@@ -489,10 +495,7 @@ def test_failed_rebuild_keeps_the_finished_ard(tmp_path):
 
 def test_rebuild_keeps_partition_when_a_coadd_fails_at_read_time(tmp_path):
     """A coadd that passes the metadata scan but whose flux cannot be read leaves the finished partition as it was."""
-    root = tmp_path / "survey"
-    truth = write_small_survey(root)
-    out = tmp_path / "ard"
-    assert not run_build(root, out).errors
+    root, truth, out = _built_small_survey(tmp_path)
     before = core_rows(out, "TargetID, SNR_Median, SPEC_FILE, SPEC_ROW")
     spectra_before = stored_spectra(out, [r["TargetID"] for r in before])
     state_before = paths.state_file(out, "core").read_text()
@@ -521,10 +524,7 @@ def test_rebuild_keeps_partition_when_a_coadd_fails_at_read_time(tmp_path):
 
 def test_failed_partition_write_leaves_old_files(tmp_path, monkeypatch):
     """A crash while writing a partition's core file leaves the previous core file and working spectra."""
-    root = tmp_path / "survey"
-    truth = write_small_survey(root)
-    out = tmp_path / "ard"
-    assert not run_build(root, out).errors
+    root, truth, out = _built_small_survey(tmp_path)
     before = core_rows(out, "TargetID, SNR_Median, SPEC_FILE, SPEC_ROW")
     parquet = sorted((out / "staging/core/dataset").rglob("Npix=*.parquet"))
     snapshot = {f: f.read_bytes() for f in parquet}

@@ -128,14 +128,16 @@ def function_catalog() -> list[tuple[str, str, str, str]]:
     from importlib import resources
 
     root = resources.files("ard_sql.sql")
-    rows = []
-    for f in sorted(root.joinpath("macros").iterdir(), key=lambda f: f.name):
-        if f.name.endswith(".sql"):
-            rows.append((*macro_header(f.read_text()), EVERYWHERE))
+
+    def macro_row(text: str, where: str) -> tuple[str, str, str, str]:
+        name, signature, what = macro_header(text)
+        return name, signature, where, what
+
+    rows = [macro_row(f.read_text(), EVERYWHERE) for f in sorted(root.joinpath("macros").iterdir(), key=lambda f: f.name)
+            if f.name.endswith(".sql")]
     for module_name in UDF_MODULES:
         module = importlib.import_module(f"ard_sql.udfs.{module_name}")
-        for name, (signature, what) in getattr(module, "SQL_FUNCTIONS", {}).items():
-            rows.append((name, signature, what, PYTHON_ONLY))
-        for rel in getattr(module, "MACRO_FILES", ()):
-            rows.append((*macro_header(root.joinpath(rel).read_text()), PYTHON_ONLY))
-    return [(name, signature, where, what) for name, signature, what, where in rows]
+        rows += [(name, signature, PYTHON_ONLY, what)
+                 for name, (signature, what) in getattr(module, "SQL_FUNCTIONS", {}).items()]
+        rows += [macro_row(root.joinpath(rel).read_text(), PYTHON_ONLY) for rel in getattr(module, "MACRO_FILES", ())]
+    return rows

@@ -260,12 +260,15 @@ def truth_skeleton(
     inside[flat] = True
     inside = inside.reshape(web.shape)
     field = np.where(inside, np.maximum(1.0 + bias * web.delta_truth, 0.0), np.nan).astype(np.float32)
-    centres = web.origin + (np.indices(web.shape).reshape(3, -1).T + 0.5) * web.cell
-    expected = nbar(np.linalg.norm(centres, axis=1)).reshape(web.shape) * web.cell**3
+
+    def centre(cells: np.ndarray) -> np.ndarray:
+        return web.origin + (np.stack(np.unravel_index(cells, web.shape), axis=-1) + 0.5) * web.cell
+
+    expected = np.zeros(web.shape)  # masked cells (outside the cone) take no part in the skeleton
+    expected.flat[flat] = nbar(np.linalg.norm(centre(flat), axis=1)) * web.cell**3
     sigma = skeleton_noise(np.nan_to_num(field, nan=1.0), expected, web.cell, web.smoothing_mpc)
     sk = filament_skeleton(field, sigma, nsigma)
-    ends = [web.origin + (np.stack(np.unravel_index(i, web.shape), axis=-1) + 0.5) * web.cell for i in (sk.start, sk.end)]
-    return ends[0], ends[1]
+    return centre(sk.start), centre(sk.end)
 
 
 def observed_redshift(z_cosmo: np.ndarray, v_los_kms: np.ndarray) -> np.ndarray:
