@@ -127,9 +127,9 @@ PPXF_COLUMNS: list[Column] = [
 # ---------------------------------------------------------------- bagpipes / amortized physics
 BAGPIPES_COLUMNS: list[Column] = [
     _c("TargetID", "BIGINT"),
-    *_percentiles("LogMass", "dex(solMass)", "log10 stellar mass formed-surviving (Bagpipes stellar_mass)"),
-    *_percentiles("SFR", "solMass / yr", "Star-formation rate averaged over 100 Myr"),
-    *_percentiles("sSFR", "dex(1 / yr)", "log10 specific SFR (100 Myr)"),
+    *_percentiles("LogMass", "dex(solMass)", "log10 surviving stellar mass: living stars and remnants (Bagpipes stellar_mass), not the mass formed"),
+    *_percentiles("SFR", "solMass / yr", "Star-formation rate averaged over 100 Myr; floored at 1e-5 solMass/yr (a value at the floor reads: below it)"),
+    *_percentiles("sSFR", "dex(1 / yr)", "log10 specific SFR (100 Myr), its own marginal posterior (not log10 SFR - LogMass of the medians); floored at -15 (a value at the floor reads: below it)"),
     *_percentiles("Age", "Gyr", "Mass-weighted stellar age"),
     *_percentiles("Dust_Av", "mag", "Calzetti V-band attenuation"),
     *_percentiles("Metallicity", "", "Stellar metallicity Z/Zsun; weakly constrained (intervals mostly the prior's, docs/physics.md)"),
@@ -163,7 +163,7 @@ TOPOLOGY_COLUMNS: list[Column] = [
     _c("Topology_flag", "INTEGER", "", "Bitmask (see ard_sql.build.layers.topology.FLAG_MEANINGS): 1 not a galaxy, 2 T-web masked, "
        "4 Sigma_N circle leaves the footprint, 8 too few neighbours, 16 unreliable or out-of-range redshift, "
        "32 too few tracers, 64 no filament skeleton, 128 coincident neighbours (infinite density), "
-       "256 too sparse for the T-web (Web_Class, Dist_Filament NULL), 512 tide mostly outside the survey (Web_Class NULL)"),
+       "256 too sparse for the T-web (Web_Class, Dist_Filament NULL), 512 tide mostly outside the survey (Web_Class NULL), 1024 a nearer filament may lie outside the survey (Dist_Filament NULL)"),
 ]
 
 #: Every staging table, in the order the ``ard`` view joins them.

@@ -148,13 +148,20 @@ def plot_quenching_diagram(*, db: Any = None, where: str | None = None, out: str
     return _save(fig, out)
 
 
-def plot_bpt(*, db: Any = None, min_snr: float = 3.0, out: str | Path | None = None) -> Any:
-    """[NII]-BPT diagram with the Kauffmann et al. (2003) and Kewley et al. (2001) lines."""
+def _rows(con: Any, where: str | None, columns: list[str]) -> Any:
+    """``columns`` of every ``ard`` row, or of those passing ``where`` (``db.query`` syntax), as a DataFrame."""
+    if where is None:
+        return con.sql("SELECT " + ", ".join(f'"{c}"' for c in columns) + " FROM ard").df()
+    return con.query(where, columns)
+
+
+def plot_bpt(*, db: Any = None, min_snr: float = 3.0, where: str | None = None, out: str | Path | None = None) -> Any:
+    """[NII]-BPT diagram with the Kauffmann et al. (2003) and Kewley et al. (2001) lines (optionally filtered with
+    ``db.query`` syntax)."""
     plt = _pyplot()
     names = ["Hbeta", "OIII_5007", "Halpha", "NII_6584"]
-    cols = ", ".join(f"{n}_Flux, {n}_Flux_err" for n in names)
     with _db(db) as con:
-        df = con.sql(f"SELECT {cols} FROM ard").df()
+        df = _rows(con, where, [f"{n}_Flux{e}" for n in names for e in ("", "_err")])
     ok = np.ones(len(df), bool)
     for n in names:
         ok &= (df[f"{n}_Flux"] / df[f"{n}_Flux_err"] > min_snr).fillna(False).to_numpy()
@@ -176,11 +183,12 @@ def plot_bpt(*, db: Any = None, min_snr: float = 3.0, out: str | Path | None = N
     return _save(fig, out)
 
 
-def plot_sky(*, db: Any = None, out: str | Path | None = None) -> Any:
-    """Targets on the sky coloured by Web_Class (grey: no class)."""
+def plot_sky(*, db: Any = None, where: str | None = None, out: str | Path | None = None) -> Any:
+    """Targets on the sky coloured by Web_Class (grey: no class), optionally filtered with ``db.query`` syntax."""
     plt = _pyplot()
     with _db(db) as con:
-        df = con.sql("SELECT RA, DEC, CAST(Web_Class AS VARCHAR) AS web FROM ard").df()
+        df = _rows(con, where, ["RA", "DEC", "Web_Class"])
+    df["web"] = df.pop("Web_Class").astype("string")
     fig, ax = plt.subplots(figsize=(7, 5))
     none = df.web.isna()
     ax.scatter(df.RA[none], df.DEC[none], s=2, color="0.7", label="no class")

@@ -137,6 +137,12 @@ def find_similar(db: Any, targetid: int | None = None, vector: Any = None, k: in
     # (checked and translated like db.query's filters, so only known columns pass).
     allowed = f"(SELECT list(TargetID) FROM ard WHERE {filter_to_sql(where)})" if where else "NULL"
     if targetid is not None:
+        # SQL's similar_to answers an unknown target with no rows; a Python caller gets told why
+        found = con.execute(f"SELECT emb_{name} IS NOT NULL FROM ard WHERE TargetID = ?", [int(targetid)]).fetchall()
+        if not found:
+            raise ValueError(f"find_similar: target {targetid} is not in the ARD")
+        if not found[0][0]:
+            raise ValueError(f"find_similar: target {targetid} has no emb_{name} (not a galaxy, or no usable spectrum)")
         src = f"similar_to(?, ?, '{name}', {allowed})"
         params: list[Any] = [int(targetid), int(k)]
     else:

@@ -57,6 +57,16 @@ def main() -> None:
             if m.any():
                 p16, p50, p84 = np.percentile(d[m], [16, 50, 84])
                 print(f"  d_true in [{lo}, {hi}) Mpc: {m.sum():6d} galaxies, layer median {p50:.1f} (16-84 %: {p16:.1f}-{p84:.1f})")
+        edge = (res.flag[gal] & topology.FLAGS["FILAMENT_EDGE"]) > 0
+        if edge.any():  # what the FILAMENT_EDGE galaxies would have read: the same run with the bit off
+            off = topology.compute(cat["RA"], cat["DEC"], cat[zcol], gal,
+                                   {"cosmology": MOCK_COSMOLOGY, "min_filament_coverage": 0}).dist_filament[gal]
+            e = edge & np.isfinite(off) & np.isfinite(d_true)
+            le = np.log10((off[e] + 1) / (d_true[e] + 1))
+            print(f"  FILAMENT_EDGE (NULL): {edge.sum()} galaxies; with the bit off they read median {np.median(off[e]):.1f} vs "
+                  f"true {np.median(d_true[e]):.1f} Mpc, bias {np.median(le):+.3f} scatter {median_abs_deviation(le, scale='normal'):.3f} dex")
+        else:
+            print("  FILAMENT_EDGE: no galaxy flagged")
         print("  median per true class V/S/F/K: layer", [round(float(np.median(d[ok & (truth_class == c)])), 1) for c in range(4)],
               "truth skeleton", [round(float(np.median(d_true[ok & (truth_class == c)])), 1) for c in range(4)])
 

@@ -25,13 +25,13 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
 
 import duckdb
 
 from ard_sql import contract, paths
+from ard_sql import sql as packaged_sql
 from ard_sql.build import hats_writer
 
 #: Extra SQL folders executed after the core views, in this order ("" = top level).
@@ -53,9 +53,8 @@ PARTITION_COLUMNS = [
 ]
 
 
-def sql_text(relpath: str) -> str:
-    """Text of one packaged ``.sql`` file (relative to ``ard_sql/sql``)."""
-    return resources.files("ard_sql.sql").joinpath(relpath).read_text()
+#: Text of one packaged ``.sql`` file (relative to ``ard_sql/sql``).
+sql_text = packaged_sql.text
 
 
 def quote_ident(name: str) -> str:
@@ -99,16 +98,7 @@ def ard_view_sql(compacted: bool = False) -> str:
 
 def extra_sql_files() -> list[str]:
     """Relative names of the packaged macro and view files, in execution order."""
-    root = resources.files("ard_sql.sql")
-    out = []
-    for folder in EXTRA_SQL_FOLDERS:
-        sub = root.joinpath(folder) if folder else root
-        if not sub.is_dir():
-            continue
-        for f in sorted(sub.iterdir(), key=lambda f: f.name):
-            if f.name.endswith(".sql") and not (not folder and f.name in _OWN_SQL):
-                out.append(f"{folder}/{f.name}" if folder else f.name)
-    return out
+    return [rel for folder in EXTRA_SQL_FOLDERS for rel in packaged_sql.files(folder) if rel not in _OWN_SQL]
 
 
 def create_views(con: duckdb.DuckDBPyConnection, ard_dir: Path | str) -> list[str]:

@@ -8,10 +8,17 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ard_sql.build.ingest.targets import DEFAULT_MAX_ROWS, MAX_ORDER
+
+
+#: Schedulers started here; anything else must be the address of a running dask scheduler.
+LOCAL_SCHEDULERS = ("processes", "threads", "sync")
+#: A dask scheduler address: optional protocol, host, port (``tcp://10.0.0.1:8786``, ``localhost:8786``).
+_SCHEDULER_ADDRESS = re.compile(r"^([a-z][a-z0-9+]*://)?[^\s:/]+:\d+/?$")
 
 
 class OptionError(ValueError):
@@ -58,6 +65,9 @@ class BuildOptions:
             raise OptionError(f"order must be between 0 and {MAX_ORDER} (DESI healpix coadds are order 6), got {self.order}")
         if self.workers is not None and int(self.workers) < 1:
             raise OptionError(f"workers must be at least 1, got {self.workers}")
+        if self.scheduler not in (None, *LOCAL_SCHEDULERS) and not _SCHEDULER_ADDRESS.match(self.scheduler):
+            raise OptionError(f"scheduler must be {', '.join(map(repr, LOCAL_SCHEDULERS))} or a dask scheduler address "
+                              f"such as 'tcp://10.0.0.1:8786', got {self.scheduler!r}")
         if self.max_rows < 1:
             raise OptionError(f"max_rows must be at least 1, got {self.max_rows}")
         if self.layers is not None:
@@ -66,7 +76,7 @@ class BuildOptions:
             wanted = [name for name in self.layers if name != "core"]
             for name in wanted:
                 if name not in LAYERS:
-                    raise OptionError(f"unknown layer {name!r}" + _suggest(name, list(LAYERS)))
+                    raise OptionError(f"unknown layer {name!r}" + _suggest(name, ["core", *LAYERS]))
             self.layers = wanted
         from ard_sql.build.layers import LAYERS
 

@@ -163,6 +163,7 @@ def run_ingest(opts: BuildOptions, ex: Executor, report: BuildReport) -> None:
         raise BuildFailed(str(exc)) from exc
     order = opts.order if opts.order is not None else _existing_order(ard_dir)
     plan = ingest.make_plan(source, groups, tables, order=order, zcat=zcat, max_rows=opts.max_rows)
+    report.add(plan.problems)
     if plan.rows.num_rows == 0:
         raise BuildFailed(f"no target could be read from {source}; see the problems above")
     _check_order_change(ard_dir, plan.order)
@@ -418,6 +419,9 @@ def build(opts: BuildOptions) -> BuildReport:
     report = BuildReport(started=_now(), source=str(opts.source or ""))
     layers = layers_to_run(opts, report)
     check_layer_options(opts, layers)
+    if not opts.source and not hats_writer.partition_files(ard_dir, paths.CORE):
+        # before anything is started or created: no cluster, no empty folder left behind
+        raise BuildFailed(f"{ard_dir} has no core table yet: give a SOURCE folder of DESI files to ingest")
     ard_dir.mkdir(parents=True, exist_ok=True)
     previous = database.read_provenance(ard_dir)
     prov = previous or database.Provenance()
@@ -425,8 +429,6 @@ def build(opts: BuildOptions) -> BuildReport:
         if opts.source:
             run_ingest(opts, ex, report)
             prov.source = str(Path(opts.source).resolve())
-        elif not hats_writer.partition_files(ard_dir, paths.CORE):
-            raise BuildFailed(f"{ard_dir} has no core table yet: give a SOURCE folder of DESI files to ingest")
         for name in layers:
             try:
                 prov.layer_versions[name] = run_layer(opts, ex, report, name)

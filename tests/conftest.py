@@ -60,10 +60,12 @@ class PairSpec:
     redrock_targetid: np.ndarray | None = None
 
 
-def pixel_positions(hpx: int, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """n positions well inside the nside-64 NESTED pixel ``hpx``."""
+def pixel_positions(hpx: int, targetid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions well inside the nside-64 NESTED pixel ``hpx``, one per target and the same in every file
+    (a target observed in two programs sits at one place on the sky)."""
     ra0, dec0 = hp.pix2ang(64, hpx, nest=True, lonlat=True)
-    return ra0 + rng.uniform(-0.05, 0.05, n), dec0 + rng.uniform(-0.05, 0.05, n)
+    offset = np.array([np.random.default_rng(int(t) % 2**32).uniform(-0.05, 0.05, 2) for t in targetid]).reshape(-1, 2)
+    return ra0 + offset[:, 0], dec0 + offset[:, 1]
 
 
 def write_pair(root: Path, survey: str, program: str, hpx: int, spec: PairSpec, seed: int = 0) -> tuple[Path, Path]:
@@ -73,7 +75,7 @@ def write_pair(root: Path, survey: str, program: str, hpx: int, spec: PairSpec, 
     n = len(tid)
     folder = Path(root) / "healpix" / survey / program / str(hpx // 100) / str(hpx)
     folder.mkdir(parents=True, exist_ok=True)
-    ra, dec = pixel_positions(hpx, n, np.random.default_rng(tid.sum() % 2**32))
+    ra, dec = pixel_positions(hpx, tid)
     prefix = {"sv1": "SV1_", "sv3": "SV3_"}.get(survey, "")
     fm = Table()
     fm["TARGETID"] = tid

@@ -113,6 +113,49 @@ def test_sql_errors_and_missing_ard(cli_ard, tmp_path):
     assert missing.exit_code != 0 and "ard build" in flat(missing.output)
 
 
+def test_sql_prints_nested_and_wide_results(cli_ard):
+    """CSV has no nested type: vectors and structs come out as JSON text; a result too wide for the
+    terminal prints one name / value table per row instead of a grid of empty columns."""
+    _, truth, out, _ = cli_ard
+    csv = ard("sql", out, "SELECT TargetID, [1.5, 2.0]::FLOAT[2] AS v, {'a': 1} AS s, emb_astro FROM ard LIMIT 1",
+              "--format", "csv")
+    assert csv.exit_code == 0, csv.output
+    header, row = csv.stdout.strip().splitlines()[-2:]
+    assert header == '"TargetID","v","s","emb_astro"'
+    assert row.split(",", 1)[1] == '"[1.5, 2.0]","{""a"": 1}",'
+    wide = runner.invoke(app, ["sql", str(out), "SELECT * FROM ard LIMIT 2"], catch_exceptions=False,
+                         terminal_width=100, env={"COLUMNS": "100"})
+    assert wide.exit_code == 0, wide.output
+    assert "row 1" in wide.stdout and "row 2" in wide.stdout and "SNR_Median" in wide.stdout
+
+
+def test_a_targetid_in_two_files_of_one_program_is_named(tmp_path):
+    """DESI has one spectrum per target per survey and program, at one position: a repeat in another file of
+    the same program, 1 deg away, is two objects under one ID (or a copied file) and is reported with both files."""
+    root = tmp_path / "survey"
+    truth = write_small_survey(root)
+    tid = min(truth["targets"])
+    other, _ = write_pair(root, "main", "dark", 30000, PairSpec(np.array([tid])))
+    res = ard("build", root, "--out", tmp_path / "ard", *FAST)
+    assert res.exit_code == 1, res.output
+    problems = json.loads((tmp_path / "ard" / "build-report.json").read_text())["problems"]
+    named = [p for p in problems if p["target"] == tid]
+    assert len(named) == 1 and "twice in survey main, program dark" in named[0]["reason"]
+    assert "deg apart" in named[0]["reason"] and {named[0]["file"], named[0]["reason"].split()[3].rstrip(":")} == {
+        str(other), str(root / "healpix/main/dark/1/100/coadd-main-dark-100.fits")}
+    assert len(problems) == 1  # the legitimate repeat (same target in the bright program, same place) is not one
+
+
+def test_build_refuses_before_starting_anything(tmp_path):
+    """A bad scheduler or a layers-only run on a folder with no core: exit 2, a clear message, no folder made."""
+    bad = ard("build", "--out", tmp_path / "a", "--scheduler", "foo")
+    assert bad.exit_code == 2 and "dask scheduler address" in flat(bad.output)
+    assert not (tmp_path / "a").exists()
+    nocore = ard("build", "--out", tmp_path / "b", "--layers", "lick", "--scheduler", "sync")
+    assert nocore.exit_code == 2 and "no core table yet" in flat(nocore.output)
+    assert not (tmp_path / "b").exists()
+
+
 def test_rerun_skips_unchanged(cli_ard):
     root, _, out, first = cli_ard
     res = ard("build", root, "--out", out, *FAST)

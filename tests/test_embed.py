@@ -289,6 +289,8 @@ def test_find_similar_returns_a_dataframe_joined_with_the_catalog(embed_ard):
     assert len(df2) == 3 and (df2["Z"] < 0.3).all()
     with pytest.raises(ValueError):
         db.find_similar(k=3)
+    with pytest.raises(ValueError, match="target 123 is not in the ARD"):
+        db.find_similar(targetid=123, k=3)
 
 
 # --------------------------------------------------------------------------- resampling invariance
@@ -384,6 +386,27 @@ def test_fit_whitening_damps_the_noise_directions():
     var = np.var((x - centre) @ whiten, axis=0)
     got = np.sort(var)
     np.testing.assert_allclose(got, np.sort([1.0, 1.0, 1.0 / 16.0]), rtol=0.05)
+
+
+def test_snr_projection_removes_the_direction_that_snr_predicts():
+    """A planted S/N direction is removed; the other directions (and rows' distances along them) are kept."""
+    from ard_sql.science.specformer import median_snr, snr_projection
+
+    rng = np.random.default_rng(1)
+    snr = 10 ** rng.uniform(0.3, 1.7, 3000)
+    x = rng.normal(size=(3000, 8))
+    u = np.zeros(8)
+    u[[2, 5]] = [0.6, 0.8]
+    x += 4.0 * np.outer(np.log10(snr) - np.log10(snr).mean(), u)
+    project = snr_projection(x, snr, 1)
+    y = x @ project
+    assert abs(np.corrcoef(y @ u, np.log10(snr))[0, 1]) < 0.02 < abs(np.corrcoef(x @ u, np.log10(snr))[0, 1]) - 0.5
+    assert np.abs(y[:, [0, 1, 3, 4, 6, 7]] - x[:, [0, 1, 3, 4, 6, 7]]).mean() < 0.02  # the rest kept (up to the fit's noise)
+    assert snr_projection(x, snr, 0) is None and snr_projection(x[:5], snr[:5], 1) is None
+    flux = np.array([[1.0, -2.0, 3.0, np.nan], [1.0, 1.0, 1.0, 1.0]])
+    ivar = np.array([[4.0, 1.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    got = median_snr(flux, ivar)
+    assert got[0] == 2.0 and np.isnan(got[1])
 
 
 def test_shen_grid_noise_damping_makes_the_head_grid_steadier():

@@ -80,3 +80,19 @@ def test_ard_plot_command(lick_ard, tmp_path):
     assert res.exit_code == 2 and "unknown plot" in res.output
     res = CliRunner().invoke(app, ["plot", str(lick_ard), "spectrum"])
     assert res.exit_code == 2 and "--target" in res.output
+    res = CliRunner().invoke(app, ["plot", str(lick_ard), "spectrum", "--target", str(tid), "--where", "Z < 1"])
+    assert res.exit_code == 2 and "--where" in res.output
+
+
+def test_where_filters_every_sample_plot(lick_ard, tmp_path):
+    """--where / where= selects the galaxies of the quenching, BPT and sky plots (it used to be ignored by two)."""
+    with ard_sql.open(lick_ard) as db:
+        z = db.sql("SELECT median(Z) FROM ard").fetchall()[0][0]
+        n_all = len(ard_sql.plot_sky(db=db).axes[0].collections[0].get_offsets()) + sum(
+            len(c.get_offsets()) for c in ard_sql.plot_sky(db=db).axes[0].collections[1:])
+        fig = ard_sql.plot_sky(db=db, where=f"Z < {z}")
+        n_cut = sum(len(c.get_offsets()) for c in fig.axes[0].collections)
+        assert 0 < n_cut < n_all
+    for kind in ("bpt", "sky", "quenching"):
+        res = CliRunner().invoke(app, ["plot", str(lick_ard), kind, "--where", "nope > 1", "--out", str(tmp_path / "x.png")])
+        assert res.exit_code == 2 and "nope" in res.output, (kind, res.output)

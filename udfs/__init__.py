@@ -125,19 +125,16 @@ def function_catalog() -> list[tuple[str, str, str, str]]:
     TEMP macros of :data:`UDF_MODULES` need ``ard_sql.open()`` (or ``ard sql``). An
     index-backed TEMP macro that shadows a persistent one is listed under both.
     """
-    from importlib import resources
-
-    root = resources.files("ard_sql.sql")
+    from ard_sql import sql as packaged_sql
 
     def macro_row(text: str, where: str) -> tuple[str, str, str, str]:
         name, signature, what = macro_header(text)
         return name, signature, where, what
 
-    rows = [macro_row(f.read_text(), EVERYWHERE) for f in sorted(root.joinpath("macros").iterdir(), key=lambda f: f.name)
-            if f.name.endswith(".sql")]
+    rows = [macro_row(packaged_sql.text(rel), EVERYWHERE) for rel in packaged_sql.files("macros")]
     for module_name in UDF_MODULES:
         module = importlib.import_module(f"ard_sql.udfs.{module_name}")
         rows += [(name, signature, PYTHON_ONLY, what)
                  for name, (signature, what) in getattr(module, "SQL_FUNCTIONS", {}).items()]
-        rows += [macro_row(root.joinpath(rel).read_text(), PYTHON_ONLY) for rel in getattr(module, "MACRO_FILES", ())]
+        rows += [macro_row(packaged_sql.text(rel), PYTHON_ONLY) for rel in getattr(module, "MACRO_FILES", ())]
     return rows

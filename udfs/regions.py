@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from importlib import resources
 from typing import TYPE_CHECKING
 
 import duckdb
@@ -25,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ard_sql import contract, paths, regions
+from ard_sql import sql as packaged_sql
 from ard_sql.udfs import create_function
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -66,7 +66,7 @@ def macro_sql(filename: str, compacted: bool = False) -> str:
     else:
         source = join_sql({name: typed_scan(name, f"region_files('{name}', {region_arg})") for name in contract.LAYER_COLUMNS})
     columns = ", ".join(quote_ident(c.name) for c in contract.all_columns())
-    text = resources.files("ard_sql.sql").joinpath(filename).read_text()
+    text = packaged_sql.text(filename)
     return text.replace("{columns}", columns).replace("{scans}", source)
 
 
@@ -99,7 +99,7 @@ def register(con: duckdb.DuckDBPyConnection, ard: "ARD") -> None:
         "SELECT count(*) FROM duckdb_functions() WHERE function_name = 'cone' AND function_type = 'macro'"
     ).fetchall()[0][0]
     if not has_cone:  # an ARD built before sql/macros/cone.sql existed: same macro, per connection
-        text = resources.files("ard_sql.sql").joinpath("macros/cone.sql").read_text()
+        text = packaged_sql.text("macros/cone.sql")
         con.execute(text.replace("CREATE OR REPLACE MACRO", "CREATE OR REPLACE TEMP MACRO"))
     from ard_sql.query import reads_wide
 

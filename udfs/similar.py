@@ -30,7 +30,6 @@ Two implementations with one signature:
 from __future__ import annotations
 
 import threading
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +37,7 @@ import numpy as np
 import pyarrow as pa
 
 from ard_sql import paths
+from ard_sql import sql as packaged_sql
 from ard_sql.similarity import EMBEDDINGS, Neighbours, embedding_column, open_index, search
 from ard_sql.udfs import create_function
 
@@ -176,4 +176,4 @@ def register(con, ard: "ARD") -> None:
     if not indexes.available():
         return  # no index yet: the persistent brute-force macros answer
     for rel in MACRO_FILES:
-        con.execute(resources.files("ard_sql.sql").joinpath(rel).read_text())
+        con.execute(packaged_sql.text(rel))

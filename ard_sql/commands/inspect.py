@@ -64,7 +64,7 @@ def info(ard_dir: Path = typer.Argument(..., help="ARD folder.")) -> None:
         except duckdb.Error as exc:
             raise fail(f"cannot read ard_meta of {db.path} ({exc}); rebuild the database with `ard build --out {db.path}`") from None
         for row in rows:
-            meta.add_row(*[str(v)[:100] for v in row])
+            meta.add_row(*[shorten(str(v), 400) for v in row])
         out.print(meta)
     report = db.path / "build-report.json"
     if report.exists():
@@ -96,19 +96,55 @@ def sql(
     if format == "csv":
         import pyarrow.csv as pacsv
 
-        pacsv.write_csv(table, sys.stdout.buffer)
+        pacsv.write_csv(csv_ready(table), sys.stdout.buffer)
     elif format == "json":
         for row in table.to_pylist():
             sys.stdout.write(json.dumps(row, default=str) + "\n")
     else:
-        from rich.console import Console
+        print_table(table, limit)
 
+
+def shorten(text: str, width: int) -> str:
+    """``text`` cut to ``width`` characters, with an ellipsis where it was cut."""
+    return text if len(text) <= width else text[:width - 1] + "\u2026"
+
+
+def csv_ready(table: "pa.Table") -> "pa.Table":
+    """``table`` with nested columns (embedding vectors, lists, structs) as JSON text: CSV has no nested type."""
+    import pyarrow as pa
+
+    for i, col in enumerate(table.columns):
+        t = col.type
+        if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t) \
+                or pa.types.is_struct(t) or pa.types.is_map(t):
+            text = pa.array([None if v is None else json.dumps(v, default=str) for v in col.to_pylist()], pa.string())
+            table = table.set_column(i, table.field(i).name, text)
+    return table
+
+
+#: Narrowest useful column of the table output: with more columns than fit, rows are printed one field per line.
+_MIN_COLUMN_WIDTH = 9
+
+
+def print_table(table: "pa.Table", limit: int) -> None:
+    """Print up to ``limit`` rows as a table; a result too wide for the terminal prints each row as name / value pairs."""
+    from rich.console import Console
+
+    console = Console()
+    rows = table.slice(0, limit).to_pylist()
+    if table.num_columns * _MIN_COLUMN_WIDTH <= console.width:
         out = Table(*table.column_names)
-        for row in table.slice(0, limit).to_pylist():
-            out.add_row(*[str(v) for v in row.values()])
-        Console().print(out)
-        if table.num_rows > limit:
-            Console(stderr=True).print(f"({table.num_rows} rows, {limit} shown; use --format csv for all)")
+        for row in rows:
+            out.add_row(*[shorten(str(v), 200) for v in row.values()])
+        console.print(out)
+    else:  # expanded display (psql's \x): one small table per row
+        for n, row in enumerate(rows, 1):
+            out = Table("column", "value", title=f"row {n}", title_justify="left")
+            for name, v in row.items():
+                out.add_row(name, shorten(str(v), max(20, console.width - 30)))
+            console.print(out)
+    if table.num_rows > limit:
+        Console(stderr=True).print(f"({table.num_rows} rows, {limit} shown; --max-rows for more, --format csv for all)")
 
 
 def register(app: typer.Typer) -> None:

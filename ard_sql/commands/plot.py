@@ -17,7 +17,7 @@ def plot(
     target: list[int] = typer.Option([], "--target", help="TargetID (repeatable) for `spectrum`."),
     out: Path = typer.Option(Path("plot.png"), "--out", help="Image file to write (PNG, PDF, SVG by suffix)."),
     no_model: bool = typer.Option(False, "--no-model", help="`spectrum`: leave out the pPXF and Bagpipes models."),
-    where: str = typer.Option(None, "--where", help="`quenching`: a db.query filter, e.g. \"Z < 0.3 & SNR_Median > 5\"."),
+    where: str = typer.Option(None, "--where", help="`quenching`, `bpt`, `sky`: a db.query filter, e.g. \"Z < 0.3 & SNR_Median > 5\"."),
 ) -> None:
     """Draw a spectrum with its models, the quenching diagram (Dn4000-HdeltaA), the BPT diagram or the sky by Web_Class."""
     from ard_sql import plotting
@@ -26,6 +26,8 @@ def plot(
         raise fail(f"unknown plot {kind!r}; choose one of {', '.join(KINDS)}")
     if kind == "spectrum" and not target:
         raise fail("`ard plot ARD spectrum` needs at least one --target TARGETID")
+    if kind == "spectrum" and where is not None:
+        raise fail("--where selects galaxies for quenching, bpt and sky; `spectrum` plots the --target galaxies")
     db = open_ard(ard_dir)
     with db:
         try:
@@ -34,9 +36,9 @@ def plot(
             elif kind == "quenching":
                 plotting.plot_quenching_diagram(db=db, where=where, out=out)
             elif kind == "bpt":
-                plotting.plot_bpt(db=db, out=out)
+                plotting.plot_bpt(db=db, where=where, out=out)
             else:
-                plotting.plot_sky(db=db, out=out)
+                plotting.plot_sky(db=db, where=where, out=out)
         except ValueError as exc:
             raise fail(str(exc)) from None
     console.print(f"wrote {out}")

@@ -198,9 +198,9 @@ class SurveySelection:
             n[pos] *= self.footprint.contains_vec(xyz[pos])
         return n
 
-    def ball_coverage(self, xyz: np.ndarray, radius: float, edge_angle: np.ndarray | None = None,
+    def ball_coverage(self, xyz: np.ndarray, radius: float | np.ndarray, edge_angle: np.ndarray | None = None,
                       n_points: int = 64, batch: int = 20000) -> np.ndarray:
-        """Fraction of the ball of ``radius`` (Mpc) around each position that lies inside the survey.
+        """Fraction of the ball of ``radius`` (Mpc; one value, or one per position) around each position inside the survey.
 
         Inside means where the selection is non-zero (footprint and the radial range
         of ``n(r)``). Read at ``n_points`` fixed points spread uniformly in the ball
@@ -208,17 +208,22 @@ class SurveySelection:
         ``edge_angle`` (radians, ``Footprint.edge_angle`` of the positions), when
         given, skips the positions the ball cannot reach out of: footprint edge
         farther than the ball's angular radius arcsin(radius / r) and both radial
-        ends farther than ``radius``; their coverage is 1.
+        ends farther than ``radius``; their coverage is 1. A non-finite radius
+        gives NaN.
         """
         xyz = np.asarray(xyz, float)
-        out = np.ones(len(xyz))
+        radius = np.broadcast_to(np.asarray(radius, float), (len(xyz),))
+        finite = np.isfinite(radius)
+        out = np.where(finite, 1.0, np.nan)
         r = np.linalg.norm(xyz, axis=1)
-        near = np.minimum(r - self.edges[0], self.edges[-1] - r) < radius
-        if edge_angle is None:
-            near[:] = True
-        else:
-            reach = np.arcsin(np.clip(radius / np.maximum(r, 1e-12), 0.0, 1.0))
-            near |= np.asarray(edge_angle, float) < reach
+        with np.errstate(invalid="ignore"):
+            near = np.minimum(r - self.edges[0], self.edges[-1] - r) < radius
+            if edge_angle is None:
+                near[:] = True
+            else:
+                reach = np.arcsin(np.clip(radius / np.maximum(r, 1e-12), 0.0, 1.0))
+                near |= np.asarray(edge_angle, float) < reach
+        near &= finite
         # a golden-angle spiral of directions, radii uniform in volume (stratified, in a fixed shuffle)
         k = np.arange(n_points) + 0.5
         cos_t, phi = 1.0 - 2.0 * k / n_points, np.pi * (1.0 + 5.0**0.5) * k
@@ -228,7 +233,7 @@ class SurveySelection:
         idx = np.flatnonzero(near)
         for s in range(0, idx.size, batch):
             rows = idx[s:s + batch]
-            p = (xyz[rows, None, :] + radius * ball[None]).reshape(-1, 3)
+            p = (xyz[rows, None, :] + radius[rows, None, None] * ball[None]).reshape(-1, 3)
             out[rows] = (self.density(p) > 0).reshape(rows.size, n_points).mean(axis=1)
         return out
 

@@ -125,6 +125,7 @@ def make_plan(
     program = np.asarray(allrows.column("PROGRAM").to_pylist(), dtype=object)
     rank = allrows.column("SOURCE_RANK").to_numpy()
     primary, nspec = targets.primary_flags(tid, zwarn, tsnr, survey, program, rank, zcat)
+    problems = repeated_target_problems(allrows, primary, files)
     rows = allrows.append_column("N_SPECTRA", pa.array(nspec.astype(np.int16))).filter(pa.array(primary))
     hpx = rows.column("HEALPIX").to_numpy()
     k = targets.choose_order(hpx, max_rows) if order is None else int(order)
@@ -136,7 +137,57 @@ def make_plan(
         np.asarray(rows.column("SURVEY").to_pylist(), dtype=object),
     )
     rows = rows.append_column("TARGET_CLASS", pa.array(list(cls), pa.string()))
-    return Plan(str(source), k, files, rows)
+    return Plan(str(source), k, files, rows, problems)
+
+
+#: Two spectra of one TargetID farther apart on the sky than this are two different objects.
+SAME_OBJECT_ARCSEC = 1.0
+
+
+def repeated_target_problems(rows: pa.Table, primary: np.ndarray, files: list[tuple[str, str]]) -> list[Problem]:
+    """Problems for TargetIDs whose several spectra cannot be one object observed more than once.
+
+    DESI observes a target once per survey and program, always at the same
+    position: a TargetID twice in one (SURVEY, PROGRAM) means a copied or
+    mislabelled file, and spectra more than ``SAME_OBJECT_ARCSEC`` apart are two
+    objects under one ID. The primary spectrum is kept, as for any repeat; the
+    problem names both files so the user can decide.
+    """
+    tid = rows.column("TARGETID").to_numpy()
+    order = np.argsort(tid, kind="stable")
+    t = tid[order]
+    repeated = np.flatnonzero(np.r_[t[1:] == t[:-1], False] | np.r_[False, t[1:] == t[:-1]])
+    if repeated.size == 0:
+        return []
+    ra = rows.column("RA").cast(pa.float64()).fill_null(np.nan).to_numpy(zero_copy_only=False)
+    dec = rows.column("DEC").cast(pa.float64()).fill_null(np.nan).to_numpy(zero_copy_only=False)
+    survey = np.asarray(rows.column("SURVEY").to_pylist(), dtype=object)
+    program = np.asarray(rows.column("PROGRAM").to_pylist(), dtype=object)
+    rank = rows.column("SOURCE_RANK").to_numpy()
+    out = []
+    idx = order[repeated]
+    for target in np.unique(tid[idx]):
+        mine = idx[tid[idx] == target]
+        keep = mine[primary[mine]][0] if primary[mine].any() else mine[0]
+        for other in mine[mine != keep]:
+            sep = _separation_arcsec(ra[keep], dec[keep], ra[other], dec[other])
+            why = []
+            if survey[other] == survey[keep] and program[other] == program[keep]:
+                why.append(f"twice in survey {survey[keep]}, program {program[keep]} (a copied or mislabelled file?)")
+            if not sep <= SAME_OBJECT_ARCSEC:
+                why.append(f"at positions {sep / 3600:.4g} deg apart (two different objects under one TargetID?)")
+            if why:
+                out.append(Problem(f"TargetID also in {files[rank[keep]][0]}: " + " and ".join(why)
+                                   + "; that file's spectrum is kept as the target's, this one is only counted in N_SPECTRA",
+                                   file=files[rank[other]][0], target=int(target)))
+    return out
+
+
+def _separation_arcsec(ra1: float, dec1: float, ra2: float, dec2: float) -> float:
+    """Angular separation (arcsec) of two positions in degrees; NaN if either is unknown."""
+    from astropy.coordinates import angular_separation
+
+    return float(np.degrees(angular_separation(*np.radians([ra1, dec1, ra2, dec2]))) * 3600)
 
 
 def _relative(path: str, source: str) -> str:
