@@ -29,6 +29,11 @@ class ARDNotFound(FileNotFoundError):
 
 
 def _how_to_build(where: Path) -> str:
+    if where.is_dir() and (next(where.glob("healpix/**/coadd-*.fits"), None) or next(where.glob("coadd-*.fits"), None)):
+        # a DESI source folder (or a mock survey) given where its ARD was meant
+        return (f"{where} holds DESI coadd files, not an ARD: build one from it with\n"
+                f"    ard build {where} --out {where.parent / (where.name + '_ard')}\n"
+                "then open that folder.")
     return (
         f"no ARD found at {where} (missing {paths.DB_FILENAME}). Build one with\n"
         f"    ard mock --out survey --n 2000 && ard build survey --out {where}\n"

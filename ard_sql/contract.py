@@ -118,7 +118,7 @@ PPXF_COLUMNS: list[Column] = [
     *_with_err("V_gas_forbidden", "DOUBLE", KMS, "Forbidden-line gas velocity relative to Z"),
     *_with_err("Sigma_gas_forbidden", "DOUBLE", KMS, "Forbidden-line gas velocity dispersion"),
     *[col for line in PPXF_LINES for col in _with_err(f"{line}_Flux", "DOUBLE", LINE_FLUX, f"{line} emission-line flux (pPXF)")],
-    *_with_err("Gas_Av", "DOUBLE", "mag", "Gas attenuation A_V from the Balmer decrement in the pPXF fit"),
+    *_with_err("Gas_Av", "DOUBLE", "mag", "Gas attenuation A_V from the Balmer decrement in the pPXF fit; not clipped at 0: a noisy decrement below the intrinsic 2.86 gives a negative value (keeps sample means unbiased; compare with Gas_Av_err)"),
     _c("PPXF_Chi2", "DOUBLE", "", "Reduced chi2 of the pPXF fit"),
     _c("PPXF_mode", "VARCHAR", "", "'reference' (pPXF) or 'fast' (batched fitter)"),
     _c("PPXF_flag", "INTEGER", "", "Bitmask: fit failures and lines outside coverage (see ard_sql.science.kinematics.FLAGS)"),

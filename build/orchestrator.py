@@ -149,6 +149,7 @@ def run_ingest(opts: BuildOptions, ex: Executor, report: BuildReport) -> None:
     scans = ex.map(scan_task, list(enumerate(groups)), lambda ig: (ig[1], ig[0], str(source)),
                    f"scan {len(groups)} source files", opts.progress)
     tables: list[pa.Table | None] = []
+    target_errors: list[Problem] = []  # targets a readable file could not give (left out of this build)
     for out in scans:
         if out.error:
             report.add([Problem(out.error, file=str(out.item[1].coadd))])
@@ -156,6 +157,7 @@ def run_ingest(opts: BuildOptions, ex: Executor, report: BuildReport) -> None:
             continue
         table, probs = out.result
         report.add(probs)
+        target_errors += [p for p in probs if p.target is not None and p.severity == "error"]
         tables.append(table)
     try:
         zcat = ingest.zcatalog(opts.zcat)
@@ -176,9 +178,13 @@ def run_ingest(opts: BuildOptions, ex: Executor, report: BuildReport) -> None:
     # is: rebuilding it would drop that file's rows (a failed rebuild never damages a finished ARD).
     unreadable = {str(g.coadd) for g, t in zip(groups, tables) if t is None}
     unreadable |= {_coadd_of(p.file) for p in problems if p.file}
+    # so is one that holds a target its file cannot give now, or one of a TargetID two files claim
+    # (rebuilding would drop the row, or put the ID in two partitions)
+    unreadable |= {_coadd_of(p.file) for p in target_errors if p.file} | plan.conflicted
     kept = ingest.partitions_using(ard_dir, source, unreadable)
     for p in [p for p in todo if (p.order, p.pixel) in kept]:
-        report.add([Problem("partition kept as previously built: one of its source files cannot be read now",
+        report.add([Problem("partition kept as previously built: one of its source files cannot be read now, "
+                            "or cannot give every target it gave before",
                             pixel=p.pixel, order=p.order, severity="warning")])
     # A finished partition whose every target came from files that cannot be read now is in no partition of
     # this plan: it stays too (a build with errors removes nothing), and the report says so.

@@ -111,6 +111,9 @@ def test_sql_errors_and_missing_ard(cli_ard, tmp_path):
     assert ard("sql", out, "SELECT 1", "--format", "xml").exit_code != 0
     missing = ard("info", tmp_path / "none")
     assert missing.exit_code != 0 and "ard build" in flat(missing.output)
+    root, _, _, _ = cli_ard
+    survey = ard("info", root)  # the source folder given where the ARD was meant
+    assert survey.exit_code != 0 and "holds DESI coadd files, not an ARD" in flat(survey.output)
 
 
 def test_sql_prints_nested_and_wide_results(cli_ard):
@@ -166,8 +169,10 @@ def test_rerun_skips_unchanged(cli_ard):
 def _survey_with(tmp_path: Path, bad: str) -> tuple[Path, Path]:
     root = tmp_path / "survey"
     write_small_survey(root)
+    drop = {"missing_hdu": ("B_IVAR",), "missing_flux": ("B_FLUX",)}.get(bad, ())
+    ivar = {"B": np.full((3, len(arm_wave("B")) - 10), 4.0, np.float32)} if bad == "ivar_width" else {}
     coadd, rr = write_pair(root, "main", "dark", 30000, PairSpec(39627640566900000 + np.arange(3),
-                                                                  drop_hdus=("B_IVAR",) if bad == "missing_hdu" else ()))
+                                                                  drop_hdus=drop, arm_ivar=ivar))
     if bad in ("nan_flux", "duplicate_row"):
         coadd.unlink()
         rr.unlink()
@@ -177,6 +182,12 @@ def _survey_with(tmp_path: Path, bad: str) -> tuple[Path, Path]:
             flux[1, 100:110] = np.nan
         coadd, rr = write_pair(root, "main", "dark", 30000, PairSpec(tid, arm_flux={"B": flux}))
         return root, coadd
+    if bad == "bad_z":
+        coadd.unlink()
+        rr.unlink()
+        coadd, rr = write_pair(root, "main", "dark", 30000, PairSpec(39627640566900000 + np.arange(3),
+                                                                      z=np.array([0.1, np.nan, -5.0])))
+        return root, rr
     if bad == "truncated":
         coadd.write_bytes(coadd.read_bytes()[:50000])
         return root, coadd
@@ -186,7 +197,8 @@ def _survey_with(tmp_path: Path, bad: str) -> tuple[Path, Path]:
     return root, coadd
 
 
-@pytest.mark.parametrize("bad, n_rows", [("truncated", 24), ("missing_hdu", 24), ("orphan", 24),
+@pytest.mark.parametrize("bad, n_rows", [("truncated", 24), ("missing_hdu", 24), ("missing_flux", 24), ("ivar_width", 24), ("bad_z", 27),
+                                         ("orphan", 24),
                                          ("nan_flux", 27), ("duplicate_row", 26)])
 def test_bad_input_exit_code_and_keep_going(tmp_path, bad, n_rows):
     """Skipped files and repaired rows (kept) alike give exit 1 unless --keep-going."""

@@ -473,6 +473,20 @@ def _built_small_survey(tmp_path: Path) -> tuple[Path, dict, Path]:
     return root, truth, out
 
 
+def test_a_target_its_file_cannot_give_now_keeps_its_built_row(tmp_path):
+    """One target gone bad in a file that still reads (NaN position): reported, and its row is not lost on a rebuild."""
+    root, truth, out = _built_small_survey(tmp_path)
+    before = core_rows(out, "TargetID, SNR_Median")
+    coadd = root / "healpix/main/dark/1/101/coadd-main-dark-101.fits"
+    with fits.open(coadd, mode="update") as hdul:
+        hdul["FIBERMAP"].data["TARGET_RA"][1] = np.nan
+        bad = int(hdul["FIBERMAP"].data["TARGETID"][1])
+    report = run_build(root, out)
+    assert any(p.file == str(coadd) and p.target == bad for p in report.errors), [str(p) for p in report.problems]
+    assert any("kept as previously built" in p.reason for p in report.problems)
+    assert core_rows(out, "TargetID, SNR_Median") == before
+
+
 def test_failed_rebuild_keeps_the_finished_ard(tmp_path):
     root, truth, out = _built_small_survey(tmp_path)
     before = core_rows(out, "TargetID, SNR_Median")

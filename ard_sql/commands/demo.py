@@ -21,8 +21,8 @@ VOID_QUERY = "LogMass_p50 > 11.0 & Web_Class == 'Void' & SNR_Median > 10"
 #: The seed query where the survey is too sparse for Web_Class (the README's example does the same).
 MASS_QUERY = "SPECTYPE == 'GALAXY' & LogMass_p50 > 10.5 & SNR_Median > 10"
 #: Said after the build: the demo's columns are weaker than a default build's, whose figures the docs give.
-DEMO_SIZED = ("This is a demo-sized build, weaker than a default one: each encoder trained for 75 s (default 300 s; "
-              "the demo's embeddings lean on S/N more than on spectral type), the amortized posteriors saw 20,000 "
+DEMO_SIZED = ("This is a demo-sized build, weaker than a default one: each encoder trained for 75 s (default 300 s), "
+              "the amortized posteriors saw 20,000 "
               "simulations and one calibration mock (default 80,000 and three; the demo's model errors are less "
               "well fitted, so its intervals cover the truth less often). The quality figures of README.md and "
               "bench/RESULTS.md are for the defaults: `ard build survey --out my_ard` gives them.")

@@ -66,6 +66,8 @@ class Plan:
     rows: pa.Table
     """Primary spectra: scan columns + PIXEL + N_SPECTRA + TARGET_CLASS."""
     problems: list[Problem] = field(default_factory=list)
+    conflicted: set[str] = field(default_factory=set)
+    """Coadds that share a TargetID they should not (both files of each problem of :func:`repeated_target_problems`)."""
 
     def pixels(self) -> list[int]:
         """Partition pixels with at least one target, sorted."""
@@ -125,7 +127,7 @@ def make_plan(
     program = np.asarray(allrows.column("PROGRAM").to_pylist(), dtype=object)
     rank = allrows.column("SOURCE_RANK").to_numpy()
     primary, nspec = targets.primary_flags(tid, zwarn, tsnr, survey, program, rank, zcat)
-    problems = repeated_target_problems(allrows, primary, files)
+    problems, conflicted = repeated_target_problems(allrows, primary, files)
     rows = allrows.append_column("N_SPECTRA", pa.array(nspec.astype(np.int16))).filter(pa.array(primary))
     hpx = rows.column("HEALPIX").to_numpy()
     k = targets.choose_order(hpx, max_rows) if order is None else int(order)
@@ -137,15 +139,16 @@ def make_plan(
         np.asarray(rows.column("SURVEY").to_pylist(), dtype=object),
     )
     rows = rows.append_column("TARGET_CLASS", pa.array(list(cls), pa.string()))
-    return Plan(str(source), k, files, rows, problems)
+    return Plan(str(source), k, files, rows, problems, conflicted)
 
 
 #: Two spectra of one TargetID farther apart on the sky than this are two different objects.
 SAME_OBJECT_ARCSEC = 1.0
 
 
-def repeated_target_problems(rows: pa.Table, primary: np.ndarray, files: list[tuple[str, str]]) -> list[Problem]:
-    """Problems for TargetIDs whose several spectra cannot be one object observed more than once.
+def repeated_target_problems(rows: pa.Table, primary: np.ndarray, files: list[tuple[str, str]]
+                             ) -> tuple[list[Problem], set[str]]:
+    """Problems for TargetIDs whose several spectra cannot be one object observed more than once, and the coadds involved.
 
     DESI observes a target once per survey and program, always at the same
     position: a TargetID twice in one (SURVEY, PROGRAM) means a copied or
@@ -158,13 +161,13 @@ def repeated_target_problems(rows: pa.Table, primary: np.ndarray, files: list[tu
     t = tid[order]
     repeated = np.flatnonzero(np.r_[t[1:] == t[:-1], False] | np.r_[False, t[1:] == t[:-1]])
     if repeated.size == 0:
-        return []
+        return [], set()
     ra = rows.column("RA").cast(pa.float64()).fill_null(np.nan).to_numpy(zero_copy_only=False)
     dec = rows.column("DEC").cast(pa.float64()).fill_null(np.nan).to_numpy(zero_copy_only=False)
     survey = np.asarray(rows.column("SURVEY").to_pylist(), dtype=object)
     program = np.asarray(rows.column("PROGRAM").to_pylist(), dtype=object)
     rank = rows.column("SOURCE_RANK").to_numpy()
-    out = []
+    out, conflicted = [], set()
     idx = order[repeated]
     for target in np.unique(tid[idx]):
         mine = idx[tid[idx] == target]
@@ -180,7 +183,8 @@ def repeated_target_problems(rows: pa.Table, primary: np.ndarray, files: list[tu
                 out.append(Problem(f"TargetID also in {files[rank[keep]][0]}: " + " and ".join(why)
                                    + "; that file's spectrum is kept as the target's, this one is only counted in N_SPECTRA",
                                    file=files[rank[other]][0], target=int(target)))
-    return out
+                conflicted |= {files[rank[keep]][0], files[rank[other]][0]}
+    return out, conflicted
 
 
 def _separation_arcsec(ra1: float, dec1: float, ra2: float, dec2: float) -> float:

@@ -37,6 +37,8 @@ from ard_sql.build.report import BadInput, Problem
 #: nside of DESI's healpix grouping (NESTED): order 6.
 DESI_NSIDE = 64
 ARMS = ("B", "R", "Z")
+#: Redrock's stars sit near z = 0, a little below it at most; a Z below this is not a redshift.
+MIN_PLAUSIBLE_Z = -0.01
 _NAME_RE = re.compile(r"^(coadd|redrock|zbest)-(.+?)\.fits(\.gz)?$")
 _HEALPIX_KEY_RE = re.compile(r"^(?P<survey>[a-z0-9]+)-(?P<program>[a-z]+)-(?P<hpx>\d+)$")
 
@@ -281,11 +283,17 @@ def scan_group(group: SourceGroup) -> tuple[Scan, list[Problem]]:
             raise BadInput("FIBERMAP HDU is empty", file=coadd_path)
         n = len(fibermap)
         arms = arms_present(hdul)
+        names = {h.name.upper() for h in hdul}
+        for arm in ARMS:  # an arm whose other HDUs are here but whose flux is not: a damaged file, not a 2-arm one
+            orphans = [f"{arm}_{part}" for part in ("WAVELENGTH", "IVAR", "MASK") if f"{arm}_{part}" in names]
+            if arm not in arms and orphans:
+                raise BadInput(f"missing HDU {arm}_FLUX while {', '.join(orphans)} are present", file=coadd_path)
         if not arms:
             raise BadInput("missing HDUs B_FLUX, R_FLUX and Z_FLUX (no spectra)", file=coadd_path)
         for arm in arms:
             for part in ("WAVELENGTH", "IVAR"):
                 _hdu(hdul, f"{arm}_{part}", coadd_path)
+            npix = {}
             for part in ("FLUX", "IVAR", "MASK", "RESOLUTION"):
                 h = _hdu(hdul, f"{arm}_{part}", coadd_path, required=False)
                 if h is not None and h.header.get("NAXIS", 0) >= 2 and h.shape[0] != n:
@@ -293,6 +301,11 @@ def scan_group(group: SourceGroup) -> tuple[Scan, list[Problem]]:
                         f"FIBERMAP has {n} rows but {arm}_{part} has {h.shape[0]}: the rows of the file disagree",
                         file=coadd_path,
                     )
+                if h is not None and part != "RESOLUTION" and h.header.get("NAXIS", 0) >= 2:
+                    npix[part] = h.shape[-1]
+            if len(set(npix.values())) > 1:
+                raise BadInput(f"arm {arm}: pixel counts differ between HDUs ("
+                               + ", ".join(f"{arm}_{k} {v}" for k, v in npix.items()) + ")", file=coadd_path)
         survey, program = _survey_program(hdul[0].header, fibermap, group.key)
         tid = _native(fibermap["TARGETID"]).astype(np.int64)
         cols: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -348,6 +361,14 @@ def scan_group(group: SourceGroup) -> tuple[Scan, list[Problem]]:
     for i in np.flatnonzero(bad_pos):
         problems.append(Problem("TARGET_RA/TARGET_DEC missing or invalid; skipped", file=str(coadd_path), target=int(tid[i])))
     keep &= ~dup & ~bad_pos
+    if "Z" in cols:  # kept (the layers flag such rows BAD_REDSHIFT), but a redrock file should never say this
+        zv, zok = cols["Z"]
+        with np.errstate(invalid="ignore"):
+            odd = keep & ~(zok & np.isfinite(zv) & (zv > MIN_PLAUSIBLE_Z))
+        for i in np.flatnonzero(odd):
+            problems.append(Problem(f"redshift Z = {f'{zv[i]:g}' if zok[i] and np.isfinite(zv[i]) else 'NaN or missing'} is not a redshift (not finite or below "
+                                    f"{MIN_PLAUSIBLE_Z}); kept, the layers flag it BAD_REDSHIFT", file=str(rr_path),
+                                    target=int(tid[i]), severity="warning"))
     cols = {name: (v[keep], ok[keep]) for name, (v, ok) in cols.items()}
     cols["HEALPIX"] = (
         hp.ang2pix(DESI_NSIDE, cols["RA"][0], cols["DEC"][0], nest=True, lonlat=True).astype(np.int64),
