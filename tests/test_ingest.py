@@ -585,6 +585,10 @@ def test_rerun_skips_unchanged_and_rebuilds_changed(tmp_path):
     assert len(changed) == 1
     assert abs(np.median(stored_spectrum(out, int(tid[0]))["flux"]) - 30.0) < 0.2
     assert len(core_rows(out, "TargetID")) == len(truth["targets"])
+    # A new file whose path sorts first (every other file's rank shifts) rebuilds only the partition it joins.
+    write_pair(root, "main", "backup", 40000, PairSpec(TID0 + 900 + np.arange(2)), seed=4)
+    fourth = run_build(root, out)
+    assert fourth.layers["core"]["built"] == 1 and fourth.layers["core"]["skipped_unchanged"] == nparts - 1
     # --force rebuilds every partition.
     assert run_build(root, out, force=True).layers["core"]["built"] == nparts
 

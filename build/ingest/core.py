@@ -96,12 +96,14 @@ class PartitionInput:
         """Hash of everything the output depends on: version, order, targets, source files' size and mtime."""
         h = hashlib.sha256()
         h.update(f"{INGEST_VERSION}|{self.order}|{self.pixel}|".encode())
-        for col in ("TARGETID", "SOURCE_RANK", "ROW", "N_SPECTRA"):
+        for col in ("TARGETID", "ROW", "N_SPECTRA"):
             h.update(np.ascontiguousarray(self.rows.column(col).to_numpy()).tobytes())
-        for rank in sorted(self.files):
-            for f in self.files[rank]:
-                st = Path(f).stat()
-                h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}|".encode())
+        # each row's file by path, not by its rank in the whole source: adding or removing a file elsewhere in the
+        # survey shifts every rank after it, and must not make unchanged partitions look changed
+        h.update("|".join(self.files[r][0] for r in self.rows.column("SOURCE_RANK").to_pylist()).encode())
+        for f in sorted(f for pair in self.files.values() for f in pair):
+            st = Path(f).stat()
+            h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}|".encode())
         return h.hexdigest()
 
 
