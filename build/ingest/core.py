@@ -42,7 +42,14 @@ def scan_one(group: desi_io.SourceGroup, rank: int, source: str) -> tuple[pa.Tab
     try:
         scan, problems = desi_io.scan_group(group)
     except BadInput as exc:
-        return None, [exc.problem()]
+        problem = exc.problem()
+        listed = desi_io.fibermap_targetids(group.coadd)  # who is missing, when the file says it
+        if listed is not None and len(listed):
+            ids = np.sort(listed)
+            more = f" and {len(ids) - MAX_LISTED_TARGETS} more" if len(ids) > MAX_LISTED_TARGETS else ""
+            problem.reason += (f"; none of the {len(ids)} target(s) it lists is ingested from it now (rows built from it "
+                               f"before are kept): TargetID {', '.join(str(t) for t in ids[:MAX_LISTED_TARGETS])}{more}")
+        return None, [problem]
     n = len(scan)
     cols: dict[str, pa.Array] = {}
     for name, (values, valid) in scan.columns.items():

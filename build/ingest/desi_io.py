@@ -264,6 +264,15 @@ def _survey_program(header: fits.Header, fibermap: fits.FITS_rec, key: str) -> t
     return survey or "unknown", program or "unknown"
 
 
+def fibermap_targetids(coadd: Path | str) -> np.ndarray | None:
+    """The TARGETIDs a coadd's FIBERMAP lists, or None when even that cannot be read (for naming left-out targets)."""
+    try:
+        with fits.open(coadd, memmap=False) as hdul:
+            return _native(hdul["FIBERMAP"].data["TARGETID"]).astype(np.int64)
+    except Exception:  # noqa: BLE001 - a damaged file may fail in any way; then nobody can be named
+        return None
+
+
 def arms_present(hdul: fits.HDUList) -> list[str]:
     """Arms (B, R, Z) whose FLUX HDU is in the file."""
     names = {h.name.upper() for h in hdul}
