@@ -35,7 +35,8 @@ def _literal(path: Path) -> str:
 
 def partition_sql(ard_dir: Path | str, order: int, pixel: int) -> str:
     """SELECT that joins one partition's core file with each layer's file (NULLs for a missing one)."""
-    from ard_sql.build.database import quote_ident, sql_text
+    from ard_sql import sql as packaged_sql
+    from ard_sql.build.database import quote_ident
 
     selects, joins = [], []
     core = paths.partition_file(ard_dir, order, pixel)
@@ -49,7 +50,7 @@ def partition_sql(ard_dir: Path | str, order: int, pixel: int) -> str:
         else:
             selects += [f"CAST(NULL AS {_null_type(c.type)}) AS {quote_ident(c.name)}" for c in names]
     selects.append(f'{quote_ident(paths.CORE)}."_healpix_29"')
-    return sql_text("templates/wide_partition.sql").format(
+    return packaged_sql.text("templates/wide_partition.sql").format(
         columns=",\n       ".join(selects), core=_literal(core), joins="\n".join(joins))
 
 

@@ -53,10 +53,6 @@ PARTITION_COLUMNS = [
 ]
 
 
-#: Text of one packaged ``.sql`` file (relative to ``ard_sql/sql``).
-sql_text = packaged_sql.text
-
-
 def quote_ident(name: str) -> str:
     """Quote a DuckDB identifier."""
     return '"' + name.replace('"', '""') + '"'
@@ -72,7 +68,7 @@ def staging_view_sql(layer: str, ard_dir: Path | str) -> str:
     exprs = [f"CAST({quote_ident(c.name)} AS {c.type}) AS {quote_ident(c.name)}" for c in contract.columns(layer)]
     if layer in (paths.CORE, contract.WIDE):
         exprs += PARTITION_COLUMNS
-    return sql_text("templates/staging_view.sql").format(
+    return packaged_sql.text("templates/staging_view.sql").format(
         view=quote_ident(layer),
         columns=",\n       ".join(exprs),
         layer=layer,
@@ -91,7 +87,7 @@ def ard_view_sql(compacted: bool = False) -> str:
     layers = [name for name in contract.LAYER_COLUMNS if name != paths.CORE]
     cols = [quote_ident(c.name) for c in contract.all_columns()] + [quote_ident(c) for c in PARTITION_COLUMN_NAMES]
     joins = "\n".join(f"LEFT JOIN {quote_ident(layer)} USING (TargetID)" for layer in layers)
-    return sql_text("templates/ard_view.sql").format(
+    return packaged_sql.text("templates/ard_view.sql").format(
         columns=",\n       ".join(cols), source=quote_ident(contract.WIDE) if compacted else quote_ident(paths.CORE),
         joins="" if compacted else joins)
 
@@ -110,7 +106,7 @@ def create_views(con: duckdb.DuckDBPyConnection, ard_dir: Path | str) -> list[st
     """
     from ard_sql.build import compaction
 
-    con.execute(sql_text("types.sql"))
+    con.execute(packaged_sql.text("types.sql"))
     for layer in contract.LAYER_COLUMNS:
         con.execute(staging_view_sql(layer, ard_dir))
     compacted = compaction.is_current(ard_dir)
@@ -118,11 +114,11 @@ def create_views(con: duckdb.DuckDBPyConnection, ard_dir: Path | str) -> list[st
         con.execute(staging_view_sql(contract.WIDE, ard_dir))
     con.execute(ard_view_sql(compacted))
     if (Path(ard_dir) / "artifacts" / "topology" / "filaments.parquet").exists():
-        con.execute(sql_text("templates/filaments_view.sql").format(ard_dir=quote_literal(Path(ard_dir).resolve().as_posix())))
+        con.execute(packaged_sql.text("templates/filaments_view.sql").format(ard_dir=quote_literal(Path(ard_dir).resolve().as_posix())))
     problems = []
     for rel in extra_sql_files():
         try:
-            con.execute(sql_text(rel))
+            con.execute(packaged_sql.text(rel))
         except duckdb.Error as exc:
             problems.append(f"sql/{rel}: {str(exc).splitlines()[0]}")
     return problems
@@ -246,11 +242,11 @@ def write_database(ard_dir: Path | str, prov: Provenance) -> list[str]:
 
             # Types, then UDFs: persistent macros may call UDFs (they bind at creation),
             # and the UDF modules' TEMP macros cast to the types.
-            con.execute(sql_text("types.sql"))
+            con.execute(packaged_sql.text("types.sql"))
             ard = ARD.attach(con, ard_dir)
             problems = create_views(con, ard_dir)
-            con.execute(sql_text("tables/ard_meta.sql"))
-            con.execute(sql_text("tables/ard_functions.sql"))
+            con.execute(packaged_sql.text("tables/ard_meta.sql"))
+            con.execute(packaged_sql.text("tables/ard_functions.sql"))
             con.executemany("INSERT INTO ard_functions VALUES (?, ?, ?, ?)", function_catalog())
             rows = meta_rows(prov) + [("problem", f"sql_{i}", p, None, "SQL file not created", None) for i, p in enumerate(problems)]
             con.executemany("INSERT INTO ard_meta VALUES (?, ?, ?, ?, ?, ?)", rows)

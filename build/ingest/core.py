@@ -23,6 +23,7 @@ from ard_sql import contract, grid, paths, spectra_store
 from ard_sql.build import hats_writer
 from ard_sql.build.ingest import combine, desi_io, targets
 from ard_sql.build.report import BadInput, Problem
+from ard_sql.regions import angular_separation_deg
 
 #: Bump when the ingest's output changes for the same input (invalidates finished partitions).
 INGEST_VERSION = "1"
@@ -45,10 +46,8 @@ def scan_one(group: desi_io.SourceGroup, rank: int, source: str) -> tuple[pa.Tab
         problem = exc.problem()
         listed = desi_io.fibermap_targetids(group.coadd)  # who is missing, when the file says it
         if listed is not None and len(listed):
-            ids = np.sort(listed)
-            more = f" and {len(ids) - MAX_LISTED_TARGETS} more" if len(ids) > MAX_LISTED_TARGETS else ""
-            problem.reason += (f"; none of the {len(ids)} target(s) it lists is ingested from it now (rows built from it "
-                               f"before are kept): TargetID {', '.join(str(t) for t in ids[:MAX_LISTED_TARGETS])}{more}")
+            problem.reason += (f"; none of the {len(listed)} target(s) it lists is ingested from it now (rows built from "
+                               f"it before are kept): {targetid_list(listed)}")
         return None, [problem]
     n = len(scan)
     cols: dict[str, pa.Array] = {}
@@ -182,7 +181,7 @@ def repeated_target_problems(rows: pa.Table, primary: np.ndarray, files: list[tu
         mine = idx[tid[idx] == target]
         keep = mine[primary[mine]][0] if primary[mine].any() else mine[0]
         for other in mine[mine != keep]:
-            sep = _separation_arcsec(ra[keep], dec[keep], ra[other], dec[other])
+            sep = float(angular_separation_deg(ra[keep], dec[keep], ra[other], dec[other])) * 3600.0
             why = []
             if survey[other] == survey[keep] and program[other] == program[keep]:
                 why.append(f"twice in survey {survey[keep]}, program {program[keep]} (a copied or mislabelled file?)")
@@ -194,13 +193,6 @@ def repeated_target_problems(rows: pa.Table, primary: np.ndarray, files: list[tu
                                    file=files[rank[other]][0], target=int(target)))
                 conflicted |= {files[rank[keep]][0], files[rank[other]][0]}
     return out, conflicted
-
-
-def _separation_arcsec(ra1: float, dec1: float, ra2: float, dec2: float) -> float:
-    """Angular separation (arcsec) of two positions in degrees; NaN if either is unknown."""
-    from astropy.coordinates import angular_separation
-
-    return float(np.degrees(angular_separation(*np.radians([ra1, dec1, ra2, dec2]))) * 3600)
 
 
 def _relative(path: str, source: str) -> str:
@@ -292,12 +284,17 @@ def ingest_partition(ard_dir: str | Path, part: PartitionInput) -> tuple[int, li
 MAX_LISTED_TARGETS = 20
 
 
-def left_out_text(targetids: np.ndarray) -> str:
-    """'its N target(s) ... left out of the ARD: TargetID a, b, ...' (the first MAX_LISTED_TARGETS, then a count)."""
+def targetid_list(targetids: np.ndarray) -> str:
+    """'TargetID a, b, ...' of the sorted ids: the first MAX_LISTED_TARGETS, then a count of the rest."""
     tids = [int(t) for t in np.sort(np.asarray(targetids, dtype=np.int64))]
     listed = ", ".join(str(t) for t in tids[:MAX_LISTED_TARGETS])
     more = f" and {len(tids) - MAX_LISTED_TARGETS} more" if len(tids) > MAX_LISTED_TARGETS else ""
-    return f"its {len(tids)} target(s) of this partition are left out of the ARD: TargetID {listed}{more}"
+    return f"TargetID {listed}{more}"
+
+
+def left_out_text(targetids: np.ndarray) -> str:
+    """'its N target(s) of this partition are left out of the ARD: TargetID a, b, ...'."""
+    return f"its {len(targetids)} target(s) of this partition are left out of the ARD: {targetid_list(targetids)}"
 
 
 def _core_table(rows: pa.Table, part: PartitionInput, snr: dict[str, np.ndarray], snr_median: np.ndarray) -> pa.Table:
