@@ -112,7 +112,7 @@ PPXF_LINES: list[str] = [
 PPXF_COLUMNS: list[Column] = [
     _c("TargetID", "BIGINT"),
     *_with_err("VelDisp", "DOUBLE", KMS, "Stellar velocity dispersion sigma (pPXF)"),
-    *_with_err("V_star", "DOUBLE", KMS, "Stellar velocity relative to the redshift Z"),
+    *_with_err("V_star", "DOUBLE", KMS, "Stellar velocity relative to the redshift Z; |V_star| > 300 km/s sets PPXF_flag bit 1024 V_STAR_OFFSET (kept, kinematics suspect)"),
     *_with_err("V_gas_balmer", "DOUBLE", KMS, "Balmer-line gas velocity relative to Z"),
     *_with_err("Sigma_gas_balmer", "DOUBLE", KMS, "Balmer-line gas velocity dispersion"),
     *_with_err("V_gas_forbidden", "DOUBLE", KMS, "Forbidden-line gas velocity relative to Z"),
@@ -121,7 +121,7 @@ PPXF_COLUMNS: list[Column] = [
     *_with_err("Gas_Av", "DOUBLE", "mag", "Gas attenuation A_V from the Balmer decrement in the pPXF fit; not clipped at 0: a noisy decrement below the intrinsic 2.86 gives a negative value (keeps sample means unbiased; compare with Gas_Av_err)"),
     _c("PPXF_Chi2", "DOUBLE", "", "Reduced chi2 of the pPXF fit"),
     _c("PPXF_mode", "VARCHAR", "", "'reference' (pPXF) or 'fast' (batched fitter)"),
-    _c("PPXF_flag", "INTEGER", "", "Bitmask: fit failures and lines outside coverage (see ard_sql.science.kinematics.FLAGS)"),
+    _c("PPXF_flag", "INTEGER", "", "Bitmask: fit failures, suspect kinematics (1024: |V_star| > 300 km/s) and lines outside coverage (see ard_sql.science.kinematics.FLAGS, docs/reference.md)"),
 ]
 
 # ---------------------------------------------------------------- bagpipes / amortized physics
@@ -157,11 +157,15 @@ TOPOLOGY_COLUMNS: list[Column] = [
     _c("Web_Class", "WEB_CLASS", "", "T-web class: Void, Sheet, Filament, Knot (codes 0-3 in Web_Class_Code)"),
     _c("Web_Class_Code", "TINYINT", "", "T-web class code: 0 Void, 1 Sheet, 2 Filament, 3 Knot"),
     _c("Dist_Filament", "DOUBLE", "Mpc", "Comoving distance to the nearest filament segment of the persistence-filtered skeleton"),
-    _c("Sigma_5", "DOUBLE", "Mpc-2", "Projected density 5 / (pi d_5^2), neighbours within +-1000 km/s (Baldry et al. 2006)"),
-    _c("Sigma_10", "DOUBLE", "Mpc-2", "Projected density 10 / (pi d_10^2), neighbours within +-1000 km/s"),
-    _c("Density_kNN3D", "DOUBLE", "Mpc-3", "3D kNN density estimate"),
+    _c("Sigma_5", "DOUBLE", "Mpc-2", "Projected density 5 / (pi d_5^2), neighbours within +-1000 km/s (Baldry et al. 2006); "
+       "NULL with Topology_flag 8 where fewer than 5 other tracers lie within +-1000 km/s"),
+    _c("Sigma_10", "DOUBLE", "Mpc-2", "Projected density 10 / (pi d_10^2), neighbours within +-1000 km/s; "
+       "NULL with Topology_flag 8 where fewer than 10 other tracers lie within +-1000 km/s"),
+    _c("Density_kNN3D", "DOUBLE", "Mpc-3", "3D kNN density estimate (5th neighbour by default); NULL with Topology_flag 8 "
+       "only where the survey has no more than knn tracers"),
     _c("Topology_flag", "INTEGER", "", "Bitmask (see ard_sql.build.layers.topology.FLAG_MEANINGS): 1 not a galaxy, 2 T-web masked, "
-       "4 Sigma_N circle leaves the footprint, 8 too few neighbours, 16 unreliable or out-of-range redshift, "
+       "4 Sigma_N circle leaves the footprint, 8 fewer than 10 other tracers within +-dv_kms (Sigma_10 NULL; fewer than 5: Sigma_5 NULL too) "
+       "or no more than knn tracers in the survey (Density_kNN3D NULL), 16 unreliable or out-of-range redshift, "
        "32 too few tracers, 64 no filament skeleton, 128 coincident neighbours (infinite density), "
        "256 too sparse for the T-web (Web_Class, Dist_Filament NULL), 512 tide mostly outside the survey (Web_Class NULL), 1024 a nearer filament may lie outside the survey (Dist_Filament NULL)"),
 ]

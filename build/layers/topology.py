@@ -32,9 +32,14 @@ Decisions (all configurable with ``--set topology.<key>=<value>``):
   randoms' shot noise and the memory of a 10x random catalogue.
 - ``Sigma_5``, ``Sigma_10``: Baldry et al. (2006) within +-``dv_kms`` (1000
   km/s); a galaxy whose d_N circle reaches outside the footprint gets flag bit
-  ``EDGE``; fewer than N neighbours gives NULL and bit ``FEW_NEIGHBOURS``.
-  ``Density_kNN3D``: ``knn``-th neighbour (default 5) 3-D density, redshift space
-  (NULL and ``FEW_NEIGHBOURS`` with no more than ``knn`` tracers). When the N-th
+  ``EDGE``. The neighbours are the other tracers within the velocity window,
+  at any distance on the sky: with fewer than 10 Sigma_10 is NULL, with fewer
+  than 5 Sigma_5 as well, and bit ``FEW_NEIGHBOURS`` is set (Sigma_5 present
+  beside it means 5-9 neighbours).
+  ``Density_kNN3D``: ``knn``-th neighbour (default 5) 3-D density, redshift space;
+  NULL with the same bit ``FEW_NEIGHBOURS`` only where the whole survey has no
+  more than ``knn`` tracers, for every tracer at once (possible only with
+  ``knn`` >= ``MIN_TRACERS``: fewer tracers is ``FEW_TRACERS``). When the N-th
   (or ``knn``-th) neighbour lies at distance 0 (duplicate positions) the density
   is infinite: NULL and bit ``COINCIDENT_NEIGHBOURS``.
 - ``Web_Class``: T-web on a CIC grid (``cell`` 3 Mpc, Gaussian ``smoothing`` 4 Mpc,
@@ -134,8 +139,11 @@ FLAG_MEANINGS: dict[str, str] = {
     "NOT_GALAXY": "SPECTYPE is not GALAXY (star, QSO, unknown): not a tracer, every value NULL",
     "MASKED": "the T-web cell is outside the survey mask: Web_Class NULL",
     "EDGE": "the Sigma_N circle reaches outside the footprint: Sigma_N underestimated",
-    "FEW_NEIGHBOURS": "fewer than N neighbours within the velocity window (or no more than knn tracers): "
-                      "Sigma_N / Density_kNN3D NULL",
+    "FEW_NEIGHBOURS": "fewer than 10 other tracers within +-dv_kms (default 1000 km/s) of the galaxy, anywhere "
+                      "on the sky: Sigma_10 NULL; fewer than 5: Sigma_5 NULL too (so Sigma_5 present with this bit "
+                      "means 5-9 neighbours). Density_kNN3D NULL by this bit only where the whole survey has no "
+                      "more than knn tracers (only with knn >= 11, as fewer than 11 tracers is FEW_TRACERS), "
+                      "then for every tracer",
     "BAD_REDSHIFT": "a GALAXY whose redshift is unreliable (ZWARN != 0) or out of range (Z not finite or <= zmin): "
                     "not a tracer, every value NULL",
     "FEW_TRACERS": "the survey has fewer than MIN_TRACERS tracers: nothing computed, every value NULL",
