@@ -371,7 +371,7 @@ def test_shen_fit_head_uses_the_given_regularisation():
     wave, flux, ivar, _ = galaxy_like_spectra(200, seed=3)
     model = shen.ShenEncoder(shen.ShenConfig(embed_dim=16, num_layers=1, num_heads=2))
     for eps in (0.1, 0.01):
-        shen.fit_head(model, wave, flux, ivar, eps=eps, grid_noise_weight=0.0)
+        shen.fit_head(model, wave, flux, ivar, eps=eps, grid_noise_weight=0.0, snr_directions=0)
         emb = shen.embed(model, wave, flux, ivar)
         var = np.linalg.eigvalsh(np.cov(emb.T.astype(np.float64), bias=True))
         assert var.max() == pytest.approx(1 / (1 + eps), rel=1e-3)
@@ -422,11 +422,72 @@ def test_shen_grid_noise_damping_makes_the_head_grid_steadier():
         a, b = shen.embed(model, wave, flux[160:], ivar[160:]), shen.embed(model, lw, lf, li)
         return float(np.min(np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))))
 
-    shen.fit_head(model, wave, flux[:160], ivar[:160], grid_noise_weight=0.0)
+    # the damping alone (the S/N projection is tested on its own)
+    shen.fit_head(model, wave, flux[:160], ivar[:160], grid_noise_weight=0.0, snr_directions=0)
     plain = worst_cosine()
-    shen.fit_head(model, wave, flux[:160], ivar[:160])
+    shen.fit_head(model, wave, flux[:160], ivar[:160], snr_directions=0)
     assert shen.GRID_NOISE_WEIGHT > 0
     assert worst_cosine() > plain
+
+
+def test_shen_grid_consistency_term_makes_the_encoder_grid_steadier():
+    """Trained with the grid-consistency term, faint spectra's pooled tokens move less (relative to their spread)
+    when the spectra are read on the resampling check's grid, which the term never trains on."""
+    from ard_sql.science import shen
+    from ard_sql.science.specformer import region_pool
+
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(7)
+    wave, flux, ivar, z = galaxy_like_spectra(200, seed=7)
+    # faint (S/N ~ 2 a pixel): where the binning moves a spectrum's tokens
+    flux = (flux + np.sqrt(99.0) / np.sqrt(ivar) * rng.standard_normal(flux.shape)).astype(np.float32)
+    ivar = (ivar / 100.0).astype(np.float32)
+    cfg = shen.ShenConfig(embed_dim=32, num_layers=1, num_heads=2)
+    lw, lf, li = shen.resample_loglam(wave, flux[160:], ivar[160:], 1e-4)
+    assert 1e-4 not in shen.CONSISTENCY_DLOGLAMS and shen.CONSISTENCY_WEIGHT > 0
+
+    def relative_move(weight: float) -> float:
+        model, log = shen.train(wave, flux[:160], ivar[:160], cfg, z=z[:160], consistency_weight=weight,
+                                epochs=30, batch_size=16, seed=0)
+        assert log["recipe"]["consistency_weight"] == weight
+
+        def pooled(w: np.ndarray, f: np.ndarray, i: np.ndarray) -> np.ndarray:
+            ft, et, pt = (torch.from_numpy(a) for a in shen.bin_spectra(w, f, i, cfg)[:3])
+            with torch.no_grad():
+                return region_pool(model(ft, et, pt)["tokens"], cfg.pool_regions, pt,
+                                   tuple(int(v) for v in model.pool_span)).numpy()
+
+        a, b = pooled(wave, flux[160:], ivar[160:]), pooled(lw, lf, li)
+        return float(np.square(a - b).sum(1).mean() / a.var(0).sum())
+
+    # a weight above the layer's: this tiny model trains 300 steps, the layer's ~700 with more spectra a step
+    assert relative_move(1e4) < 0.7 * relative_move(0.0)
+
+
+def test_shen_head_projects_out_the_snr_directions():
+    """With a spread of noise levels, emb_shen's head leaves no part of the vector that a cubic in log S/N predicts."""
+    from ard_sql.science import shen
+    from ard_sql.science.specformer import median_snr
+
+    rng = np.random.default_rng(4)
+    wave, flux, ivar, _ = galaxy_like_spectra(300, seed=4)
+    k = 10 ** rng.uniform(0, 1.3, len(flux))[:, None]  # noise x1 to x20
+    flux = (flux + np.sqrt(k**2 - 1) / np.sqrt(ivar) * rng.standard_normal(flux.shape)).astype(np.float32)
+    ivar = (ivar / k**2).astype(np.float32)
+    model = shen.ShenEncoder(shen.ShenConfig(embed_dim=16, num_layers=1, num_heads=2))
+    s = np.log10(median_snr(flux, ivar))
+    basis = np.column_stack([s, s**2, s**3])
+    basis -= basis.mean(0)
+
+    def explained(snr_directions: int) -> float:
+        shen.fit_head(model, wave, flux, ivar, snr_directions=snr_directions, grid_noise_weight=0.0)
+        emb = shen.embed(model, wave, flux, ivar).astype(np.float64)
+        emb -= emb.mean(0)
+        coef, *_ = np.linalg.lstsq(basis, emb, rcond=None)
+        return float(np.square(basis @ coef).sum() / np.square(emb).sum())
+
+    assert shen.SNR_DIRECTIONS == 3
+    assert explained(0) > 0.05 and explained(3) < 1e-6
 
 
 def test_restframe_targets_place_features_at_their_rest_wavelength():

@@ -52,6 +52,17 @@ tokens, times ``GRID_NOISE_WEIGHT``, is added to the covariance before
 whitening (``specformer.fit_whitening(noise=...)``). On two mocks it lifted
 the worst resampling cosine from 0.933 to 0.958 (bench/RESULTS.md,
 "Grid-noise damping").
+
+**Grid consistency and S/N directions** (recipe 8): the embedding also said
+how well a galaxy was observed (its neighbours predicted its log S/N with
+Spearman 0.99), and projecting the S/N directions out of the head
+(:data:`SNR_DIRECTIONS`) found the post-starbursts as well as rest-frame PCA
+does, but left a faint spectrum's vector mostly grid noise. So training also
+reads a few spectra of each batch on another log-lambda grid
+(``CONSISTENCY_DLOGLAMS``) and penalises the change in their region-pooled
+tokens (``CONSISTENCY_WEIGHT``): the encoder itself becomes grid-steady, and
+the head can then remove the S/N directions and still pass the resampling
+check (bench/RESULTS.md, "Grid consistency").
 """
 
 from __future__ import annotations
@@ -112,6 +123,19 @@ _LOG_ERR_MIN, _LOG_ERR_MAX = -4.0, 2.0
 #: log10-lambda grid of ``GRID_NOISE_DLOGLAM`` and the covariance of the change in their pooled
 #: tokens, times ``GRID_NOISE_WEIGHT``, is added to the covariance that is whitened.
 GRID_NOISE_DLOGLAM, GRID_NOISE_WEIGHT = 1.5e-4, 1000.0
+
+#: Grid-consistency term (recipe 8): each step also reads ``CONSISTENCY_BATCH`` of the batch's spectra on
+#: one of these log10-lambda grids (drawn per step; neither is the 1e-4 of the resampling check nor the
+#: head's ``GRID_NOISE_DLOGLAM``) and adds ``CONSISTENCY_WEIGHT`` x the mean squared difference between their
+#: region-pooled tokens and the native grid's, same crop.
+CONSISTENCY_DLOGLAMS, CONSISTENCY_BATCH, CONSISTENCY_WEIGHT = (0.7e-4, 1.4e-4), 8, 100.0
+
+SNR_DIRECTIONS = 3
+"""Directions of the whitened embedding that a cubic in log S/N predicts, projected out by the head (recipe 8).
+
+A galaxy's 10 nearest neighbours in emb_shen predicted its own log S/N with Spearman 0.99: the vector said how
+well the galaxy was observed as loudly as what it is. Removing those directions cost the resampling check
+until the encoder was trained grid-steady (``CONSISTENCY_WEIGHT``); see bench/RESULTS.md, "Grid consistency"."""
 
 
 def bin_spectra(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, config: ShenConfig
@@ -237,13 +261,21 @@ def embed(model: ShenEncoder, wave: np.ndarray, flux: np.ndarray, ivar: np.ndarr
     return out
 
 
-def _rest_loss(model: ShenEncoder, decoder: RestDecoder, f: torch.Tensor, e: torch.Tensor, present: torch.Tensor,
-               target: torch.Tensor, weight: torch.Tensor, span: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
+def _pooled(model: ShenEncoder, f: torch.Tensor, e: torch.Tensor, present: torch.Tensor, span: tuple[int, int]) -> torch.Tensor:
+    """Region-pooled tokens of an unmasked pass (the embedding before centring and whitening)."""
     from ard_sql.science.specformer import region_pool
 
-    present = _random_crop(present, gen)
-    pooled = region_pool(model(f, e, present)["tokens"], model.config.pool_regions, present, span)
-    return rest_chi2(decoder, pooled, target, weight)
+    return region_pool(model(f, e, present)["tokens"], model.config.pool_regions, present, span)
+
+
+def _crop_like(cropped: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """The patches of ``other`` (n, P) within the first..last patch kept in ``cropped``: the same crop on another grid."""
+    P = cropped.shape[1]
+    idx = torch.arange(P, device=cropped.device)[None, :]
+    first = torch.where(cropped, idx, P).min(1, keepdim=True).values
+    last = torch.where(cropped, idx, -1).max(1, keepdim=True).values
+    out = other & (idx >= first) & (idx <= last)
+    return torch.where(out.any(1, keepdim=True), out, other)
 
 
 def _random_crop(present: torch.Tensor, gen: torch.Generator, max_patches: int = 8) -> torch.Tensor:
@@ -274,7 +306,7 @@ def _loss(model: ShenEncoder, f: torch.Tensor, e: torch.Tensor, present: torch.T
 
 def train(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, config: ShenConfig = SMALL_CONFIG, *,
           z: np.ndarray | None = None, rest_weight: float = REST_WEIGHT,
-          epochs: int = 3, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
+          consistency_weight: float = CONSISTENCY_WEIGHT, epochs: int = 3, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
           max_seconds: float | None = None, warmup: int = 20, head_max: int = 1000,
           device: str | torch.device | None = "auto", callback: Callable[[int, float], None] | None = None,
           model: ShenEncoder | None = None) -> tuple[ShenEncoder, dict[str, Any]]:
@@ -282,7 +314,8 @@ def train(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, config: ShenConf
 
     With ``z`` (catalogue redshifts, NaN where unknown) and ``rest_weight`` > 0
     the rest-frame term of the module docstring is added; the encoder never
-    sees ``z``. The learning rate warms up linearly over ``warmup`` steps.
+    sees ``z``. With ``consistency_weight`` > 0 the grid-consistency term of
+    the module docstring is added. The learning rate warms up linearly over ``warmup`` steps.
     Afterwards the embedding head (pooled span, centre, whitening) is fitted
     on up to ``head_max`` of the training spectra. Deterministic for a seed
     and thread count; ``max_seconds`` bounds the optimisation. Training and the
@@ -303,6 +336,9 @@ def train(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, config: ShenConf
     f, e, present = f.to(dev), e.to(dev), present.to(dev)
     model = (model or ShenEncoder(config)).to(dev)
     rest = z is not None and rest_weight > 0
+    # the same training spectra on other grids, for the consistency term
+    others = [[t.to(dev) for t in _to_torch(*bin_spectra(*resample_loglam(wave, flux[ok], ivar[ok], dl), config)[:3])]
+              for dl in CONSISTENCY_DLOGLAMS] if consistency_weight > 0 else []
     if rest:
         target, weight = _to_torch(*restframe_targets(wave, flux[ok], ivar[ok], np.asarray(z)[ok], scale, config.err_floor))
         rest = bool(weight.sum() > 0)
@@ -313,9 +349,18 @@ def train(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, config: ShenConf
 
     def batch_loss(idx: torch.Tensor) -> torch.Tensor:
         loss = _loss(model, f[idx], e[idx], present[idx], gen)
+        if decoder is None and not others:
+            return loss
+        cropped = _random_crop(present[idx], gen)
+        pooled = _pooled(model, f[idx], e[idx], cropped, span)
         if decoder is not None:
-            loss = loss + rest_weight * _rest_loss(model, decoder, f[idx], e[idx], present[idx], target[idx],
-                                                   weight[idx], span, gen)
+            loss = loss + rest_weight * rest_chi2(decoder, pooled, target[idx], weight[idx])
+        if others:
+            g = int(torch.randint(0, len(others), (1,), generator=gen))
+            sub = idx[:CONSISTENCY_BATCH]
+            fo, eo, po = (t[sub] for t in others[g])
+            crop = _crop_like(cropped[:len(sub)], po)
+            loss = loss + consistency_weight * (_pooled(model, fo, eo, crop, span) - pooled[:len(sub)]).square().mean()
         return loss
 
     t0 = time.perf_counter()
@@ -329,13 +374,15 @@ def train(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, config: ShenConf
                    "device": str(dev), "recipe": {"lr": lr, "batch_size": batch_size, "warmup": warmup, "epochs": epochs,
                               "whiten_eps": WHITEN_EPS, "rest_weight": rest_weight if rest else 0.0,
                               "rest_range": REST_RANGE, "rest_dlnl": REST_DLNL,
+                              "consistency_weight": consistency_weight, "consistency_batch": CONSISTENCY_BATCH,
+                              "consistency_dloglams": list(CONSISTENCY_DLOGLAMS), "snr_directions": SNR_DIRECTIONS,
                               "grid_noise_weight": GRID_NOISE_WEIGHT, "grid_noise_dloglam": GRID_NOISE_DLOGLAM}}
 
 
 @torch.no_grad()
 def fit_head(model: ShenEncoder, wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, *, seed: int = 0,
              head_max: int = 1000, eps: float | None = None, grid_noise_weight: float = GRID_NOISE_WEIGHT,
-             span: tuple[int, int] | None = None) -> None:
+             snr_directions: int = SNR_DIRECTIONS, span: tuple[int, int] | None = None) -> None:
     """Fit the embedding head (pooled span, centre, whitening) on up to ``head_max`` of the spectra.
 
     ``eps`` is the whitening regularisation (default ``specformer.WHITEN_EPS``).
@@ -343,10 +390,12 @@ def fit_head(model: ShenEncoder, wave: np.ndarray, flux: np.ndarray, ivar: np.nd
     log-lambda grid (``GRID_NOISE_DLOGLAM``) and the directions in which their
     pooled tokens move are damped (``GRID_NOISE_WEIGHT``): at the whitening's
     small eps, those directions otherwise carry a noise that differs from grid
-    to grid (bench/RESULTS.md, "Grid-noise damping"). ``span`` is the pooled
+    to grid (bench/RESULTS.md, "Grid-noise damping"). The ``snr_directions``
+    directions that log S/N predicts are then projected out of the whitening
+    (:data:`SNR_DIRECTIONS`). ``span`` is the pooled
     patch span of all the spectra (``token_span``) when the caller has it already.
     """
-    from ard_sql.science.specformer import WHITEN_EPS, fit_whitening, model_device, region_pool
+    from ard_sql.science.specformer import WHITEN_EPS, fit_whitening, median_snr, model_device, region_pool, snr_projection
 
     model.eval()
     if span is None:
@@ -370,6 +419,10 @@ def fit_head(model: ShenEncoder, wave: np.ndarray, flux: np.ndarray, ivar: np.nd
         d = (x - x2)[ok & ok2]
         noise = grid_noise_weight * np.cov(d.T, bias=True) / 2  # half: each reading carries its own part
     centre, whiten = fit_whitening(x[ok], WHITEN_EPS if eps is None else eps, noise)
+    # the embedding should not say how well the galaxy was observed (SNR_DIRECTIONS)
+    project = snr_projection((x[ok] - centre) @ whiten, median_snr(flux[sub][ok], ivar[sub][ok]), snr_directions)
+    if project is not None:
+        whiten = (whiten @ project).astype(np.float32)
     model.centre.copy_(torch.from_numpy(centre))
     model.whiten.copy_(torch.from_numpy(whiten))
 

@@ -292,8 +292,8 @@ An embedding should describe the galaxy, not how well it was observed, yet a gal
 neighbours in emb_astro predicted its own log S/N with Spearman 0.98. Projecting out the one direction
 that log S/N predicts linearly (fitted on the head's spectra) raised post-starburst precision@10
 0.657 -> 0.694 and 0.768 -> 0.793 on two mocks and green peas 0.919 -> 0.925, 0.861 -> 0.872, the four
-kNN regressions moving by -0.006..+0.005 (bench/RESULTS.md, "S/N directions"). emb_shen does not use
-it: there it costs the resampling check (cosine min 0.963 -> 0.937 on one mock, goal 0.95)."""
+kNN regressions moving by -0.006..+0.005 (bench/RESULTS.md, "S/N directions"). emb_shen projects out
+three (``shen.SNR_DIRECTIONS``), which it can afford once its encoder is trained grid-steady (recipe 8)."""
 
 
 def median_snr(flux: np.ndarray, ivar: np.ndarray) -> np.ndarray:

@@ -121,8 +121,8 @@ def _load_models(ard_dir: Path) -> tuple[Any, Any]:
 
 
 #: Bumped when the training recipe or the embedding head changes: cached weights are then retrained.
-RECIPE = ("7: crops + warmup lr 1e-3, 6-region pooling, PCA whitening eps 0.01, rest-frame term for both encoders, "
-          "emb_shen grid-noise damping, emb_astro S/N direction projected out")
+RECIPE = ("8: crops + warmup lr 1e-3, 6-region pooling, PCA whitening eps 0.01, rest-frame term for both encoders, "
+          "emb_shen grid-noise damping and grid-consistency term, S/N directions projected out (emb_astro 1, emb_shen 3)")
 
 
 def train_encoders(ard_dir: Path, opts: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
