@@ -434,7 +434,6 @@ def test_shen_grid_consistency_term_makes_the_encoder_grid_steadier():
     """Trained with the grid-consistency term, faint spectra's pooled tokens move less (relative to their spread)
     when the spectra are read on the resampling check's grid, which the term never trains on."""
     from ard_sql.science import shen
-    from ard_sql.science.specformer import region_pool
 
     torch.set_num_threads(1)
     rng = np.random.default_rng(7)
@@ -454,8 +453,7 @@ def test_shen_grid_consistency_term_makes_the_encoder_grid_steadier():
         def pooled(w: np.ndarray, f: np.ndarray, i: np.ndarray) -> np.ndarray:
             ft, et, pt = (torch.from_numpy(a) for a in shen.bin_spectra(w, f, i, cfg)[:3])
             with torch.no_grad():
-                return region_pool(model(ft, et, pt)["tokens"], cfg.pool_regions, pt,
-                                   tuple(int(v) for v in model.pool_span)).numpy()
+                return model.region_pooled(ft, et, pt).numpy()
 
         a, b = pooled(wave, flux[160:], ivar[160:]), pooled(lw, lf, li)
         return float(np.square(a - b).sum(1).mean() / a.var(0).sum())

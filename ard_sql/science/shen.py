@@ -207,12 +207,16 @@ class ShenEncoder(nn.Module):
 
     def embedding(self, f: torch.Tensor, e: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         """Region-pooled, centred, whitened embedding (n, pool_regions * embed_dim)."""
+        return (self.region_pooled(f, e, present) - self.centre) @ self.whiten
+
+    def region_pooled(self, f: torch.Tensor, e: torch.Tensor, present: torch.Tensor,
+                      span: tuple[int, int] | None = None) -> torch.Tensor:
+        """Tokens of an unmasked pass averaged over the ``pool_regions`` regions of ``span`` (default: the
+        stored ``pool_span``): the embedding before centring and whitening, (n, pool_regions * embed_dim)."""
         from ard_sql.science.specformer import region_pool
 
-        tokens = self(f, e, present)["tokens"]
-        lo, hi = (int(v) for v in self.pool_span)
-        pooled = region_pool(tokens, self.config.pool_regions, present, (lo, hi))
-        return (pooled - self.centre) @ self.whiten
+        span = span if span is not None else tuple(int(v) for v in self.pool_span)
+        return region_pool(self(f, e, present)["tokens"], self.config.pool_regions, present, span)
 
     def tokens(self, f: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         """(n, P, K) flux and error sub-bins -> (n, P, 2K) token inputs (error as clipped log10)."""
@@ -259,13 +263,6 @@ def embed(model: ShenEncoder, wave: np.ndarray, flux: np.ndarray, ivar: np.ndarr
         out[i:i + batch_size, :d] = emb
         out[i:i + batch_size][~present.any(1)] = np.nan
     return out
-
-
-def _pooled(model: ShenEncoder, f: torch.Tensor, e: torch.Tensor, present: torch.Tensor, span: tuple[int, int]) -> torch.Tensor:
-    """Region-pooled tokens of an unmasked pass (the embedding before centring and whitening)."""
-    from ard_sql.science.specformer import region_pool
-
-    return region_pool(model(f, e, present)["tokens"], model.config.pool_regions, present, span)
 
 
 def _crop_like(cropped: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
@@ -352,7 +349,7 @@ def train(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, config: ShenConf
         if decoder is None and not others:
             return loss
         cropped = _random_crop(present[idx], gen)
-        pooled = _pooled(model, f[idx], e[idx], cropped, span)
+        pooled = model.region_pooled(f[idx], e[idx], cropped, span)
         if decoder is not None:
             loss = loss + rest_weight * rest_chi2(decoder, pooled, target[idx], weight[idx])
         if others:
@@ -360,7 +357,7 @@ def train(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, config: ShenConf
             sub = idx[:CONSISTENCY_BATCH]
             fo, eo, po = (t[sub] for t in others[g])
             crop = _crop_like(cropped[:len(sub)], po)
-            loss = loss + consistency_weight * (_pooled(model, fo, eo, crop, span) - pooled[:len(sub)]).square().mean()
+            loss = loss + consistency_weight * (model.region_pooled(fo, eo, crop, span) - pooled[:len(sub)]).square().mean()
         return loss
 
     t0 = time.perf_counter()
@@ -395,7 +392,7 @@ def fit_head(model: ShenEncoder, wave: np.ndarray, flux: np.ndarray, ivar: np.nd
     (:data:`SNR_DIRECTIONS`). ``span`` is the pooled
     patch span of all the spectra (``token_span``) when the caller has it already.
     """
-    from ard_sql.science.specformer import WHITEN_EPS, fit_whitening, median_snr, model_device, region_pool, snr_projection
+    from ard_sql.science.specformer import WHITEN_EPS, fit_whitening, median_snr, model_device, snr_projection
 
     model.eval()
     if span is None:
@@ -408,8 +405,7 @@ def fit_head(model: ShenEncoder, wave: np.ndarray, flux: np.ndarray, ivar: np.nd
     def pooled(w: np.ndarray, fl: np.ndarray, iv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         f, e, present, _ = bin_spectra(w, fl, iv, model.config)
         f, e, present = (t.to(device) for t in _to_torch(f, e, present))
-        out = torch.cat([region_pool(model(f[j], e[j], present[j])["tokens"], model.config.pool_regions, present[j], span)
-                         for j in torch.split(torch.arange(len(f)), 256)])
+        out = torch.cat([model.region_pooled(f[j], e[j], present[j], span) for j in torch.split(torch.arange(len(f)), 256)])
         return out.cpu().numpy().astype(np.float64), present.cpu().numpy().any(1)
 
     x, ok = pooled(wave, flux[sub], ivar[sub])
