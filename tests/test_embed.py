@@ -88,6 +88,10 @@ def test_layer_writes_vectors_indexes_and_meta(embed_ard):
         assert "trained self-supervised" in meta[f"embed_{enc}_source"]
         assert "catalogue Z as a rest-frame training target (never an input)" in meta[f"embed_{enc}_source"]
     assert "embed_astro_training" in meta and "embed_shen_training" in meta
+    from ard_sql.science import shen, specformer
+
+    assert f"{specformer.SNR_DIRECTIONS} direction(s) that log S/N predicts projected out" in meta["embed_astro_head"]
+    assert f"{shen.SNR_DIRECTIONS} direction(s) that log S/N predicts projected out" in meta["embed_shen_head"]
     assert json.loads(meta["index_emb_shen"])["n"] == 26
 
 
@@ -131,6 +135,7 @@ def test_local_astroclip_checkpoint_loads(embed_ard, tmp_path):
     db = ard_sql.open(ard)
     meta = dict(db.sql("SELECT name, value FROM ard_meta").fetchall())
     assert meta["embed_astro_source"] == "published AstroCLIP weights"
+    assert f"{specformer.SNR_DIRECTIONS} direction(s) that log S/N predicts projected out" in meta["embed_astro_head"]
     assert json.loads(meta["embed_astro_config"])["embed_dim"] == 48
     # the stored vectors come from those weights: 16 regions x 48 = 768, and they match an embedding done here
     used = specformer.load_checkpoint(paths.artifact_dir(ard, "embed") / "specformer.ckpt")
@@ -462,30 +467,56 @@ def test_shen_grid_consistency_term_makes_the_encoder_grid_steadier():
     assert relative_move(1e4) < 0.7 * relative_move(0.0)
 
 
+def _spread_of_noise(n: int, seed: int, degree: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(wave, flux, ivar, basis): galaxy-like spectra with noise x1 to x20, and the centred powers 1..degree of their log S/N."""
+    from ard_sql.science.specformer import median_snr
+
+    rng = np.random.default_rng(seed)
+    wave, flux, ivar, _ = galaxy_like_spectra(n, seed=seed)
+    k = 10 ** rng.uniform(0, 1.3, len(flux))[:, None]
+    flux = (flux + np.sqrt(k**2 - 1) / np.sqrt(ivar) * rng.standard_normal(flux.shape)).astype(np.float32)
+    ivar = (ivar / k**2).astype(np.float32)
+    s = np.log10(median_snr(flux, ivar))
+    basis = np.column_stack([s**d for d in range(1, degree + 1)])
+    return wave, flux, ivar, basis - basis.mean(0)
+
+
+def _explained(emb: np.ndarray, basis: np.ndarray) -> float:
+    """Share of the centred vectors' variance that a least-squares fit on ``basis`` explains."""
+    emb = emb.astype(np.float64) - emb.mean(0)
+    coef, *_ = np.linalg.lstsq(basis, emb, rcond=None)
+    return float(np.square(basis @ coef).sum() / np.square(emb).sum())
+
+
 def test_shen_head_projects_out_the_snr_directions():
     """With a spread of noise levels, emb_shen's head leaves no part of the vector that a cubic in log S/N predicts."""
     from ard_sql.science import shen
-    from ard_sql.science.specformer import median_snr
 
-    rng = np.random.default_rng(4)
-    wave, flux, ivar, _ = galaxy_like_spectra(300, seed=4)
-    k = 10 ** rng.uniform(0, 1.3, len(flux))[:, None]  # noise x1 to x20
-    flux = (flux + np.sqrt(k**2 - 1) / np.sqrt(ivar) * rng.standard_normal(flux.shape)).astype(np.float32)
-    ivar = (ivar / k**2).astype(np.float32)
+    wave, flux, ivar, basis = _spread_of_noise(300, seed=4, degree=3)
     model = shen.ShenEncoder(shen.ShenConfig(embed_dim=16, num_layers=1, num_heads=2))
-    s = np.log10(median_snr(flux, ivar))
-    basis = np.column_stack([s, s**2, s**3])
-    basis -= basis.mean(0)
 
     def explained(snr_directions: int) -> float:
         shen.fit_head(model, wave, flux, ivar, snr_directions=snr_directions, grid_noise_weight=0.0)
-        emb = shen.embed(model, wave, flux, ivar).astype(np.float64)
-        emb -= emb.mean(0)
-        coef, *_ = np.linalg.lstsq(basis, emb, rcond=None)
-        return float(np.square(basis @ coef).sum() / np.square(emb).sum())
+        return _explained(shen.embed(model, wave, flux, ivar), basis)
 
     assert shen.SNR_DIRECTIONS == 3
     assert explained(0) > 0.05 and explained(3) < 1e-6
+
+
+def test_specformer_training_fits_the_head_with_the_snr_direction_out():
+    """``specformer.train`` hands its head the spectra's ivar: the stored emb_astro has no direction log S/N predicts."""
+    from ard_sql.science import specformer
+
+    _, flux, ivar, basis = _spread_of_noise(120, seed=6, degree=1)
+    cfg = specformer.SpecFormerConfig(embed_dim=16, num_layers=1, num_heads=2, dropout=0.0)
+    torch.set_num_threads(1)
+    kw = {"epochs": 1, "batch_size": 16, "crop": 64, "out_dim": 32, "device": "cpu", "seed": 0}
+    model, log = specformer.train(flux, ivar, cfg, **kw)
+    assert log["recipe"]["snr_directions"] == specformer.SNR_DIRECTIONS >= 1
+    assert _explained(specformer.embed(model, flux, ivar, out_dim=32), basis) < 1e-6
+    # the same weights with a head fitted without the S/N: the direction is there to remove
+    specformer.fit_embedding_head(model, flux, out_dim=32, seed=0)
+    assert _explained(specformer.embed(model, flux, ivar, out_dim=32), basis) > 0.01
 
 
 def test_restframe_targets_place_features_at_their_rest_wavelength():

@@ -292,7 +292,9 @@ An embedding should describe the galaxy, not how well it was observed, yet a gal
 neighbours in emb_astro predicted its own log S/N with Spearman 0.98. Projecting out the one direction
 that log S/N predicts linearly (fitted on the head's spectra) raised post-starburst precision@10
 0.657 -> 0.694 and 0.768 -> 0.793 on two mocks and green peas 0.919 -> 0.925, 0.861 -> 0.872, the four
-kNN regressions moving by -0.006..+0.005 (bench/RESULTS.md, "S/N directions"). emb_shen projects out
+kNN regressions moving by -0.006..+0.005 (bench/RESULTS.md, "S/N directions"). Builds apply it from recipe 9 on
+(``train`` fits the head with the spectra's ivar); on the recipe 9 weights it trades green peas (-0.02 / -0.03) for
+post-starbursts (+0.02 / +0.02) and is kept for its purpose (bench/RESULTS.md, "Noise-aware training"). emb_shen projects out
 three (``shen.SNR_DIRECTIONS``), which it can afford once its encoder is trained grid-steady (recipe 8)."""
 
 
@@ -480,7 +482,7 @@ def train(flux: np.ndarray, ivar: np.ndarray | None = None, config: SpecFormerCo
     added: the window's unmasked tokens, pooled into the embedding's regions,
     predict the window's rest-frame spectrum (a second forward pass; the
     encoder never sees ``z``). Afterwards the embedding head (regions, centre,
-    whitening) is fitted for ``out_dim``. Deterministic for a given seed and
+    whitening and, with ``ivar``, the S/N direction out) is fitted for ``out_dim``. Deterministic for a given seed and
     thread count. ``max_seconds`` stops training early (recorded in the log)
     so a CPU build stays bounded. Training and the head run on ``device``
     (``resolve_device``); the model is returned on the CPU. ``callback`` goes
@@ -542,12 +544,14 @@ def train(flux: np.ndarray, ivar: np.ndarray | None = None, config: SpecFormerCo
     seconds = time.perf_counter() - t0
     model.eval()
     t1 = time.perf_counter()
-    fit_embedding_head(model, flux, out_dim=out_dim, seed=seed)
+    # the raw flux and its ivar: the head measures each spectrum's S/N to project it out (SNR_DIRECTIONS)
+    fit_embedding_head(model, raw[keep], None if ivar is None else np.asarray(ivar)[keep], out_dim=out_dim, seed=seed)
     model.to("cpu")
     return model, {"epoch_loss": losses, "steps": steps, "seconds": seconds, "head_seconds": time.perf_counter() - t1,
                    "stopped_by_time": stopped, "n_train": int(len(data)), "config": asdict(model.config),
                    "device": str(dev), "recipe": {"lr": lr, "batch_size": batch_size, "crop": crop, "warmup": warmup, "epochs": epochs,
                               "regions": model.emb_regions, "whiten_eps": WHITEN_EPS,
+                              "snr_directions": SNR_DIRECTIONS if ivar is not None else 0,
                               "rest_weight": rest_weight if rest else 0.0, "rest_range": REST_RANGE, "rest_dlnl": REST_DLNL}}
 
 

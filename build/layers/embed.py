@@ -121,8 +121,9 @@ def _load_models(ard_dir: Path) -> tuple[Any, Any]:
 
 
 #: Bumped when the training recipe or the embedding head changes: cached weights are then retrained.
-RECIPE = ("8: crops + warmup lr 1e-3, 6-region pooling, PCA whitening eps 0.01, rest-frame term for both encoders, "
-          "emb_shen grid-noise damping and grid-consistency term, S/N directions projected out (emb_astro 1, emb_shen 3)")
+RECIPE = ("9: crops + warmup lr 1e-3, 6-region pooling, PCA whitening eps 0.01, rest-frame term for both encoders, "
+          "emb_shen grid-noise damping and grid-consistency term, S/N directions projected out (emb_astro 1, emb_shen 3; "
+          "emb_astro's head now given the spectra's ivar, which recipes 7-8 did not pass, so their builds kept the S/N direction)")
 
 
 def train_encoders(ard_dir: Path, opts: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
@@ -146,7 +147,7 @@ def train_encoders(ard_dir: Path, opts: dict[str, Any]) -> tuple[Any, Any, dict[
         specformer.fit_embedding_head(model, flux, ivar, out_dim=contract.EMB_ASTRO_DIM, seed=kw["seed"])
         log["astro"] = {"source": "published AstroCLIP weights", "path": opts["astroclip_checkpoint"],
                         "config": model.config.__dict__, "head_seconds": time.perf_counter() - t0,
-                        "regions": model.emb_regions}
+                        "regions": model.emb_regions, "snr_directions": specformer.SNR_DIRECTIONS}
     else:
         model, tlog = specformer.train(flux, ivar, wave=wave, z=z, out_dim=contract.EMB_ASTRO_DIM, **kw)
         log["astro"] = {"source": _trained_source(tlog), **tlog}
@@ -225,8 +226,11 @@ class EmbedLayer:
                 out[f"embed_{name}_source"] = str(info.get("source", ""))
                 out[f"embed_{name}_config"] = json.dumps(info.get("config", {}), default=str)
                 regions = info.get("recipe", {}).get("regions", info.get("regions", info.get("config", {}).get("pool_regions")))
+                snr = info.get("recipe", info).get("snr_directions")
+                snr_text = "" if snr is None else f", {snr} direction(s) that log S/N predicts projected out"
                 out[f"embed_{name}_head"] = (f"{regions} wavelength regions x embed_dim, mean-pooled final-LayerNorm "
-                                             f"tokens, centred + PCA-whitened on the training sample; recipe {log.get('recipe', '1')}")
+                                             f"tokens, centred + PCA-whitened on the training sample{snr_text}; "
+                                             f"recipe {log.get('recipe', '1')}")
                 if "seconds" in info:
                     out[f"embed_{name}_training"] = (f"{info['seconds']:.1f} s, {info['steps']} steps, "
                                                      f"{info['n_train']} spectra, stopped_by_time={info['stopped_by_time']}")
