@@ -392,7 +392,7 @@ def fit_head(model: ShenEncoder, wave: np.ndarray, flux: np.ndarray, ivar: np.nd
     (:data:`SNR_DIRECTIONS`). ``span`` is the pooled
     patch span of all the spectra (``token_span``) when the caller has it already.
     """
-    from ard_sql.science.specformer import WHITEN_EPS, fit_whitening, median_snr, model_device, snr_projection
+    from ard_sql.science.specformer import WHITEN_EPS, fit_whitening, median_snr, model_device
 
     model.eval()
     if span is None:
@@ -414,11 +414,8 @@ def fit_head(model: ShenEncoder, wave: np.ndarray, flux: np.ndarray, ivar: np.nd
         x2, ok2 = pooled(*resample_loglam(wave, flux[sub], ivar[sub], GRID_NOISE_DLOGLAM))
         d = (x - x2)[ok & ok2]
         noise = grid_noise_weight * np.cov(d.T, bias=True) / 2  # half: each reading carries its own part
-    centre, whiten = fit_whitening(x[ok], WHITEN_EPS if eps is None else eps, noise)
-    # the embedding should not say how well the galaxy was observed (SNR_DIRECTIONS)
-    project = snr_projection((x[ok] - centre) @ whiten, median_snr(flux[sub][ok], ivar[sub][ok]), snr_directions)
-    if project is not None:
-        whiten = (whiten @ project).astype(np.float32)
+    centre, whiten = fit_whitening(x[ok], WHITEN_EPS if eps is None else eps, noise,
+                                   snr=median_snr(flux[sub][ok], ivar[sub][ok]), snr_directions=snr_directions)
     model.centre.copy_(torch.from_numpy(centre))
     model.whiten.copy_(torch.from_numpy(whiten))
 

@@ -266,22 +266,30 @@ def region_pool(tokens: torch.Tensor, regions: int, weights: torch.Tensor | None
     return torch.cat(out, dim=1)
 
 
-def fit_whitening(pooled: np.ndarray, eps: float = WHITEN_EPS, noise: np.ndarray | None = None
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def fit_whitening(pooled: np.ndarray, eps: float = WHITEN_EPS, noise: np.ndarray | None = None,
+                  snr: np.ndarray | None = None, snr_directions: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Centre (D,) and regularised PCA-whitening matrix (D, D) of pooled training embeddings.
 
     ``noise`` (D, D), when given, is added to the covariance before whitening, so
     that directions where it is large are scaled down (emb_shen passes the
     covariance of what changes when the same spectra are read on another grid).
+    With ``snr`` (one median S/N per row), the ``snr_directions`` directions of the
+    whitened rows that log S/N predicts are projected out of the matrix
+    (:func:`snr_projection`): the embedding should not say how well a galaxy was observed.
     """
-    x = np.asarray(pooled, np.float64)
-    x = x[np.isfinite(x).all(axis=1)]
+    rows = np.asarray(pooled)
+    finite = np.isfinite(rows).all(axis=1)
+    x = rows[finite].astype(np.float64)
     centre = x.mean(0)
     cov = np.cov((x - centre).T, bias=True).reshape(x.shape[1], x.shape[1])
     lam, vec = np.linalg.eigh(cov if noise is None else cov + noise)
     lam = lam.clip(min=0)
-    whiten = vec / np.sqrt(lam + eps * max(lam.max(), 1e-30))
-    return centre.astype(np.float32), whiten.astype(np.float32)
+    centre, whiten = centre.astype(np.float32), (vec / np.sqrt(lam + eps * max(lam.max(), 1e-30))).astype(np.float32)
+    if snr is not None:
+        project = snr_projection((rows[finite] - centre) @ whiten, np.asarray(snr)[finite], snr_directions)
+        if project is not None:
+            whiten = (whiten @ project).astype(np.float32)
+    return centre, whiten
 
 
 SNR_DIRECTIONS = 1
@@ -385,11 +393,7 @@ def fit_embedding_head(model: SpecFormer, flux: np.ndarray, ivar: np.ndarray | N
     model.emb_regions = _head_regions(out_dim, model.config)
     model.emb_centre = model.emb_whiten = None
     pooled = pooled_tokens(model, flux, batch_size)
-    centre, whiten = fit_whitening(pooled, eps)
-    # the embedding should not say how well the galaxy was observed (SNR_DIRECTIONS)
-    project = snr_projection((pooled - centre) @ whiten, snr, snr_directions)
-    if project is not None:
-        whiten = (whiten @ project).astype(np.float32)
+    centre, whiten = fit_whitening(pooled, eps, snr=snr, snr_directions=snr_directions)
     model.emb_centre, model.emb_whiten = torch.from_numpy(centre), torch.from_numpy(whiten)
     return embedding_head(model)
 
