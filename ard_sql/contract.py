@@ -140,13 +140,13 @@ BAGPIPES_COLUMNS: list[Column] = [
 ]
 
 # ---------------------------------------------------------------- embeddings
-# emb_astro: the SpecFormer (AstroCLIP) mean-pooled token embedding, 768 = its width;
-# a narrower CPU-trained SpecFormer is zero-padded (ard_sql/science/specformer.py).
+# emb_astro: the SpecFormer (AstroCLIP) tokens pooled in rest-frame regions and projected on 768
+# principal directions (ard_sql/science/specformer.py).
 EMB_ASTRO_DIM = 768
 EMB_SHEN_DIM = 768
 EMBED_COLUMNS: list[Column] = [
     _c("TargetID", "BIGINT"),
-    _c("emb_astro", f"FLOAT[{EMB_ASTRO_DIM}]", "", "AstroCLIP-compatible SpecFormer embedding (N in ard_meta)"),
+    _c("emb_astro", f"FLOAT[{EMB_ASTRO_DIM}]", "", "AstroCLIP-compatible SpecFormer embedding, rest-frame head (N and the range in ard_meta; NULL without a usable Z)"),
     _c("emb_shen", f"FLOAT[{EMB_SHEN_DIM}]", "", "Resolution-agnostic wavelength-aware spectral embedding"),
 ]
 

@@ -142,7 +142,8 @@ def find_similar(db: Any, targetid: int | None = None, vector: Any = None, k: in
         if not found:
             raise ValueError(f"find_similar: target {targetid} is not in the ARD")
         if not found[0][0]:
-            raise ValueError(f"find_similar: target {targetid} has no emb_{name} (not a galaxy, or no usable spectrum)")
+            raise ValueError(f"find_similar: target {targetid} has no emb_{name} (no usable spectrum; for emb_astro also "
+                             "no usable Z, or a spectrum that reaches none of its head's rest-frame range)")
         src = f"similar_to(?, ?, '{name}', {allowed})"
         params: list[Any] = [int(targetid), int(k)]
     else:

@@ -208,7 +208,8 @@ def embed_rows(model, data: dict, rows: np.ndarray) -> np.ndarray:
 
     f, iv = data["flux"][rows], data["ivar"][rows]
     if isinstance(model, specformer.SpecFormer):
-        return specformer.embed(model, f, iv, out_dim=contract.EMB_ASTRO_DIM)
+        z = data["core"]["Z"].to_numpy(dtype=np.float64, na_value=np.nan)[rows]
+        return specformer.embed(model, data["wave"], f, iv, z, out_dim=contract.EMB_ASTRO_DIM)
     return shen.embed(model, data["wave"], f, iv, out_dim=contract.EMB_SHEN_DIM)
 
 
@@ -218,10 +219,10 @@ def load_with_head(ckpt: Path, sample: tuple, eps: float | None = None, seed: in
     from ard_sql import contract
     from ard_sql.science import shen, specformer
 
-    wave, flux, ivar, _ = sample
+    wave, flux, ivar, z = sample
     if ckpt.name.startswith("specformer"):
         model = specformer.load_checkpoint(ckpt)
-        specformer.fit_embedding_head(model, flux, ivar, out_dim=contract.EMB_ASTRO_DIM, seed=seed,
+        specformer.fit_embedding_head(model, wave, flux, ivar, z, out_dim=contract.EMB_ASTRO_DIM, seed=seed,
                                       **({} if eps is None else {"eps": eps}))
     else:
         model = shen.load_checkpoint(ckpt)
@@ -293,7 +294,8 @@ def main() -> None:
         from ard_sql.build.layers.embed import embed_spectra, train_encoders
 
         astro_m, shen_m, train_info = train_encoders(args.ard, opts)
-        emb = embed_spectra(astro_m, shen_m, data["wave"], data["flux"], data["ivar"])
+        emb = embed_spectra(astro_m, shen_m, data["wave"], data["flux"], data["ivar"],
+                            core["Z"].to_numpy(dtype=np.float64, na_value=np.nan))
     else:
         emb = data["emb"]
         log_path = args.ard / "artifacts" / "embed" / "training.json"

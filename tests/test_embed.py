@@ -86,12 +86,13 @@ def test_layer_writes_vectors_indexes_and_meta(embed_ard):
     for enc in ("astro", "shen"):
         # both trained with the rest-frame term: ard_meta says what the redshift was used for
         assert "trained self-supervised" in meta[f"embed_{enc}_source"]
-        assert "catalogue Z as a rest-frame training target (never an input)" in meta[f"embed_{enc}_source"]
+        assert "catalogue Z as a rest-frame training target (never an input to the encoder)" in meta[f"embed_{enc}_source"]
     assert "embed_astro_training" in meta and "embed_shen_training" in meta
     from ard_sql.science import shen, specformer
 
     assert f"{specformer.SNR_DIRECTIONS} direction(s) that log S/N predicts projected out" in meta["embed_astro_head"]
     assert f"{shen.SNR_DIRECTIONS} direction(s) that log S/N predicts projected out" in meta["embed_shen_head"]
+    assert f"{specformer.REST_BINS} rest-frame regions (catalogue Z)" in meta["embed_astro_head"]
     assert json.loads(meta["index_emb_shen"])["n"] == 26
 
 
@@ -141,10 +142,11 @@ def test_local_astroclip_checkpoint_loads(embed_ard, tmp_path):
     used = specformer.load_checkpoint(paths.artifact_dir(ard, "embed") / "specformer.ckpt")
     for k, v in saved.items():
         assert torch.equal(used.state_dict()[k], v), k
-    assert used.emb_regions == 16
-    tid, stored = db.sql("SELECT TargetID, emb_astro FROM ard WHERE emb_astro IS NOT NULL ORDER BY TargetID LIMIT 1").fetchall()[0]
+    assert used.emb_whiten.shape[0] == specformer.REST_BINS * 2 * 48 and len(used.emb_lnedges) == specformer.REST_BINS + 1
+    tid, z, stored = db.sql("SELECT TargetID, Z, emb_astro FROM ard WHERE emb_astro IS NOT NULL ORDER BY TargetID LIMIT 1").fetchall()[0]
     spec = db.sql("SELECT spectrum(?) AS s", [tid]).fetchall()[0][0]
-    mine = specformer.embed(used, np.array([spec["flux"]], np.float32), np.array([spec["ivar"]], np.float32), out_dim=768)[0]
+    mine = specformer.embed(used, np.asarray(spec["wavelength"]), np.array([spec["flux"]], np.float32),
+                            np.array([spec["ivar"]], np.float32), np.array([z]), out_dim=768)[0]
     assert np.allclose(mine, np.asarray(stored), atol=1e-3 * np.abs(mine).max())
     # a file that is not a checkpoint is refused with a clear message
     bad = tmp_path / "bad.ckpt"
@@ -467,18 +469,18 @@ def test_shen_grid_consistency_term_makes_the_encoder_grid_steadier():
     assert relative_move(1e4) < 0.7 * relative_move(0.0)
 
 
-def _spread_of_noise(n: int, seed: int, degree: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(wave, flux, ivar, basis): galaxy-like spectra with noise x1 to x20, and the centred powers 1..degree of their log S/N."""
+def _spread_of_noise(n: int, seed: int, degree: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(wave, flux, ivar, z, basis): galaxy-like spectra with noise x1 to x20, and the centred powers 1..degree of their log S/N."""
     from ard_sql.science.specformer import median_snr
 
     rng = np.random.default_rng(seed)
-    wave, flux, ivar, _ = galaxy_like_spectra(n, seed=seed)
+    wave, flux, ivar, z = galaxy_like_spectra(n, seed=seed)
     k = 10 ** rng.uniform(0, 1.3, len(flux))[:, None]
     flux = (flux + np.sqrt(k**2 - 1) / np.sqrt(ivar) * rng.standard_normal(flux.shape)).astype(np.float32)
     ivar = (ivar / k**2).astype(np.float32)
     s = np.log10(median_snr(flux, ivar))
     basis = np.column_stack([s**d for d in range(1, degree + 1)])
-    return wave, flux, ivar, basis - basis.mean(0)
+    return wave, flux, ivar, z, basis - basis.mean(0)
 
 
 def _explained(emb: np.ndarray, basis: np.ndarray) -> float:
@@ -492,7 +494,7 @@ def test_shen_head_projects_out_the_snr_directions():
     """With a spread of noise levels, emb_shen's head leaves no part of the vector that a cubic in log S/N predicts."""
     from ard_sql.science import shen
 
-    wave, flux, ivar, basis = _spread_of_noise(300, seed=4, degree=3)
+    wave, flux, ivar, _, basis = _spread_of_noise(300, seed=4, degree=3)
     model = shen.ShenEncoder(shen.ShenConfig(embed_dim=16, num_layers=1, num_heads=2))
 
     def explained(snr_directions: int) -> float:
@@ -507,16 +509,80 @@ def test_specformer_training_fits_the_head_with_the_snr_direction_out():
     """``specformer.train`` hands its head the spectra's ivar: the stored emb_astro has no direction log S/N predicts."""
     from ard_sql.science import specformer
 
-    _, flux, ivar, basis = _spread_of_noise(120, seed=6, degree=1)
+    wave, flux, ivar, z, basis = _spread_of_noise(120, seed=6, degree=1)
     cfg = specformer.SpecFormerConfig(embed_dim=16, num_layers=1, num_heads=2, dropout=0.0)
     torch.set_num_threads(1)
     kw = {"epochs": 1, "batch_size": 16, "crop": 64, "out_dim": 32, "device": "cpu", "seed": 0}
-    model, log = specformer.train(flux, ivar, cfg, **kw)
+    model, log = specformer.train(flux, ivar, cfg, wave=wave, z=z, **kw)
     assert log["recipe"]["snr_directions"] == specformer.SNR_DIRECTIONS >= 1
-    assert _explained(specformer.embed(model, flux, ivar, out_dim=32), basis) < 1e-6
+    assert _explained(specformer.embed(model, wave, flux, ivar, z, out_dim=32), basis) < 1e-6
     # the same weights with a head fitted without the S/N: the direction is there to remove
-    specformer.fit_embedding_head(model, flux, out_dim=32, seed=0)
-    assert _explained(specformer.embed(model, flux, ivar, out_dim=32), basis) > 0.01
+    specformer.fit_embedding_head(model, wave, flux, None, z, out_dim=32, seed=0)
+    assert _explained(specformer.embed(model, wave, flux, ivar, z, out_dim=32), basis) > 0.01
+
+
+class _LnLambdaTokens(torch.nn.Module):
+    """A stand-in encoder whose patch token j outputs (ln lambda_j, -ln lambda_j): pooling can be read off."""
+
+    def __init__(self, wave: np.ndarray):
+        super().__init__()
+        from ard_sql.science import specformer
+
+        self.config = specformer.SpecFormerConfig(embed_dim=2, num_layers=1, num_heads=1)
+        self.lnl = torch.from_numpy(specformer.token_lnlam(wave, self.config).astype(np.float32))
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, flux: torch.Tensor) -> dict[str, torch.Tensor]:
+        tok = torch.stack([self.lnl, -self.lnl], 1).expand(len(flux), -1, -1)
+        return {"embedding": torch.cat([torch.zeros(len(flux), 1, 2), tok], 1)}
+
+
+def test_rest_pooling_places_tokens_at_their_rest_wavelength():
+    """emb_astro's head: each region pools the tokens whose rest wavelength (catalogue Z) lies in it."""
+    from ard_sql.science import specformer
+
+    wave = grid.brz_wavelength()
+    model = _LnLambdaTokens(wave)
+    z = np.array([0.1, 1.2, np.nan, 3.5, -0.5])
+    edges = np.log(np.geomspace(3300.0, 7000.0, 5))
+    pooled = specformer.rest_pooled(model, wave, np.ones((5, len(wave)), np.float32), z, edges).reshape(5, 4, 2, 2)
+    lnl = specformer.token_lnlam(wave, model.config)
+    for row in (0, 1):
+        rest = lnl - np.log1p(z[row])
+        for k in range(4):
+            inside = (rest >= edges[k]) & (rest < edges[k + 1])
+            if not inside.any():
+                assert np.isnan(pooled[row, k]).all()
+                continue
+            mean, peak = pooled[row, k, 0, 0] - np.log1p(z[row]), pooled[row, k, 1, 0] - np.log1p(z[row])
+            assert mean == pytest.approx(rest[inside].mean(), abs=1e-5) and peak == pytest.approx(rest[inside].max(), abs=1e-5)
+            assert pooled[row, k, 1, 1] == pytest.approx(-lnl[inside].min(), abs=1e-5)  # the max of each channel
+    # at z = 1.2 the grid's red end (9824 A) is 4465 A at rest: the regions above 4806 A are not reached
+    assert not np.isnan(pooled[0]).any() and np.isnan(pooled[1, 2:]).all() and not np.isnan(pooled[1, :2]).any()
+    # no redshift, a redshift that puts every token beyond the range, or an unphysical one: no region at all
+    assert np.isnan(pooled[2:]).all()
+
+
+def test_emb_astro_is_null_without_a_usable_redshift():
+    """A NaN Z, or one that leaves the head's rest range unreached, gives a NULL (NaN) row; the rest of the
+    batch is unaffected. Without a head, or without redshifts to fit one, the error says what is missing."""
+    from ard_sql.science import specformer
+
+    wave, flux, ivar, z = galaxy_like_spectra(64, seed=11)
+    cfg = specformer.SpecFormerConfig(embed_dim=16, num_layers=1, num_heads=2, dropout=0.0)
+    torch.manual_seed(0)
+    model = specformer.SpecFormer(cfg)
+    specformer.fit_embedding_head(model, wave, flux, ivar, z, out_dim=32, seed=0)
+    zz = z[:4].copy()
+    zz[1], zz[2] = np.nan, 4.0
+    out = specformer.embed(model, wave, flux[:4], ivar[:4], zz, out_dim=32)
+    assert np.isnan(out[1]).all() and np.isnan(out[2]).all()
+    np.testing.assert_allclose(out[[0, 3]], specformer.embed(model, wave, flux[[0, 3]], ivar[[0, 3]], z[[0, 3]], out_dim=32),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="no embedding head"):
+        specformer.embed(specformer.SpecFormer(cfg), wave, flux[:1], ivar[:1], z[:1])
+    with pytest.raises(ValueError, match="usable catalogue Z"):
+        specformer.fit_embedding_head(model, wave, flux, ivar, np.full(len(z), np.nan), out_dim=32)
 
 
 def test_restframe_targets_place_features_at_their_rest_wavelength():
@@ -584,15 +650,18 @@ def test_specformer_rest_term_changes_training_but_not_the_stored_model(crop):
     cfg = specformer.SpecFormerConfig(embed_dim=16, num_layers=1, num_heads=2, dropout=0.0)
     torch.set_num_threads(1)
     kw = {"epochs": 2, "batch_size": 16, "crop": crop, "out_dim": 32, "device": "cpu", "seed": 0}
-    plain, plog = specformer.train(flux, ivar, cfg, **kw)
+    plain, plog = specformer.train(flux, ivar, cfg, fit_head=False, **kw)
     rest, rlog = specformer.train(flux, ivar, cfg, wave=wave, z=z, **kw)
-    unknown, ulog = specformer.train(flux, ivar, cfg, wave=wave, z=np.full(32, np.nan), **kw)
+    unknown, ulog = specformer.train(flux, ivar, cfg, wave=wave, z=np.full(32, np.nan), fit_head=False, **kw)
     assert plog["recipe"]["rest_weight"] == 0.0 and ulog["recipe"]["rest_weight"] == 0.0
     assert rlog["recipe"]["rest_weight"] == restframe.REST_WEIGHT
     assert set(rest.state_dict()) == set(plain.state_dict()) == set(specformer.SpecFormer(cfg).state_dict())
     assert not torch.equal(rest.data_embed.weight, plain.data_embed.weight)
     torch.testing.assert_close(unknown.data_embed.weight, plain.data_embed.weight)
-    assert np.isfinite(specformer.embed(rest, flux[:4], ivar[:4], out_dim=32)).all()
+    assert np.isfinite(specformer.embed(rest, wave, flux[:4], ivar[:4], z[:4], out_dim=32)).all()
+    # the head is fitted from the grid and the redshifts: training without them says so
+    with pytest.raises(ValueError, match="needs the spectra's grid"):
+        specformer.train(flux, ivar, cfg, **kw)
 
 
 # --------------------------------------------------------------------------- devices and training hooks
@@ -639,11 +708,12 @@ def test_training_calls_back_every_step_and_trains_a_given_model_in_place():
     kw = {"epochs": 1, "batch_size": 16, "crop": None, "out_dim": 32, "device": "cpu", "seed": 0}
     torch.manual_seed(0)
     given = specformer.SpecFormer(acfg)
-    astro, alog = specformer.train(flux, ivar, model=given, callback=lambda steps, seconds: calls.append(steps), **kw)
+    astro, alog = specformer.train(flux, ivar, model=given, callback=lambda steps, seconds: calls.append(steps),
+                                   fit_head=False, **kw)
     assert astro is given and calls == [1, 2, 3] and alog["device"] == "cpu"
     # seeded before it is built, a given SpecFormer trains exactly as train() would train its own
     # (without dropout, which would draw from torch's global generator in another state)
-    fresh, _ = specformer.train(flux, ivar, acfg, **kw)
+    fresh, _ = specformer.train(flux, ivar, acfg, fit_head=False, **kw)
     torch.testing.assert_close(fresh.data_embed.weight, given.data_embed.weight, rtol=0, atol=0)
 
 

@@ -11,7 +11,7 @@ Three steps, in the orchestrator's hooks:
     CPU) is trained self-supervised on a sample of the ARD's own spectra.
     ``emb_shen``: the wavelength-aware encoder (``science.shen``) is trained
     the same way. Both trainings add a rest-frame term that uses the
-    catalogue Z as a training target, never as an input (``science.restframe``;
+    catalogue Z as a training target, never as an input to the encoder (``science.restframe``;
     for published AstroCLIP weights nothing is trained). The sample is ``train_max`` spectra (default 4000) drawn
     evenly from every partition (GALAXY targets with S/N > ``train_min_snr``);
     training stops after ``epochs`` or ``max_seconds`` per encoder (default 20
@@ -26,7 +26,12 @@ Three steps, in the orchestrator's hooks:
     their sizes and training logs go to ``ard_meta``.
 ``run`` (per partition, on the workers)
     embeds every spectrum; a spectrum with no good pixel gets NULL vectors and
-    ``Embed_flag`` is not needed: a NULL vector says it.
+    ``Embed_flag`` is not needed: a NULL vector says it. ``emb_astro``'s head
+    places the encoder's tokens at their rest wavelength with the core's ``Z``
+    (as catalogued; ZWARN is not applied, so a wrong redshift misplaces them),
+    so a target with a NULL ``Z``, or whose spectrum reaches none of the head's
+    rest-frame range (quasars above z ~ 2 for a galaxy sample), has a NULL
+    ``emb_astro`` and still an ``emb_shen``, which needs no redshift.
 ``finalize`` (once)
     one USearch HNSW index per embedding (cosine, f16), keys = TargetID,
     ``indexes/<column>.usearch``, memory-mapped by ``ard_sql.open()``.
@@ -121,7 +126,7 @@ def _load_models(ard_dir: Path) -> tuple[Any, Any]:
 
 
 #: Bumped when the training recipe or the embedding head changes: cached weights are then retrained.
-RECIPE = ("9: crops + warmup lr 1e-3, 6-region pooling, PCA whitening eps 0.01, rest-frame term for both encoders, "
+RECIPE = ("10: emb_astro's head pools tokens in rest-frame regions (catalogue Z; mean and max), training unchanged; 9: crops + warmup lr 1e-3, 6-region pooling, PCA whitening eps 0.01, rest-frame term for both encoders, "
           "emb_shen grid-noise damping and grid-consistency term, S/N directions projected out (emb_astro 1, emb_shen 3; "
           "emb_astro's head now given the spectra's ivar, which recipes 7-8 did not pass, so their builds kept the S/N direction)")
 
@@ -144,10 +149,10 @@ def train_encoders(ard_dir: Path, opts: dict[str, Any]) -> tuple[Any, Any, dict[
 
         t0 = time.perf_counter()
         model = specformer.load_checkpoint(opts["astroclip_checkpoint"])
-        specformer.fit_embedding_head(model, flux, ivar, out_dim=contract.EMB_ASTRO_DIM, seed=kw["seed"])
+        specformer.fit_embedding_head(model, wave, flux, ivar, z, out_dim=contract.EMB_ASTRO_DIM, seed=kw["seed"])
         log["astro"] = {"source": "published AstroCLIP weights", "path": opts["astroclip_checkpoint"],
                         "config": model.config.__dict__, "head_seconds": time.perf_counter() - t0,
-                        "regions": model.emb_regions, "snr_directions": specformer.SNR_DIRECTIONS}
+                        **specformer.head_summary(model, ivar is not None)}
     else:
         model, tlog = specformer.train(flux, ivar, wave=wave, z=z, out_dim=contract.EMB_ASTRO_DIM, **kw)
         log["astro"] = {"source": _trained_source(tlog), **tlog}
@@ -159,16 +164,18 @@ def train_encoders(ard_dir: Path, opts: dict[str, Any]) -> tuple[Any, Any, dict[
 def _trained_source(tlog: dict[str, Any]) -> str:
     """``ard_meta``'s words for weights the build trained: the redshift's role is said where it had one."""
     if tlog["recipe"].get("rest_weight", 0.0) > 0:
-        return "trained self-supervised on this ARD's spectra, with the catalogue Z as a rest-frame training target (never an input)"
+        return ("trained self-supervised on this ARD's spectra, with the catalogue Z as a rest-frame training target "
+                "(never an input to the encoder)")
     return "trained self-supervised on this ARD's spectra"
 
 
-def embed_spectra(astro_model: Any, shen_model: Any, wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray,
+def embed_spectra(astro_model: Any, shen_model: Any, wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, z: np.ndarray,
                   batch_size: int = 64) -> dict[str, np.ndarray]:
-    """Both embeddings of (n, L) spectra on the grid ``wave``; NaN rows where a spectrum is unusable."""
+    """Both embeddings of (n, L) spectra on the grid ``wave`` (``z``: catalogue redshifts, for emb_astro's
+    rest-frame head only); NaN rows where a spectrum is unusable."""
     from ard_sql.science import shen, specformer
 
-    return {"emb_astro": specformer.embed(astro_model, flux, ivar, out_dim=contract.EMB_ASTRO_DIM, batch_size=batch_size),
+    return {"emb_astro": specformer.embed(astro_model, wave, flux, ivar, z, out_dim=contract.EMB_ASTRO_DIM, batch_size=batch_size),
             "emb_shen": shen.embed(shen_model, wave, flux, ivar, out_dim=contract.EMB_SHEN_DIM, batch_size=batch_size)}
 
 
@@ -206,7 +213,8 @@ class EmbedLayer:
         astro_model, shen_model = _load_models(part.ard_dir)
         spec = part.spectra()
         bs = opts.get("batch_size", 64)
-        emb = embed_spectra(astro_model, shen_model, spec.wave, spec.flux, spec.ivar, batch_size=bs)
+        z = part.core.column("Z").to_numpy(zero_copy_only=False).astype(np.float64)  # NULL Z -> NaN -> NULL emb_astro
+        emb = embed_spectra(astro_model, shen_model, spec.wave, spec.flux, spec.ivar, z, batch_size=bs)
         return pa.table({
             "TargetID": pa.array(spec.targetid, pa.int64()),
             "emb_astro": _vectors(emb["emb_astro"], contract.EMB_ASTRO_DIM),
@@ -225,12 +233,7 @@ class EmbedLayer:
                 info = log.get(name, {})
                 out[f"embed_{name}_source"] = str(info.get("source", ""))
                 out[f"embed_{name}_config"] = json.dumps(info.get("config", {}), default=str)
-                regions = info.get("recipe", {}).get("regions", info.get("regions", info.get("config", {}).get("pool_regions")))
-                snr = info.get("recipe", info).get("snr_directions")
-                snr_text = "" if snr is None else f", {snr} direction(s) that log S/N predicts projected out"
-                out[f"embed_{name}_head"] = (f"{regions} wavelength regions x embed_dim, mean-pooled final-LayerNorm "
-                                             f"tokens, centred + PCA-whitened on the training sample{snr_text}; "
-                                             f"recipe {log.get('recipe', '1')}")
+                out[f"embed_{name}_head"] = _head_text(name, info, log.get("recipe", "1"))
                 if "seconds" in info:
                     out[f"embed_{name}_training"] = (f"{info['seconds']:.1f} s, {info['steps']} steps, "
                                                      f"{info['n_train']} spectra, stopped_by_time={info['stopped_by_time']}")
@@ -248,6 +251,21 @@ class EmbedLayer:
             info = similarity.build_index(np.concatenate(keys), np.concatenate(vecs), paths.index_file(ard_dir, column))
             out[f"index_{column}"] = json.dumps(info, default=str)
         return out
+
+
+def _head_text(name: str, info: dict[str, Any], recipe: str) -> str:
+    """``ard_meta``'s description of an embedding head, from the training log's entry ``info``."""
+    rec = info.get("recipe", info)
+    snr = rec.get("snr_directions")
+    snr_text = "" if snr is None else f", {snr} direction(s) that log S/N predicts projected out"
+    if name == "astro":
+        lo, hi = rec["head_range"]
+        pooled = (f"{rec['head_regions']} rest-frame regions (catalogue Z) of {lo:.0f}-{hi:.0f} A x embed_dim x (mean, max) "
+                  f"of final-LayerNorm tokens, projected on {rec['head_width']} principal directions")
+    else:
+        regions = rec.get("regions", info.get("config", {}).get("pool_regions"))
+        pooled = f"{regions} wavelength regions x embed_dim, mean-pooled final-LayerNorm tokens"
+    return f"{pooled}, centred + PCA-whitened on the training sample{snr_text}; recipe {recipe}"
 
 
 def _vectors(values: np.ndarray, dim: int) -> pa.Array:
