@@ -401,11 +401,11 @@ def rest_head_edges(wave: np.ndarray, z: np.ndarray, bins: int = REST_BINS) -> n
     if len(zz) < 10:
         raise ValueError(f"emb_astro head: {len(zz)} spectra with a usable catalogue Z; it needs at least 10 "
                          "to choose its rest-frame range")
-    lo = math.log(float(wave[0])) - math.log1p(float(np.quantile(zz, REST_QUANTILES[0])))
-    hi = math.log(float(wave[-1])) - math.log1p(float(np.quantile(zz, REST_QUANTILES[1])))
+    z_lo, z_hi = (float(q) for q in np.quantile(zz, REST_QUANTILES))
+    lo, hi = math.log(float(wave[0])) - math.log1p(z_lo), math.log(float(wave[-1])) - math.log1p(z_hi)
     if hi <= lo:
-        raise ValueError(f"emb_astro head: the sample's redshifts (5th percentile {np.quantile(zz, 0.05):.3f}, median "
-                         f"{np.median(zz):.3f}) leave no rest-frame range that the grid {wave[0]:.0f}-{wave[-1]:.0f} A covers")
+        raise ValueError(f"emb_astro head: the sample's redshift quantiles {REST_QUANTILES} ({z_lo:.3f}, {z_hi:.3f}) leave "
+                         f"no rest-frame range that the grid {wave[0]:.0f}-{wave[-1]:.0f} A covers")
     return np.linspace(lo, hi, bins + 1)
 
 
