@@ -93,6 +93,8 @@ def test_layer_writes_vectors_indexes_and_meta(embed_ard):
     assert f"{specformer.SNR_DIRECTIONS} direction(s) that log S/N predicts projected out" in meta["embed_astro_head"]
     assert f"{shen.SNR_DIRECTIONS} direction(s) that log S/N predicts projected out" in meta["embed_shen_head"]
     assert f"{specformer.REST_BINS} rest-frame regions (catalogue Z)" in meta["embed_astro_head"]
+    assert f"{len(specformer.LINE_WINDOWS)} line windows of +-0.2 % ([OII]3727, [NeIII]3869, Hdelta" in meta["embed_astro_head"]
+    assert f"whitening eps {specformer.ASTRO_WHITEN_EPS}" in meta["embed_astro_head"]
     assert json.loads(meta["index_emb_shen"])["n"] == 26
 
 
@@ -142,7 +144,8 @@ def test_local_astroclip_checkpoint_loads(embed_ard, tmp_path):
     used = specformer.load_checkpoint(paths.artifact_dir(ard, "embed") / "specformer.ckpt")
     for k, v in saved.items():
         assert torch.equal(used.state_dict()[k], v), k
-    assert used.emb_whiten.shape[0] == specformer.REST_BINS * 2 * 48 and len(used.emb_lnedges) == specformer.REST_BINS + 1
+    windows = specformer.REST_BINS + len(specformer.LINE_WINDOWS)
+    assert used.emb_whiten.shape[0] == windows * 2 * 48 and used.emb_lnwindows.shape == (windows, 2)
     tid, z, stored = db.sql("SELECT TargetID, Z, emb_astro FROM ard WHERE emb_astro IS NOT NULL ORDER BY TargetID LIMIT 1").fetchall()[0]
     spec = db.sql("SELECT spectrum(?) AS s", [tid]).fetchall()[0][0]
     mine = specformer.embed(used, np.asarray(spec["wavelength"]), np.array([spec["flux"]], np.float32),
@@ -538,29 +541,84 @@ class _LnLambdaTokens(torch.nn.Module):
 
 
 def test_rest_pooling_places_tokens_at_their_rest_wavelength():
-    """emb_astro's head: each region pools the tokens whose rest wavelength (catalogue Z) lies in it."""
+    """emb_astro's head: each window pools the tokens whose rest wavelength (catalogue Z) lies in it; a line
+    window overlapping a region pools its own tokens independently."""
     from ard_sql.science import specformer
 
     wave = grid.brz_wavelength()
     model = _LnLambdaTokens(wave)
     z = np.array([0.1, 1.2, np.nan, 3.5, -0.5])
     edges = np.log(np.geomspace(3300.0, 7000.0, 5))
-    pooled = specformer.rest_pooled(model, wave, np.ones((5, len(wave)), np.float32), z, edges).reshape(5, 4, 2, 2)
+    windows = np.concatenate([np.stack([edges[:-1], edges[1:]], 1), np.log([[4977.0, 5038.0]])])
+    pooled = specformer.rest_pooled(model, wave, np.ones((5, len(wave)), np.float32), z, windows).reshape(5, 5, 2, 2)
     lnl = specformer.token_lnlam(wave, model.config)
     for row in (0, 1):
         rest = lnl - np.log1p(z[row])
-        for k in range(4):
-            inside = (rest >= edges[k]) & (rest < edges[k + 1])
+        for k, (lo, hi) in enumerate(windows):
+            inside = (rest >= lo) & (rest < hi)
             if not inside.any():
                 assert np.isnan(pooled[row, k]).all()
                 continue
             mean, peak = pooled[row, k, 0, 0] - np.log1p(z[row]), pooled[row, k, 1, 0] - np.log1p(z[row])
             assert mean == pytest.approx(rest[inside].mean(), abs=1e-5) and peak == pytest.approx(rest[inside].max(), abs=1e-5)
             assert pooled[row, k, 1, 1] == pytest.approx(-lnl[inside].min(), abs=1e-5)  # the max of each channel
-    # at z = 1.2 the grid's red end (9824 A) is 4465 A at rest: the regions above 4806 A are not reached
+    # the line window holds a few tokens near 5008 A, inside the third region's wider range
+    assert 5000 < np.exp(pooled[0, 4, 0, 0] - np.log1p(0.1)) < 5016 and pooled[0, 4, 1, 0] < pooled[0, 2, 1, 0]
+    # at z = 1.2 the grid's red end (9824 A) is 4465 A at rest: the regions above 4806 A and the line are not reached
     assert not np.isnan(pooled[0]).any() and np.isnan(pooled[1, 2:]).all() and not np.isnan(pooled[1, :2]).any()
     # no redshift, a redshift that puts every token beyond the range, or an unphysical one: no region at all
     assert np.isnan(pooled[2:]).all()
+
+
+def test_head_windows_are_contiguous_regions_then_the_lines():
+    """The head's windows: REST_BINS equal ln-lambda regions over the range the redshifts allow, then
+    +-LINE_HALF_WIDTH around each line of LINE_WINDOWS; the summary says what the head was fitted with."""
+    from ard_sql.science import specformer
+
+    wave = grid.brz_wavelength()
+    z = np.linspace(0.02, 0.4, 200)
+    win = specformer.rest_head_windows(wave, z)
+    regions, lines = win[:specformer.REST_BINS], win[specformer.REST_BINS:]
+    assert len(lines) == len(specformer.LINE_WINDOWS) == 12
+    np.testing.assert_allclose(regions[1:, 0], regions[:-1, 1])
+    np.testing.assert_allclose(np.diff(regions, axis=1), np.diff(regions[:1], axis=1).item())
+    z05, z50 = np.quantile(z, specformer.REST_QUANTILES)
+    assert np.exp(regions[0, 0]) == pytest.approx(wave[0] / (1 + z05)) and np.exp(regions[-1, 1]) == pytest.approx(wave[-1] / (1 + z50))
+    centres = np.array(list(specformer.LINE_WINDOWS.values()))
+    np.testing.assert_allclose(np.exp(lines), centres[:, None] * (1 + np.array([-1, 1]) * specformer.LINE_HALF_WIDTH))
+    assert specformer.LINE_WINDOWS["[OIII]5007"] == pytest.approx(5008.24)
+    wave2, flux, ivar, zs = galaxy_like_spectra(64, seed=11)
+    cfg = specformer.SpecFormerConfig(embed_dim=16, num_layers=1, num_heads=2, dropout=0.0)
+    torch.manual_seed(0)
+    model = specformer.SpecFormer(cfg)
+    specformer.fit_embedding_head(model, wave2, flux, None, zs, out_dim=32, eps=0.05, snr_directions=2)
+    summary = specformer.head_summary(model)
+    # the values it was fitted with, not the module's defaults; no ivar: no S/N direction could be removed
+    assert summary["whiten_eps"] == 0.05 and summary["snr_directions"] == 0
+    assert summary["head_lines"] == list(specformer.LINE_WINDOWS) and summary["head_regions"] == specformer.REST_BINS
+
+
+def test_emb_astro_head_round_trips_through_a_checkpoint(tmp_path):
+    """The head (windows, centre, whitening and what it was fitted with) is saved beside the weights and gives
+    the same vectors when loaded; a head from before recipe 11 (no line windows) is dropped, for the build to refit."""
+    from ard_sql.science import specformer
+
+    wave, flux, ivar, z = galaxy_like_spectra(64, seed=11)
+    cfg = specformer.SpecFormerConfig(embed_dim=16, num_layers=1, num_heads=2, dropout=0.0)
+    torch.manual_seed(0)
+    model = specformer.SpecFormer(cfg)
+    specformer.fit_embedding_head(model, wave, flux, ivar, z, out_dim=32, seed=0)
+    specformer.save_checkpoint(model, tmp_path / "m.ckpt")
+    loaded = specformer.load_checkpoint(tmp_path / "m.ckpt")
+    assert specformer.head_summary(loaded) == specformer.head_summary(model)
+    np.testing.assert_array_equal(specformer.embed(loaded, wave, flux[:8], ivar[:8], z[:8], out_dim=32),
+                                  specformer.embed(model, wave, flux[:8], ivar[:8], z[:8], out_dim=32))
+    ckpt = torch.load(tmp_path / "m.ckpt", weights_only=True)
+    ckpt["emb_head"] = {"rest_lnedges": torch.linspace(8.1, 8.9, 25, dtype=torch.float64),
+                        "centre": ckpt["emb_head"]["centre"], "whiten": ckpt["emb_head"]["whiten"]}
+    torch.save(ckpt, tmp_path / "r10.ckpt")
+    with pytest.raises(ValueError, match="no embedding head"):
+        specformer.embed(specformer.load_checkpoint(tmp_path / "r10.ckpt"), wave, flux[:1], ivar[:1], z[:1])
 
 
 def test_emb_astro_is_null_without_a_usable_redshift():

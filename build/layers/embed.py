@@ -126,7 +126,8 @@ def _load_models(ard_dir: Path) -> tuple[Any, Any]:
 
 
 #: Bumped when the training recipe or the embedding head changes: cached weights are then retrained.
-RECIPE = ("10: emb_astro's head pools tokens in rest-frame regions (catalogue Z; mean and max), training unchanged; 9: crops + warmup lr 1e-3, 6-region pooling, PCA whitening eps 0.01, rest-frame term for both encoders, "
+RECIPE = ("11: emb_astro's head adds twelve rest-frame line windows of +-0.2 % (specformer.LINE_WINDOWS; mean and max), "
+          "training unchanged; 10: emb_astro's head pools tokens in rest-frame regions (catalogue Z; mean and max), training unchanged; 9: crops + warmup lr 1e-3, 6-region pooling, PCA whitening eps 0.01, rest-frame term for both encoders, "
           "emb_shen grid-noise damping and grid-consistency term, S/N directions projected out (emb_astro 1, emb_shen 3; "
           "emb_astro's head now given the spectra's ivar, which recipes 7-8 did not pass, so their builds kept the S/N direction)")
 
@@ -152,7 +153,7 @@ def train_encoders(ard_dir: Path, opts: dict[str, Any]) -> tuple[Any, Any, dict[
         specformer.fit_embedding_head(model, wave, flux, ivar, z, out_dim=contract.EMB_ASTRO_DIM, seed=kw["seed"])
         log["astro"] = {"source": "published AstroCLIP weights", "path": opts["astroclip_checkpoint"],
                         "config": model.config.__dict__, "head_seconds": time.perf_counter() - t0,
-                        **specformer.head_summary(model, ivar is not None)}
+                        **specformer.head_summary(model)}
     else:
         model, tlog = specformer.train(flux, ivar, wave=wave, z=z, out_dim=contract.EMB_ASTRO_DIM, **kw)
         log["astro"] = {"source": _trained_source(tlog), **tlog}
@@ -260,8 +261,12 @@ def _head_text(name: str, info: dict[str, Any], recipe: str) -> str:
     snr_text = "" if snr is None else f", {snr} direction(s) that log S/N predicts projected out"
     if name == "astro":
         lo, hi = rec["head_range"]
-        pooled = (f"{rec['head_regions']} rest-frame regions (catalogue Z) of {lo:.0f}-{hi:.0f} A x embed_dim x (mean, max) "
-                  f"of final-LayerNorm tokens, projected on {rec['head_width']} principal directions")
+        lines = rec.get("head_lines", [])
+        windows = (f" and {len(lines)} line windows of +-{100 * rec['head_line_half_width']:.1f} % ({', '.join(lines)})"
+                   if lines else "")
+        pooled = (f"{rec['head_regions']} rest-frame regions (catalogue Z) of {lo:.0f}-{hi:.0f} A{windows} x embed_dim x "
+                  f"(mean, max) of final-LayerNorm tokens, projected on {rec['head_width']} principal directions, "
+                  f"whitening eps {rec['whiten_eps']}")
     else:
         regions = rec.get("regions", info.get("config", {}).get("pool_regions"))
         pooled = f"{regions} wavelength regions x embed_dim, mean-pooled final-LayerNorm tokens"
