@@ -94,7 +94,7 @@ def test_layer_writes_vectors_indexes_and_meta(embed_ard):
     assert f"{shen.SNR_DIRECTIONS} direction(s) that log S/N predicts projected out" in meta["embed_shen_head"]
     assert f"{specformer.REST_BINS} rest-frame regions (catalogue Z)" in meta["embed_astro_head"]
     assert f"{len(specformer.LINE_WINDOWS)} line windows of +-0.2 % ([OII]3727, [NeIII]3869, Hdelta" in meta["embed_astro_head"]
-    assert f"whitening eps {specformer.ASTRO_WHITEN_EPS}" in meta["embed_astro_head"]
+    assert f"principal directions (whitening eps {specformer.ASTRO_WHITEN_EPS})" in meta["embed_astro_head"]
     assert json.loads(meta["index_emb_shen"])["n"] == 26
 
 

@@ -265,8 +265,8 @@ def _head_text(name: str, info: dict[str, Any], recipe: str) -> str:
         windows = (f" and {len(lines)} line windows of +-{100 * rec['head_line_half_width']:.1f} % ({', '.join(lines)})"
                    if lines else "")
         pooled = (f"{rec['head_regions']} rest-frame regions (catalogue Z) of {lo:.0f}-{hi:.0f} A{windows} x embed_dim x "
-                  f"(mean, max) of final-LayerNorm tokens, projected on {rec['head_width']} principal directions, "
-                  f"whitening eps {rec['whiten_eps']}")
+                  f"(mean, max) of final-LayerNorm tokens, projected on {rec['head_width']} principal directions (whitening eps "
+                  f"{rec['whiten_eps']})")
     else:
         regions = rec.get("regions", info.get("config", {}).get("pool_regions"))
         pooled = f"{regions} wavelength regions x embed_dim, mean-pooled final-LayerNorm tokens"
