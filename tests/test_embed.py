@@ -568,6 +568,8 @@ def test_rest_pooling_places_tokens_at_their_rest_wavelength():
     assert not np.isnan(pooled[0]).any() and np.isnan(pooled[1, 2:]).all() and not np.isnan(pooled[1, :2]).any()
     # no redshift, a redshift that puts every token beyond the range, or an unphysical one: no region at all
     assert np.isnan(pooled[2:]).all()
+    with pytest.raises(ValueError, match="grid must ascend"):
+        specformer.rest_pooled(model, wave[::-1].copy(), np.ones((1, len(wave)), np.float32), z[:1], windows)
 
 
 def test_head_windows_are_contiguous_regions_then_the_lines():

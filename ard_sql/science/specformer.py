@@ -421,11 +421,10 @@ def token_lnlam(wave: np.ndarray, config: SpecFormerConfig) -> np.ndarray:
     return patches.mean(axis=1)
 
 
-def rest_head_windows(wave: np.ndarray, z: np.ndarray, bins: int = REST_BINS,
-                      lines: dict[str, float] | None = None, half_width: float = LINE_HALF_WIDTH) -> np.ndarray:
-    """(bins + len(lines), 2) ln(lambda) intervals [lo, hi) of the head's rest-frame windows: ``bins`` equal regions
-    over the range the sample's redshifts allow (:data:`REST_QUANTILES`), then +-``half_width`` around each line
-    (default :data:`LINE_WINDOWS`)."""
+def rest_head_windows(wave: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """(REST_BINS + len(LINE_WINDOWS), 2) ln(lambda) intervals [lo, hi) of the head's rest-frame windows:
+    :data:`REST_BINS` equal regions over the range the sample's redshifts allow (:data:`REST_QUANTILES`), then
+    +-:data:`LINE_HALF_WIDTH` around each line of :data:`LINE_WINDOWS` (what ``fit_embedding_head`` records)."""
     zz = np.asarray(z, np.float64)[usable_redshift(z)]
     if len(zz) < 10:
         raise ValueError(f"emb_astro head: {len(zz)} spectra with a usable catalogue Z; it needs at least 10 "
@@ -435,10 +434,10 @@ def rest_head_windows(wave: np.ndarray, z: np.ndarray, bins: int = REST_BINS,
     if hi <= lo:
         raise ValueError(f"emb_astro head: the sample's redshift quantiles {REST_QUANTILES} ({z_lo:.3f}, {z_hi:.3f}) leave "
                          f"no rest-frame range that the grid {wave[0]:.0f}-{wave[-1]:.0f} A covers")
-    edges = np.linspace(lo, hi, bins + 1)
-    centres = np.log(list((LINE_WINDOWS if lines is None else lines).values()))
-    line_windows = np.stack([centres + math.log1p(-half_width), centres + math.log1p(half_width)], 1)
-    return np.concatenate([np.stack([edges[:-1], edges[1:]], 1), line_windows.reshape(-1, 2)])
+    edges = np.linspace(lo, hi, REST_BINS + 1)
+    centres = np.log(list(LINE_WINDOWS.values()))
+    line_windows = np.stack([centres + math.log1p(-LINE_HALF_WIDTH), centres + math.log1p(LINE_HALF_WIDTH)], 1)
+    return np.concatenate([np.stack([edges[:-1], edges[1:]], 1), line_windows])
 
 
 @torch.no_grad()
@@ -447,11 +446,14 @@ def rest_pooled(model: SpecFormer, wave: np.ndarray, flux: np.ndarray, z: np.nda
     """(n, windows * 2 * embed_dim): per rest-frame window (ln-lambda [lo, hi), :func:`rest_head_windows`) the mean
     and the max of the final-LayerNorm patch tokens whose rest wavelength falls in it.
 
-    ``flux`` must be finite (``fill_bad_pixels``). A window no token of a spectrum reaches is NaN; a row
-    with an unusable ``z`` is all NaN.
+    ``flux`` must be finite (``fill_bad_pixels``) on an ascending grid ``wave``. A window no token of a spectrum
+    reaches is NaN; a row with an unusable ``z`` is all NaN.
     """
     device = model_device(model)
-    lnl = torch.from_numpy(token_lnlam(wave, model.config).astype(np.float32)).to(device)
+    lnl_np = token_lnlam(wave, model.config)
+    if not (np.diff(lnl_np) > 0).all():
+        raise ValueError("emb_astro head: the wavelength grid must ascend")
+    lnl = torch.from_numpy(lnl_np.astype(np.float32)).to(device)
     win = torch.from_numpy(np.asarray(lnwindows, np.float32)).to(device)
     d = model.config.embed_dim
     zok = usable_redshift(z)
@@ -459,16 +461,27 @@ def rest_pooled(model: SpecFormer, wave: np.ndarray, flux: np.ndarray, z: np.nda
     out = np.full((len(flux), len(win) * 2 * d), np.nan, np.float32)
     for i in range(0, len(flux), batch_size):
         emb = model(torch.from_numpy(np.ascontiguousarray(flux[i:i + batch_size])).to(device))["embedding"][:, 1:]
-        rest = lnl[None, :emb.shape[1]] - ln1pz[i:i + batch_size, None].to(device)
-        parts = []
-        for lo, hi in win:
-            m = (rest >= lo) & (rest < hi)
-            n = m.sum(1, keepdim=True)
-            mean = (emb * m[..., None]).sum(1) / n.clamp(min=1)
-            peak = emb.masked_fill(~m[..., None], float("-inf")).amax(1)
-            empty = (n == 0).expand(-1, d)
-            parts += [mean.masked_fill(empty, float("nan")), peak.masked_fill(empty, float("nan"))]
-        out[i:i + len(emb)] = torch.cat(parts, 1).cpu().numpy()
+        b, t, _ = emb.shape
+        rest = (lnl[None, :t] - ln1pz[i:i + batch_size, None].to(device)).contiguous()
+        # the tokens ascend in wavelength, so a window holds the run [first, stop) of each row: rest >= lo, rest < hi
+        first = torch.searchsorted(rest, win[:, 0].expand(b, -1).contiguous())
+        stop = torch.searchsorted(rest, win[:, 1].expand(b, -1).contiguous())
+        count = stop - first  # (b, windows)
+        # means from running sums (float64: differences of sums over hundreds of tokens stay exact to float32)
+        cum = F.pad(emb.double().cumsum(1), (0, 0, 1, 0))
+        sums = cum.gather(1, stop[..., None].expand(-1, -1, d)) - cum.gather(1, first[..., None].expand(-1, -1, d))
+        mean = (sums / count.clamp(min=1)[..., None]).float()
+        # maxima over each window's run only, not a masked copy of every token per window
+        peak = torch.full_like(mean, float("-inf"))
+        for k in range(len(win)):
+            span = int(count[:, k].max())
+            if span:
+                offset = torch.arange(span, device=device)
+                pos = (first[:, k, None] + offset).clamp(max=t - 1)
+                vals = emb.gather(1, pos[..., None].expand(-1, -1, d))
+                peak[:, k] = vals.masked_fill((offset >= count[:, k, None])[..., None], float("-inf")).amax(1)
+        pooled = torch.stack([mean, peak], 2).masked_fill((count == 0)[..., None, None], float("nan"))
+        out[i:i + b] = pooled.reshape(b, -1).cpu().numpy()
     out[~zok] = np.nan
     return out
 

@@ -261,10 +261,9 @@ def _head_text(name: str, info: dict[str, Any], recipe: str) -> str:
     snr_text = "" if snr is None else f", {snr} direction(s) that log S/N predicts projected out"
     if name == "astro":
         lo, hi = rec["head_range"]
-        lines = rec.get("head_lines", [])
-        windows = (f" and {len(lines)} line windows of +-{100 * rec['head_line_half_width']:.1f} % ({', '.join(lines)})"
-                   if lines else "")
-        pooled = (f"{rec['head_regions']} rest-frame regions (catalogue Z) of {lo:.0f}-{hi:.0f} A{windows} x embed_dim x "
+        lines = rec["head_lines"]
+        pooled = (f"{rec['head_regions']} rest-frame regions (catalogue Z) of {lo:.0f}-{hi:.0f} A and {len(lines)} line "
+                  f"windows of +-{100 * rec['head_line_half_width']:.1f} % ({', '.join(lines)}) x embed_dim x "
                   f"(mean, max) of final-LayerNorm tokens, projected on {rec['head_width']} principal directions (whitening eps "
                   f"{rec['whiten_eps']})")
     else:
