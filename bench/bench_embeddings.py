@@ -35,6 +35,9 @@ head (centre + whitening) refitted on the layer's training sample at each
 whitening regularisation: the head alone, the same weights (give the build's
 non-default ``train_max`` / ``train_min_snr`` / ``seed`` with ``--set`` so the sample is
 the same; not with ``--retrain``, whose weights are not the ARD's).
+``--misses`` lists, per representation, the green-pea queries that miss (TargetID, z,
+SNR_Median, own kind among the 10 neighbours) and counts the post-starburst ones: which galaxies
+a precision below 1 comes from.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ import pandas as pd
 
 
 def load_ard(ard: Path) -> dict:
-    """TargetID, catalogue Z, SPECTYPE, embeddings and spectra of every target in the ARD."""
+    """TargetID, catalogue Z, SPECTYPE, SNR_Median, embeddings and spectra of every target in the ARD."""
     import pyarrow.parquet as pq
 
     from ard_sql import spectra_store
@@ -61,7 +64,7 @@ def load_ard(ard: Path) -> dict:
 
     cores, waves, fluxes, ivars = [], None, [], []
     for order, pixel, f in hats_writer.partition_files(ard, CORE):
-        core = pq.read_table(f, columns=["TargetID", "Z", "SPECTYPE"]).to_pandas()
+        core = pq.read_table(f, columns=["TargetID", "Z", "SPECTYPE", "SNR_Median"]).to_pandas()
         b = spectra_store.read_partition(ard, order, pixel, core["TargetID"].to_numpy())
         cores.append(core)
         fluxes.append(b.flux)
@@ -155,17 +158,36 @@ def knn_r2(X: np.ndarray, y: np.ndarray, k: int = 16, folds: int = 5, seed: int 
     return float(1 - np.sum((y - pred) ** 2) / np.sum((y - y.mean()) ** 2))
 
 
-def precision_at_k(X: np.ndarray, labels: np.ndarray, cls: str, k: int = 10) -> float:
-    """Mean fraction of the k nearest neighbours (cosine, self excluded) of each ``cls`` member that are ``cls``."""
+def query_hits(X: np.ndarray, labels: np.ndarray, cls: str, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of X (into ``labels``) of the ``cls`` members that can query, and how many of each one's k nearest
+    neighbours (cosine, self excluded; rows with a NULL vector are not candidates) are ``cls``."""
     ok = np.isfinite(X).all(axis=1) & (np.abs(X).sum(axis=1) > 0)
     Xu, lab = _unit(X[ok].astype(np.float64)), labels[ok]
     q = np.flatnonzero(lab == cls)
     if len(q) < 2:
-        return float("nan")
+        return np.flatnonzero(ok)[q], np.zeros(len(q), np.int64)
     sims = Xu[q] @ Xu.T
     sims[np.arange(len(q)), q] = -np.inf
     nn = np.argsort(-sims, axis=1)[:, :k]
-    return float((lab[nn] == cls).mean())
+    return np.flatnonzero(ok)[q], (lab[nn] == cls).sum(axis=1)
+
+
+def precision_at_k(X: np.ndarray, labels: np.ndarray, cls: str, k: int = 10) -> float:
+    """Mean fraction of the k nearest neighbours (cosine, self excluded) of each ``cls`` member that are ``cls``."""
+    rows, hits = query_hits(X, labels, cls, k)
+    return float(hits.mean() / k) if len(rows) >= 2 else float("nan")
+
+
+def print_misses(features: dict[str, np.ndarray], truth: pd.DataFrame, snr: np.ndarray, k: int = 10) -> None:
+    """For each representation and rare population, the queries whose k nearest neighbours are not all of their kind."""
+    labels = truth["POPULATION"].fillna("").to_numpy()
+    for name, X in features.items():
+        for cls in ("green_pea", "post_starburst"):
+            rows, hits = query_hits(X, labels, cls, k)
+            bad = [f"TargetID {truth['TARGETID'].iloc[r]} (z {truth['Z'].iloc[r]:.3f}, SNR_Median {snr[r]:.2f}): {h}/{k}"
+                   for r, h in zip(rows, hits) if h < k]
+            print(f"{name}, {cls}: {len(rows) - len(bad)} of {len(rows)} queries with {k}/{k}"
+                  + ("".join(f"\n    {b}" for b in bad) if cls == "green_pea" else f"; {len(bad)} with fewer"))
 
 
 def evaluate(features: dict[str, np.ndarray], truth: pd.DataFrame, k: int = 16, kp: int = 10) -> pd.DataFrame:
@@ -271,6 +293,9 @@ def main() -> None:
     ap.add_argument("--checkpoints", type=Path, nargs="*", default=[],
                     help="also score these encoder checkpoints (shen*.ckpt / specformer*.ckpt, or folders of them, "
                          "e.g. bench/gpu_embeddings.py's snapshots), heads fitted on the ARD's training sample")
+    ap.add_argument("--misses", action="store_true",
+                    help="also list, per representation, the green-pea queries whose 10 neighbours are not all green peas "
+                         "(TargetID, z, SNR_Median) and count the post-starburst ones")
     ap.add_argument("--json", type=Path, help="write the table here as JSON")
     args = ap.parse_args()
     if args.retrain and args.head_eps:
@@ -348,6 +373,8 @@ def main() -> None:
     res = evaluate(feats, truth[gal].reset_index())
     pd.set_option("display.width", 200)
     print(res.round(3).to_string())
+    if args.misses:
+        print_misses(feats, truth[gal].reset_index(), core["SNR_Median"].to_numpy()[gal])
     print(f"total {time.perf_counter() - t0:.1f} s")
     if args.json:
         args.json.write_text(res.to_json(indent=1))

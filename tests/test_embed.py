@@ -777,13 +777,37 @@ def test_training_calls_back_every_step_and_trains_a_given_model_in_place():
     torch.testing.assert_close(fresh.data_embed.weight, given.data_embed.weight, rtol=0, atol=0)
 
 
-def test_gpu_pack_round_trip_is_within_a_tenth_of_sigma():
-    """bench/gpu_embeddings.py's pack: flux to 0.05 sigma, ivar to 0.5%, bad pixels kept bad."""
+def _bench_module(name: str):
+    """A script of bench/ imported as a module (bench/ is not a package)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("gpu_embeddings", Path(__file__).parents[1] / "bench" / "gpu_embeddings.py")
-    gpu = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu)
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_precision_counts_each_querys_own_kind_among_its_neighbours():
+    """bench_embeddings' precision@k and its per-query hits: self left out, NULL vectors never neighbours."""
+    be = _bench_module("bench_embeddings")
+    rng = np.random.default_rng(0)
+    X = rng.normal(0, 1, (40, 8))
+    labels = np.array(["field"] * 40, dtype=object)
+    labels[:4] = "green_pea"
+    X[:3] = [10, 0, 0, 0, 0, 0, 0, 0] + rng.normal(0, 0.1, (3, 8))  # three peas together
+    X[3] = -X[0]  # the fourth far from them
+    X[4] = X[0] * 1.01  # a field galaxy right among the peas...
+    X[5] = np.nan  # ...and a NULL vector, which must not count
+    rows, hits = be.query_hits(X, labels, "green_pea", k=3)
+    assert list(rows) == [0, 1, 2, 3]
+    assert list(hits) == [2, 2, 2, 0]
+    assert be.precision_at_k(X, labels, "green_pea", k=3) == pytest.approx(6 / 12)
+    assert np.isnan(be.precision_at_k(X, labels, "post_starburst", k=3))
+
+
+def test_gpu_pack_round_trip_is_within_a_tenth_of_sigma():
+    """bench/gpu_embeddings.py's pack: flux to 0.05 sigma, ivar to 0.5%, bad pixels kept bad."""
+    gpu = _bench_module("gpu_embeddings")
     rng = np.random.default_rng(0)
     ivar = 10 ** rng.uniform(-4, 4, (5, 300))
     flux = rng.normal(0, 1, ivar.shape) / np.sqrt(ivar) + rng.uniform(-3, 30, (5, 1)) / np.sqrt(ivar)
