@@ -178,6 +178,38 @@ def precision_at_k(X: np.ndarray, labels: np.ndarray, cls: str, k: int = 10) -> 
     return float(hits.mean() / k) if len(rows) >= 2 else float("nan")
 
 
+SNR_BINS = (0.0, 0.5, 1.0, 2.0, 5.0, np.inf)
+
+
+def quality_by_snr(features: dict[str, np.ndarray], truth: pd.DataFrame, snr: np.ndarray, k: int = 10,
+                   bins: tuple[float, ...] = SNR_BINS) -> pd.DataFrame:
+    """Neighbour quality per SNR_Median bin: for each galaxy of the bin, the share of its k nearest neighbours
+    (cosine, among all galaxies, self left out) of its own population, and |mean neighbour z - z| / (1 + z).
+
+    One row per representation and bin (n, mean share, median z error); rows with a NULL vector are skipped.
+    """
+    labels = truth["POPULATION"].fillna("").to_numpy()
+    z = truth["Z"].to_numpy(np.float64)
+    rows = []
+    for name, X in features.items():
+        ok = np.flatnonzero(np.isfinite(X).all(axis=1) & (np.abs(X).sum(axis=1) > 0))
+        Xu = _unit(X[ok].astype(np.float64))
+        purity, zerr = np.full(len(X), np.nan), np.full(len(X), np.nan)
+        for chunk in np.array_split(np.arange(len(ok)), max(1, len(ok) // 512)):
+            sims = Xu[chunk] @ Xu.T
+            sims[np.arange(len(chunk)), chunk] = -np.inf
+            nn = ok[np.argpartition(-sims, k, axis=1)[:, :k]]
+            q = ok[chunk]
+            purity[q] = (labels[nn] == labels[q][:, None]).mean(axis=1)
+            zerr[q] = np.abs(z[nn].mean(axis=1) - z[q]) / (1 + z[q])
+        for lo, hi in zip(bins[:-1], bins[1:]):
+            sel = (snr > lo) & (snr <= hi) & np.isfinite(purity)
+            rows.append({"representation": name, "SNR_Median": f"({lo:g}, {hi:g}]", "n": int(sel.sum()),
+                         f"own kind in {k}": float(purity[sel].mean()) if sel.any() else np.nan,
+                         "median dz/(1+z)": float(np.median(zerr[sel])) if sel.any() else np.nan})
+    return pd.DataFrame(rows).set_index(["representation", "SNR_Median"])
+
+
 def print_misses(features: dict[str, np.ndarray], truth: pd.DataFrame, snr: np.ndarray, k: int = 10) -> None:
     """For each representation and rare population, the queries whose k nearest neighbours are not all of their kind."""
     labels = truth["POPULATION"].fillna("").to_numpy()
@@ -296,6 +328,9 @@ def main() -> None:
     ap.add_argument("--misses", action="store_true",
                     help="also list, per representation, the green-pea queries whose 10 neighbours are not all green peas "
                          "(TargetID, z, SNR_Median) and count the post-starburst ones")
+    ap.add_argument("--by-snr", action="store_true",
+                    help="also tabulate neighbour quality (own population among the 10 nearest, their mean z) "
+                         "per SNR_Median bin: how a representation holds up on faint spectra")
     ap.add_argument("--json", type=Path, help="write the table here as JSON")
     args = ap.parse_args()
     if args.retrain and args.head_eps:
@@ -375,6 +410,8 @@ def main() -> None:
     print(res.round(3).to_string())
     if args.misses:
         print_misses(feats, truth[gal].reset_index(), core["SNR_Median"].to_numpy()[gal])
+    if args.by_snr:
+        print(quality_by_snr(feats, truth[gal].reset_index(), core["SNR_Median"].to_numpy()[gal]).round(3).to_string())
     print(f"total {time.perf_counter() - t0:.1f} s")
     if args.json:
         args.json.write_text(res.to_json(indent=1))

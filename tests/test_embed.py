@@ -17,6 +17,7 @@ from pathlib import Path
 
 import duckdb
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -803,6 +804,26 @@ def test_bench_precision_counts_each_querys_own_kind_among_its_neighbours():
     assert list(hits) == [2, 2, 2, 0]
     assert be.precision_at_k(X, labels, "green_pea", k=3) == pytest.approx(6 / 12)
     assert np.isnan(be.precision_at_k(X, labels, "post_starburst", k=3))
+
+
+def test_bench_quality_by_snr_bins_each_galaxys_neighbours_by_its_own_snr():
+    """bench_embeddings' per-S/N neighbour quality: a faint galaxy embedded among the other kind shows in its bin only."""
+    be = _bench_module("bench_embeddings")
+    rng = np.random.default_rng(1)
+    X = np.zeros((24, 4))
+    X[:12, 0], X[12:, 1] = 1.0, 1.0
+    X += rng.normal(0, 0.01, X.shape)
+    truth = pd.DataFrame({"POPULATION": ["quiescent"] * 12 + ["star_forming"] * 12, "Z": [0.1] * 12 + [0.2] * 12})
+    snr = np.full(24, 10.0)
+    snr[0] = 0.3  # the faint one...
+    X[0] = X[12] + rng.normal(0, 0.01, 4)  # ...lands among the other population
+    q = be.quality_by_snr({"emb": X}, truth, snr, k=3, bins=(0.0, 1.0, np.inf))
+    faint, bright = q.loc[("emb", "(0, 1]")], q.loc[("emb", "(1, inf]")]
+    assert faint["n"] == 1 and faint["own kind in 3"] == 0.0
+    assert faint["median dz/(1+z)"] == pytest.approx(0.1 / 1.1)
+    assert bright["n"] == 23 and bright["median dz/(1+z)"] == pytest.approx(0.0, abs=1e-12)
+    # the star-forming galaxies that have the faint one among their 3 nearest lose a third, no one else anything
+    assert 0.8 < bright["own kind in 3"] < 1.0
 
 
 def test_gpu_pack_round_trip_is_within_a_tenth_of_sigma():
