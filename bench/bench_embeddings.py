@@ -166,6 +166,8 @@ def query_hits(X: np.ndarray, labels: np.ndarray, cls: str, k: int = 10) -> tupl
     q = np.flatnonzero(lab == cls)
     if len(q) < 2:
         return np.flatnonzero(ok)[q], np.zeros(len(q), np.int64)
+    if len(Xu) <= k:
+        raise ValueError(f"precision@{k} needs more than {k} vectors, got {len(Xu)}")
     sims = Xu[q] @ Xu.T
     sims[np.arange(len(q)), q] = -np.inf
     nn = np.argsort(-sims, axis=1)[:, :k]
@@ -178,7 +180,8 @@ def precision_at_k(X: np.ndarray, labels: np.ndarray, cls: str, k: int = 10) -> 
     return float(hits.mean() / k) if len(rows) >= 2 else float("nan")
 
 
-SNR_BINS = (0.0, 0.5, 1.0, 2.0, 5.0, np.inf)
+SNR_BINS = (-np.inf, 0.5, 1.0, 2.0, 5.0, np.inf)
+"""SNR_Median bin edges of :func:`quality_by_snr` (SNR_Median is a signed median: the faintest can be <= 0)."""
 
 
 def quality_by_snr(features: dict[str, np.ndarray], truth: pd.DataFrame, snr: np.ndarray, k: int = 10,
@@ -186,7 +189,8 @@ def quality_by_snr(features: dict[str, np.ndarray], truth: pd.DataFrame, snr: np
     """Neighbour quality per SNR_Median bin: for each galaxy of the bin, the share of its k nearest neighbours
     (cosine, among all galaxies, self left out) of its own population, and |mean neighbour z - z| / (1 + z).
 
-    One row per representation and bin (n, mean share, median z error); rows with a NULL vector are skipped.
+    One row per representation and bin (n, mean share, median z error), plus a "NaN" row where some S/N is unknown;
+    rows with a NULL vector are skipped.
     """
     labels = truth["POPULATION"].fillna("").to_numpy()
     z = truth["Z"].to_numpy(np.float64)
@@ -202,9 +206,12 @@ def quality_by_snr(features: dict[str, np.ndarray], truth: pd.DataFrame, snr: np
             q = ok[chunk]
             purity[q] = (labels[nn] == labels[q][:, None]).mean(axis=1)
             zerr[q] = np.abs(z[nn].mean(axis=1) - z[q]) / (1 + z[q])
-        for lo, hi in zip(bins[:-1], bins[1:]):
-            sel = (snr > lo) & (snr <= hi) & np.isfinite(purity)
-            rows.append({"representation": name, "SNR_Median": f"({lo:g}, {hi:g}]", "n": int(sel.sum()),
+        groups = [(f"({lo:g}, {hi:g}]", (snr > lo) & (snr <= hi)) for lo, hi in zip(bins[:-1], bins[1:])]
+        if np.isnan(snr).any():
+            groups.append(("NaN", np.isnan(snr)))
+        for label, in_bin in groups:
+            sel = in_bin & np.isfinite(purity)
+            rows.append({"representation": name, "SNR_Median": label, "n": int(sel.sum()),
                          f"own kind in {k}": float(purity[sel].mean()) if sel.any() else np.nan,
                          "median dz/(1+z)": float(np.median(zerr[sel])) if sel.any() else np.nan})
     return pd.DataFrame(rows).set_index(["representation", "SNR_Median"])

@@ -89,10 +89,11 @@ def test_layer_writes_vectors_indexes_and_meta(embed_ard):
         assert "trained self-supervised" in meta[f"embed_{enc}_source"]
         assert "catalogue Z as a rest-frame training target (never an input to the encoder)" in meta[f"embed_{enc}_source"]
     assert "embed_astro_training" in meta and "embed_shen_training" in meta
-    from ard_sql.science import shen, specformer
+    from ard_sql.science import specformer
 
-    assert f"{specformer.SNR_DIRECTIONS} direction(s) that log S/N predicts projected out" in meta["embed_astro_head"]
-    assert f"{shen.SNR_DIRECTIONS} direction(s) that log S/N predicts projected out" in meta["embed_shen_head"]
+    # 26 spectra are too few to fit the S/N directions (10 per direction + 10): ard_meta says none was removed
+    for enc in ("astro", "shen"):
+        assert "no S/N direction projected out (too few head spectra to fit one)" in meta[f"embed_{enc}_head"]
     assert f"{specformer.REST_BINS} rest-frame regions (catalogue Z)" in meta["embed_astro_head"]
     assert f"{len(specformer.LINE_WINDOWS)} line windows of +-0.2 % ([OII]3727, [NeIII]3869, Hdelta" in meta["embed_astro_head"]
     assert f"principal directions (whitening eps {specformer.ASTRO_WHITEN_EPS})" in meta["embed_astro_head"]
@@ -139,7 +140,7 @@ def test_local_astroclip_checkpoint_loads(embed_ard, tmp_path):
     db = ard_sql.open(ard)
     meta = dict(db.sql("SELECT name, value FROM ard_meta").fetchall())
     assert meta["embed_astro_source"] == "published AstroCLIP weights"
-    assert f"{specformer.SNR_DIRECTIONS} direction(s) that log S/N predicts projected out" in meta["embed_astro_head"]
+    assert "no S/N direction projected out (too few head spectra to fit one)" in meta["embed_astro_head"]
     assert json.loads(meta["embed_astro_config"])["embed_dim"] == 48
     # the stored vectors come from those weights: 16 regions x 48 = 768, and they match an embedding done here
     used = specformer.load_checkpoint(paths.artifact_dir(ard, "embed") / "specformer.ckpt")
@@ -369,7 +370,7 @@ def test_whitening_regularisation_sets_the_weight_of_each_direction():
     x = np.random.default_rng(0).standard_normal((4000, 5)) * np.array([10.0, 3.0, 1.0, 0.3, 0.1])
     lam = np.sort(np.linalg.eigvalsh(np.cov(x.T, bias=True)))
     for eps in (0.1, 0.01):
-        centre, whiten = fit_whitening(x, eps)
+        centre, whiten, _ = fit_whitening(x, eps)
         got = np.sort(np.var((x - centre) @ whiten, axis=0))
         np.testing.assert_allclose(got, lam / (lam + eps * lam.max()), rtol=1e-4)
     np.testing.assert_array_equal(fit_whitening(x)[1], fit_whitening(x, WHITEN_EPS)[1])
@@ -393,7 +394,8 @@ def test_fit_whitening_damps_the_noise_directions():
 
     x = np.random.default_rng(0).normal(size=(4000, 3)) * np.array([3.0, 2.0, 1.0])
     noise = np.diag([0.0, 0.0, 15.0])  # the third axis is mostly noise: 1 + 15
-    centre, whiten = fit_whitening(x, 0.0, noise)
+    centre, whiten, removed = fit_whitening(x, 0.0, noise)
+    assert removed == 0
     var = np.var((x - centre) @ whiten, axis=0)
     got = np.sort(var)
     np.testing.assert_allclose(got, np.sort([1.0, 1.0, 1.0 / 16.0]), rtol=0.05)
@@ -571,6 +573,17 @@ def test_rest_pooling_places_tokens_at_their_rest_wavelength():
     assert np.isnan(pooled[2:]).all()
     with pytest.raises(ValueError, match="grid must ascend"):
         specformer.rest_pooled(model, wave[::-1].copy(), np.ones((1, len(wave)), np.float32), z[:1], windows)
+    # masked pixels: tokens mostly masked are left out of the windows, a window holding only such tokens is not reached
+    good = np.ones((1, len(wave)), bool)
+    good[0, (wave > 4960.0 * 1.1) & (wave < 5055.0 * 1.1)] = False  # the line window at z = 0.1, and a token beyond
+    good[0, ::7] = False  # a scattered bad pixel or two per token changes nothing
+    masked = specformer.rest_pooled(model, wave, np.ones((1, len(wave)), np.float32), z[:1], windows, good=good).reshape(5, 2, 2)
+    assert np.isnan(masked[4]).all() and np.array_equal(masked[:2], pooled[0, :2]) and np.array_equal(masked[3], pooled[0, 3])
+    frac = specformer.token_good_fraction(good, model.config)[0]
+    inside = ((lnl - np.log1p(0.1)) >= windows[2, 0]) & ((lnl - np.log1p(0.1)) < windows[2, 1])
+    kept = inside & (frac >= specformer.TOKEN_MIN_GOOD)
+    assert 0 < kept.sum() < inside.sum()
+    assert masked[2, 0, 0] - np.log1p(0.1) == pytest.approx((lnl[kept] - np.log1p(0.1)).mean(), abs=1e-5)
 
 
 def test_head_windows_are_contiguous_regions_then_the_lines():
@@ -599,6 +612,11 @@ def test_head_windows_are_contiguous_regions_then_the_lines():
     # the values it was fitted with, not the module's defaults; no ivar: no S/N direction could be removed
     assert summary["whiten_eps"] == 0.05 and summary["snr_directions"] == 0
     assert summary["head_lines"] == list(specformer.LINE_WINDOWS) and summary["head_regions"] == specformer.REST_BINS
+    # with ivar, what was removed: 2 directions from 64 spectra, none from 15 (too few rows to fit a quadratic in S/N)
+    specformer.fit_embedding_head(model, wave2, flux, ivar, zs, out_dim=32, snr_directions=2)
+    assert specformer.head_summary(model)["snr_directions"] == 2
+    specformer.fit_embedding_head(model, wave2, flux[:15], ivar[:15], zs[:15], out_dim=32, snr_directions=2)
+    assert specformer.head_summary(model)["snr_directions"] == 0
 
 
 def test_emb_astro_head_round_trips_through_a_checkpoint(tmp_path):
@@ -804,6 +822,8 @@ def test_bench_precision_counts_each_querys_own_kind_among_its_neighbours():
     assert list(hits) == [2, 2, 2, 0]
     assert be.precision_at_k(X, labels, "green_pea", k=3) == pytest.approx(6 / 12)
     assert np.isnan(be.precision_at_k(X, labels, "post_starburst", k=3))
+    with pytest.raises(ValueError, match="more than 3"):  # else a query would count itself
+        be.query_hits(X[:3], labels[:3], "green_pea", k=3)
 
 
 def test_bench_quality_by_snr_bins_each_galaxys_neighbours_by_its_own_snr():
@@ -817,11 +837,13 @@ def test_bench_quality_by_snr_bins_each_galaxys_neighbours_by_its_own_snr():
     snr = np.full(24, 10.0)
     snr[0] = 0.3  # the faint one...
     X[0] = X[12] + rng.normal(0, 0.01, 4)  # ...lands among the other population
-    q = be.quality_by_snr({"emb": X}, truth, snr, k=3, bins=(0.0, 1.0, np.inf))
-    faint, bright = q.loc[("emb", "(0, 1]")], q.loc[("emb", "(1, inf]")]
+    snr[1] = np.nan
+    q = be.quality_by_snr({"emb": X}, truth, snr, k=3, bins=(-np.inf, 1.0, np.inf))
+    faint, bright = q.loc[("emb", "(-inf, 1]")], q.loc[("emb", "(1, inf]")]
+    assert q.loc[("emb", "NaN"), "n"] == 1 and q["n"].sum() == 24
     assert faint["n"] == 1 and faint["own kind in 3"] == 0.0
     assert faint["median dz/(1+z)"] == pytest.approx(0.1 / 1.1)
-    assert bright["n"] == 23 and bright["median dz/(1+z)"] == pytest.approx(0.0, abs=1e-12)
+    assert bright["n"] == 22 and bright["median dz/(1+z)"] == pytest.approx(0.0, abs=1e-12)
     # the star-forming galaxies that have the faint one among their 3 nearest lose a third, no one else anything
     assert 0.8 < bright["own kind in 3"] < 1.0
 

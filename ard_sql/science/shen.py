@@ -364,7 +364,7 @@ def train(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, config: ShenConf
     losses, steps, stopped = pretrain(trained, len(f), batch_loss, gen, epochs=epochs, batch_size=batch_size, lr=lr,
                                       warmup=warmup, max_seconds=max_seconds, callback=callback)
     seconds = time.perf_counter() - t0
-    fit_head(model, wave, flux, ivar, seed=seed, head_max=head_max, span=span)
+    removed = fit_head(model, wave, flux, ivar, seed=seed, head_max=head_max, span=span)
     model.to("cpu")
     return model, {"epoch_loss": losses, "steps": steps, "seconds": seconds, "head_seconds": time.perf_counter() - t0 - seconds,
                    "stopped_by_time": stopped, "n_train": int(len(f)), "config": asdict(config),
@@ -372,15 +372,16 @@ def train(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, config: ShenConf
                               "whiten_eps": WHITEN_EPS, "rest_weight": rest_weight if rest else 0.0,
                               "rest_range": REST_RANGE, "rest_dlnl": REST_DLNL,
                               "consistency_weight": consistency_weight, "consistency_batch": CONSISTENCY_BATCH,
-                              "consistency_dloglams": list(CONSISTENCY_DLOGLAMS), "snr_directions": SNR_DIRECTIONS,
+                              "consistency_dloglams": list(CONSISTENCY_DLOGLAMS), "snr_directions": removed,
                               "grid_noise_weight": GRID_NOISE_WEIGHT, "grid_noise_dloglam": GRID_NOISE_DLOGLAM}}
 
 
 @torch.no_grad()
 def fit_head(model: ShenEncoder, wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, *, seed: int = 0,
              head_max: int = 1000, eps: float | None = None, grid_noise_weight: float = GRID_NOISE_WEIGHT,
-             snr_directions: int = SNR_DIRECTIONS, span: tuple[int, int] | None = None) -> None:
-    """Fit the embedding head (pooled span, centre, whitening) on up to ``head_max`` of the spectra.
+             snr_directions: int = SNR_DIRECTIONS, span: tuple[int, int] | None = None) -> int:
+    """Fit the embedding head (pooled span, centre, whitening) on up to ``head_max`` of the spectra; returns the
+    number of S/N directions projected out (``snr_directions``, or 0 where too few spectra were there to fit them).
 
     ``eps`` is the whitening regularisation (default ``specformer.WHITEN_EPS``).
     With ``grid_noise_weight`` > 0 the same spectra are also rebinned onto a
@@ -414,10 +415,11 @@ def fit_head(model: ShenEncoder, wave: np.ndarray, flux: np.ndarray, ivar: np.nd
         x2, ok2 = pooled(*resample_loglam(wave, flux[sub], ivar[sub], GRID_NOISE_DLOGLAM))
         d = (x - x2)[ok & ok2]
         noise = grid_noise_weight * np.cov(d.T, bias=True) / 2  # half: each reading carries its own part
-    centre, whiten = fit_whitening(x[ok], WHITEN_EPS if eps is None else eps, noise,
-                                   snr=median_snr(flux[sub][ok], ivar[sub][ok]), snr_directions=snr_directions)
+    centre, whiten, removed = fit_whitening(x[ok], WHITEN_EPS if eps is None else eps, noise,
+                                            snr=median_snr(flux[sub][ok], ivar[sub][ok]), snr_directions=snr_directions)
     model.centre.copy_(torch.from_numpy(centre))
     model.whiten.copy_(torch.from_numpy(whiten))
+    return removed
 
 
 def token_span(present: torch.Tensor) -> tuple[int, int]:

@@ -280,8 +280,9 @@ def region_pool(tokens: torch.Tensor, regions: int, weights: torch.Tensor | None
 
 
 def fit_whitening(pooled: np.ndarray, eps: float = WHITEN_EPS, noise: np.ndarray | None = None,
-                  snr: np.ndarray | None = None, snr_directions: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Centre (D,) and regularised PCA-whitening matrix (D, D) of pooled training embeddings.
+                  snr: np.ndarray | None = None, snr_directions: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
+    """Centre (D,), regularised PCA-whitening matrix (D, D) of pooled training embeddings, and the number of
+    S/N directions projected out of it (0 where :func:`snr_projection` had too few rows to fit them).
 
     ``noise`` (D, D), when given, is added to the covariance before whitening, so
     that directions where it is large are scaled down (emb_shen passes the
@@ -298,11 +299,10 @@ def fit_whitening(pooled: np.ndarray, eps: float = WHITEN_EPS, noise: np.ndarray
     lam, vec = np.linalg.eigh(cov if noise is None else cov + noise)
     lam = lam.clip(min=0)
     centre, whiten = centre.astype(np.float32), (vec / np.sqrt(lam + eps * max(lam.max(), 1e-30))).astype(np.float32)
-    if snr is not None:
-        project = snr_projection((rows[finite] - centre) @ whiten, np.asarray(snr)[finite], snr_directions)
-        if project is not None:
-            whiten = (whiten @ project).astype(np.float32)
-    return centre, whiten
+    project = None if snr is None else snr_projection((rows[finite] - centre) @ whiten, np.asarray(snr)[finite], snr_directions)
+    if project is not None:
+        whiten = (whiten @ project).astype(np.float32)
+    return centre, whiten, (snr_directions if project is not None else 0)
 
 
 SNR_DIRECTIONS = 1
@@ -361,7 +361,7 @@ def fill_bad_pixels(flux: np.ndarray, ivar: np.ndarray) -> np.ndarray:
     """
     flux = np.asarray(flux, dtype=np.float32)
     out = flux.copy()
-    good = (np.asarray(ivar) > 0) & np.isfinite(flux)
+    good = good_pixels(flux, ivar)
     x = np.arange(flux.shape[1])
     for i in np.flatnonzero(~good.all(axis=1)):
         g = good[i]
@@ -402,15 +402,18 @@ LINE_WINDOWS: dict[str, float] = {
 """Rest-frame line windows of emb_astro's head (recipe 11), vacuum centres from ``kinematics``.
 
 Each adds the mean and the maximum of the tokens within +-:data:`LINE_HALF_WIDTH` of the line to the 24
-regions: a region (~1.8 % in ln-lambda, ~20 tokens) dilutes a line's few tokens in its continuum, a window
-keeps them apart, so the emission lines and the Balmer absorption weigh on their own. On the recipe 9 weights
+regions: a region (~3.3 % in ln-lambda on the mocks' range 3255-7218 A, 20-40 tokens) dilutes a line's few
+tokens in its continuum, a window keeps them apart from it, so the emission lines and the Balmer absorption weigh
+on their own. Windows of close lines overlap and share tokens (H-alpha and [N II] 6584; the [S II] pair, whose
+6716 window reaches to within 1 A of 6731: at ~16 A per token its maximum mostly sees the stronger line). On the recipe 9 weights
 of two mocks (bench/RESULTS.md, "Line windows for emb_astro"), these 12 windows at +-0.2 % raised sSFR R^2
 0.799 -> 0.815 / 0.798 -> 0.831, Dn4000 0.891 -> 0.895 / 0.900 -> 0.909 and green-pea precision@10
 0.981 -> 1.000 / 0.900 -> 1.000, post-starbursts 0.852 -> 0.861 / 0.874 -> 0.895, for Z -0.013 / -0.012 and
 LogMass -0.005 / -0.005; seven lines ([OII], Balmer, [OIII]) or wider windows (+-0.3 to 1 %) did less."""
 
 LINE_HALF_WIDTH = 2e-3
-"""Half width of a line window as a fraction of its wavelength (+-600 km/s): 2-3 tokens at any redshift."""
+"""Half width of a line window as a fraction of its wavelength (+-600 km/s): 2-5 tokens on the DESI grid
+(tokens 8 A apart; 2 for [O II] at z ~ 0, 5 for H-alpha at z ~ 0.45)."""
 
 
 def token_lnlam(wave: np.ndarray, config: SpecFormerConfig) -> np.ndarray:
@@ -419,6 +422,26 @@ def token_lnlam(wave: np.ndarray, config: SpecFormerConfig) -> np.ndarray:
     step = config.slice_section_length - config.slice_overlap
     patches = np.lib.stride_tricks.sliding_window_view(lnl, config.slice_section_length)[::step]
     return patches.mean(axis=1)
+
+
+TOKEN_MIN_GOOD = 0.5
+"""A patch token counts in the head's windows when at least this fraction of its pixels is good.
+
+``fill_bad_pixels`` bridges a masked pixel or two well, but across a long masked stretch (a dead amplifier, a
+masked arm end: ``np.interp`` holds the last good value flat) the tokens describe made-up flux; a window holding
+only such tokens is treated as not reached (it takes the sample's mean), not pooled from them."""
+
+
+def token_good_fraction(good: np.ndarray, config: SpecFormerConfig) -> np.ndarray:
+    """(n, tokens) fraction of good pixels (``good`` (n, L) bool) in each patch token, tokens as :func:`token_lnlam`."""
+    step = config.slice_section_length - config.slice_overlap
+    g = np.asarray(good, np.float32)
+    return np.lib.stride_tricks.sliding_window_view(g, config.slice_section_length, axis=1)[:, ::step].mean(axis=-1)
+
+
+def good_pixels(flux: np.ndarray, ivar: np.ndarray) -> np.ndarray:
+    """(n, L) bool: pixels with ``ivar > 0`` and finite flux (those ``fill_bad_pixels`` keeps)."""
+    return (np.asarray(ivar) > 0) & np.isfinite(np.asarray(flux))
 
 
 def rest_head_windows(wave: np.ndarray, z: np.ndarray) -> np.ndarray:
@@ -442,12 +465,13 @@ def rest_head_windows(wave: np.ndarray, z: np.ndarray) -> np.ndarray:
 
 @torch.no_grad()
 def rest_pooled(model: SpecFormer, wave: np.ndarray, flux: np.ndarray, z: np.ndarray, lnwindows: np.ndarray,
-                batch_size: int = 64) -> np.ndarray:
+                batch_size: int = 64, good: np.ndarray | None = None) -> np.ndarray:
     """(n, windows * 2 * embed_dim): per rest-frame window (ln-lambda [lo, hi), :func:`rest_head_windows`) the mean
     and the max of the final-LayerNorm patch tokens whose rest wavelength falls in it.
 
-    ``flux`` must be finite (``fill_bad_pixels``) on an ascending grid ``wave``. A window no token of a spectrum
-    reaches is NaN; a row with an unusable ``z`` is all NaN.
+    ``flux`` must be finite (``fill_bad_pixels``) on an ascending grid ``wave``. With ``good`` ((n, L) bool, the
+    pixels before filling: :func:`good_pixels`), tokens with fewer than :data:`TOKEN_MIN_GOOD` good pixels are left
+    out. A window no (kept) token of a spectrum reaches is NaN; a row with an unusable ``z`` is all NaN.
     """
     device = model_device(model)
     lnl_np = token_lnlam(wave, model.config)
@@ -462,24 +486,29 @@ def rest_pooled(model: SpecFormer, wave: np.ndarray, flux: np.ndarray, z: np.nda
     for i in range(0, len(flux), batch_size):
         emb = model(torch.from_numpy(np.ascontiguousarray(flux[i:i + batch_size])).to(device))["embedding"][:, 1:]
         b, t, _ = emb.shape
+        keep = (torch.ones((b, t), dtype=torch.bool) if good is None else
+                torch.from_numpy(token_good_fraction(good[i:i + batch_size], model.config)[:, :t] >= TOKEN_MIN_GOOD)).to(device)
         rest = (lnl[None, :t] - ln1pz[i:i + batch_size, None].to(device)).contiguous()
         # the tokens ascend in wavelength, so a window holds the run [first, stop) of each row: rest >= lo, rest < hi
         first = torch.searchsorted(rest, win[:, 0].expand(b, -1).contiguous())
         stop = torch.searchsorted(rest, win[:, 1].expand(b, -1).contiguous())
-        count = stop - first  # (b, windows)
-        # means from running sums (float64: differences of sums over hundreds of tokens stay exact to float32)
-        cum = F.pad(emb.double().cumsum(1), (0, 0, 1, 0))
+        run = stop - first  # (b, windows)
+        # means from running sums of the kept tokens (float64: differences of sums over hundreds of tokens stay exact)
+        cum = F.pad((emb.double() * keep[..., None]).cumsum(1), (0, 0, 1, 0))
+        kcum = F.pad(keep.long().cumsum(1), (1, 0))
+        count = kcum.gather(1, stop) - kcum.gather(1, first)  # kept tokens per window
         sums = cum.gather(1, stop[..., None].expand(-1, -1, d)) - cum.gather(1, first[..., None].expand(-1, -1, d))
         mean = (sums / count.clamp(min=1)[..., None]).float()
         # maxima over each window's run only, not a masked copy of every token per window
         peak = torch.full_like(mean, float("-inf"))
         for k in range(len(win)):
-            span = int(count[:, k].max())
+            span = int(run[:, k].max())
             if span:
                 offset = torch.arange(span, device=device)
                 pos = (first[:, k, None] + offset).clamp(max=t - 1)
                 vals = emb.gather(1, pos[..., None].expand(-1, -1, d))
-                peak[:, k] = vals.masked_fill((offset >= count[:, k, None])[..., None], float("-inf")).amax(1)
+                drop = (offset >= run[:, k, None]) | ~keep.gather(1, pos)
+                peak[:, k] = vals.masked_fill(drop[..., None], float("-inf")).amax(1)
         pooled = torch.stack([mean, peak], 2).masked_fill((count == 0)[..., None, None], float("nan"))
         out[i:i + b] = pooled.reshape(b, -1).cpu().numpy()
     out[~zok] = np.nan
@@ -504,13 +533,15 @@ def fit_embedding_head(model: SpecFormer, wave: np.ndarray, flux: np.ndarray, iv
     flux = np.asarray(flux, np.float32)
     z = np.asarray(z, np.float64)
     snr = np.full(len(flux), np.nan) if ivar is None else median_snr(flux, ivar)
+    good = None
     if ivar is not None:
+        good = good_pixels(flux, ivar)
         flux = fill_bad_pixels(flux, ivar)
     keep = np.flatnonzero(np.isfinite(flux).all(axis=1) & usable_redshift(z))
     if len(keep) > n_max:
         keep = keep[np.sort(np.random.default_rng(seed).choice(len(keep), n_max, replace=False))]
     lnwindows = rest_head_windows(wave, z[keep])
-    pooled = rest_pooled(model, wave, flux[keep], z[keep], lnwindows, batch_size)
+    pooled = rest_pooled(model, wave, flux[keep], z[keep], lnwindows, batch_size, None if good is None else good[keep])
     reached = ~np.isnan(pooled).all(axis=1)
     pooled, snr = pooled[reached], snr[keep][reached]
     if len(pooled) < 10:
@@ -522,12 +553,12 @@ def fit_embedding_head(model: SpecFormer, wave: np.ndarray, flux: np.ndarray, iv
     _, sv, vt = np.linalg.svd(x, full_matrices=False)
     k = int(min(out_dim, (sv > sv[0] * 1e-6).sum()))
     project = vt[:k].T
-    c2, whiten = fit_whitening(x @ project, eps, snr=snr, snr_directions=snr_directions)
+    c2, whiten, removed = fit_whitening(x @ project, eps, snr=snr, snr_directions=snr_directions)
     model.emb_lnwindows = torch.from_numpy(lnwindows)
     model.emb_centre = torch.from_numpy((mean + c2 @ project.T).astype(np.float32))
     model.emb_whiten = torch.from_numpy((project @ whiten).astype(np.float32))
     model.emb_info = {"regions": REST_BINS, "lines": list(LINE_WINDOWS), "line_half_width": LINE_HALF_WIDTH,
-                      "whiten_eps": float(eps), "snr_directions": int(snr_directions) if ivar is not None else 0}
+                      "whiten_eps": float(eps), "snr_directions": int(removed)}
     return embedding_head(model)
 
 
@@ -554,13 +585,16 @@ def embedding_head(model: SpecFormer) -> dict[str, Any]:
 def embed(model: SpecFormer, wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray | None, z: np.ndarray,
           out_dim: int | None = None, batch_size: int = 64) -> np.ndarray:
     """(n, out_dim) float32 ``emb_astro`` vectors (zero-padded). NaN rows (NULL in the column) for a spectrum
-    with no good pixel, an unusable ``z`` (:func:`restframe.usable_redshift`) or no token in the head's rest-frame windows."""
+    with no good pixel, an unusable ``z`` (:func:`restframe.usable_redshift`) or no token in the head's rest-frame windows
+    (with ``ivar``, tokens of mostly masked pixels do not count: :data:`TOKEN_MIN_GOOD`)."""
     if getattr(model, "emb_whiten", None) is None:
         raise ValueError("this SpecFormer has no embedding head: fit one with specformer.fit_embedding_head "
                          "(it needs the spectra's grid and catalogue redshifts)")
     model.eval()
     flux = np.asarray(flux, np.float32)
+    good = None
     if ivar is not None:
+        good = good_pixels(flux, ivar)
         flux = fill_bad_pixels(flux, ivar)
     centre, whiten = model.emb_centre.numpy(), model.emb_whiten.numpy()
     out_dim = out_dim or whiten.shape[1]
@@ -568,7 +602,8 @@ def embed(model: SpecFormer, wave: np.ndarray, flux: np.ndarray, ivar: np.ndarra
         raise ValueError(f"SpecFormer embedding width {whiten.shape[1]} exceeds the emb_astro column width {out_dim}")
     out = np.full((len(flux), out_dim), np.nan, np.float32)
     ok = np.flatnonzero(np.isfinite(flux).all(axis=1) & usable_redshift(z))
-    pooled = rest_pooled(model, wave, flux[ok], np.asarray(z, np.float64)[ok], model.emb_lnwindows.numpy(), batch_size)
+    pooled = rest_pooled(model, wave, flux[ok], np.asarray(z, np.float64)[ok], model.emb_lnwindows.numpy(), batch_size,
+                         None if good is None else good[ok])
     reached = ~np.isnan(pooled).all(axis=1)
     pooled = np.where(np.isnan(pooled), centre, pooled)[reached]
     out[ok[reached]] = 0.0

@@ -258,7 +258,8 @@ def _head_text(name: str, info: dict[str, Any], recipe: str) -> str:
     """``ard_meta``'s description of an embedding head, from the training log's entry ``info``."""
     rec = info.get("recipe", info)
     snr = rec.get("snr_directions")
-    snr_text = "" if snr is None else f", {snr} direction(s) that log S/N predicts projected out"
+    snr_text = ("" if snr is None else f", {snr} direction(s) that log S/N predicts projected out" if snr
+                else ", no S/N direction projected out (too few head spectra to fit one)")
     if name == "astro":
         lo, hi = rec["head_range"]
         lines = rec["head_lines"]
