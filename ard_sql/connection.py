@@ -11,6 +11,14 @@ Preparing a connection is one idempotent step, in a fixed order:
 
 DuckDB cursors are separate client contexts (their own variables and TEMP
 objects), so :meth:`ARD.cursor` prepares each one the same way.
+
+One database file is one DuckDB instance per process, and a Python UDF lives as
+long as the connection that created it: were a second ``open()`` of the same
+file to use the first one's UDFs, closing the first would leave the second
+calling freed functions (a crash). So every ``open()`` of a file shares one
+process-wide root connection (:class:`_Database`) that creates the UDFs and
+holds the state they load (``cache``: indexes, spectrum readers); each
+:class:`ARD` works on its own cursor of it, and the root closes with the last.
 """
 
 from __future__ import annotations
@@ -53,6 +61,30 @@ def resolve_ard_dir(path: str | Path | None) -> Path:
     return where
 
 
+class _Database:
+    """One database file opened by this process: the root connection that owns the UDFs, their shared ``cache``
+    and the names already created, and how many :class:`ARD` objects use it."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, read_only: bool) -> None:
+        self.con = con
+        self.read_only = read_only
+        self.cache: dict[str, Any] = {}
+        self.functions: set[str] = set()
+        self.users = 0
+
+    def close(self) -> None:
+        """Release what the UDFs loaded, then the root connection."""
+        for item in self.cache.values():
+            if hasattr(item, "close"):
+                item.close()
+        self.cache.clear()
+        self.con.close()
+
+
+_DATABASES: dict[Path, _Database] = {}
+_DATABASES_LOCK = threading.Lock()
+
+
 class ARD:
     """An open ARD: a DuckDB connection whose views, types and UDFs are ready.
 
@@ -63,18 +95,30 @@ class ARD:
 
     def __init__(self, path: str | Path | None = None, *, read_only: bool = True) -> None:
         ard_dir = resolve_ard_dir(path)
-        con = duckdb.connect(str(paths.db_path(ard_dir)), read_only=read_only)
+        with _DATABASES_LOCK:
+            db = _DATABASES.get(ard_dir)
+            if db is None:
+                db = _DATABASES[ard_dir] = _Database(duckdb.connect(str(paths.db_path(ard_dir)), read_only=read_only),
+                                                     read_only)
+            elif db.read_only != read_only:
+                raise ValueError(f"{ard_dir} is already open with read_only={db.read_only} in this process; DuckDB "
+                                 "opens a file one way at a time: close the other ARD first")
+            db.users += 1
+        self._db, self._key = db, ard_dir
+        con = db.con.cursor()
         try:
-            self._setup(ard_dir, con, read_only)
+            self._setup(ard_dir, con, read_only, db)
         except BaseException:
             con.close()  # a failed prepare() must not leave the database file open
+            self._leave()
             raise
 
-    def _setup(self, ard_dir: Path, con: duckdb.DuckDBPyConnection, read_only: bool) -> None:
+    def _setup(self, ard_dir: Path, con: duckdb.DuckDBPyConnection, read_only: bool, db: _Database) -> None:
         self.path: Path = ard_dir
         self.read_only = read_only
-        self.cache: dict[str, Any] = {}
-        self._instance_functions: set[str] = set()
+        self._db = db
+        self.cache: dict[str, Any] = db.cache
+        self._instance_functions: set[str] = db.functions
         self._pass_functions: dict[str, str] = {}
         self._registering_module = ""
         self._prepared: set[int] = set()
@@ -87,8 +131,16 @@ class ARD:
     def attach(cls, con: duckdb.DuckDBPyConnection, ard_dir: str | Path) -> "ARD":
         """Prepare an existing connection for ``ard_dir`` (used by the build while it writes ``ard.duckdb``)."""
         self = cls.__new__(cls)
-        self._setup(Path(ard_dir).resolve(), con, read_only=False)
+        db = _Database(con, read_only=False)  # the caller's own connection: not shared with open()
+        db.users = 1
+        self._key = None
+        self._setup(Path(ard_dir).resolve(), con, False, db)
         return self
+
+    @property
+    def function_owner(self) -> duckdb.DuckDBPyConnection:
+        """The connection that creates this database's UDFs (lives as long as any ARD open on the file)."""
+        return self._db.con
 
     # ------------------------------------------------------------ preparing
     def prepare(self, con: duckdb.DuckDBPyConnection) -> duckdb.DuckDBPyConnection:
@@ -162,17 +214,30 @@ class ARD:
 
     # ------------------------------------------------------------ lifetime
     def close(self) -> None:
-        """Close every cursor and the connection."""
-        for cur in self._cursors:
+        """Close every cursor and the connection; the last ARD open on the file also releases what its UDFs loaded
+        (memory-mapped indexes, spectrum readers) and the root connection. A second call does nothing."""
+        if self._db is None:
+            return
+        for cur in list(self._cursors):
             try:
                 cur.close()
             except duckdb.Error:
                 pass
         self._cursors.clear()
-        reader = self.cache.get("spectrum")
-        if reader is not None and hasattr(reader, "close"):
-            reader.close()
-        self.con.close()
+        if self.con is not self._db.con:
+            self.con.close()
+        self._leave()
+
+    def _leave(self) -> None:
+        """Stop using the shared database; the last user closes it."""
+        db, self._db = self._db, None
+        with _DATABASES_LOCK:
+            db.users -= 1
+            if db.users > 0:
+                return
+            if self._key is not None and _DATABASES.get(self._key) is db:
+                del _DATABASES[self._key]
+        db.close()
 
     def __enter__(self) -> "ARD":
         return self

@@ -37,6 +37,7 @@ healpy/mocpy, see :mod:`ard_sql.regions`) and add an exact test on RA/DEC.
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal
@@ -178,11 +179,13 @@ def _where_text(sql: str, word: str) -> str:
     return _where(sql, i, i + len(word) - 1) if i >= 0 else ""
 
 
-def parse_filter(text: str) -> exp.Expression:
+def parse_filter(text: str, *, condition: bool = True) -> exp.Expression:
     """Parse and check a filter; return the sqlglot expression (not yet rewritten).
 
     Raises :class:`QueryError` for statements, ``;``, subqueries, unknown
     columns or functions, and anything that is not a row-wise expression.
+    ``condition=False`` checks an expression that is not a condition (an
+    ``order_by`` key): an integer standing alone then stays an integer.
     """
     if not isinstance(text, str) or not text.strip():
         raise QueryError("the filter is empty; give an expression such as \"LogMass_p50 > 11 & SNR_Median > 10\"")
@@ -200,10 +203,21 @@ def parse_filter(text: str) -> exp.Expression:
         _check_node(node, sql, columns)
     types = {c.name.lower(): c.type for c in contract.all_columns()}
     _check_enum_literals(tree, types)
-    tree = tree.transform(lambda node: _bitwise_between_integers(node, types))
-    if _kind(tree, types) == "int":  # an integer as the whole condition: non-zero, as pandas reads it
+    # children first: '(a & 12) & 8' must see its inner '&' already bitwise to know that it joins two integers
+    tree = _bottom_up(tree, lambda node: _bitwise_between_integers(node, types))
+    if condition and _kind(tree, types) == "int":  # an integer as the whole condition: non-zero, as pandas reads it
         tree = exp.NEQ(this=exp.paren(tree, copy=False), expression=exp.Literal.number(0))
     return tree
+
+
+def _bottom_up(node: exp.Expression, fn: Callable[[exp.Expression], exp.Expression]) -> exp.Expression:
+    """Apply ``fn`` to every node of the tree, children before their parent (sqlglot's ``transform`` goes top-down)."""
+    for key, value in list(node.args.items()):
+        if isinstance(value, exp.Expression):
+            node.set(key, _bottom_up(value, fn))
+        elif isinstance(value, list):
+            node.set(key, [_bottom_up(v, fn) if isinstance(v, exp.Expression) else v for v in value])
+    return fn(node)
 
 
 _INTEGER_TYPES = {"TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT"}
@@ -347,6 +361,48 @@ def filter_to_sql(text: str) -> str:
     return tree.sql(dialect="duckdb")
 
 
+_ORDER_KEY = re.compile(r"^(?P<expr>.*?)(?:\s+(?P<dir>ASC|DESC))?(?:\s+NULLS\s+(?P<nulls>FIRST|LAST))?\s*$", re.I | re.S)
+
+
+def order_by_to_sql(text: str) -> tuple[str, set[str]]:
+    """Translate ``order_by`` into a checked ORDER BY list and the (lower-case) columns it names: comma-separated
+    expressions of ``ard`` columns (checked as filters are), each optionally followed by ``ASC``/``DESC`` and
+    ``NULLS FIRST``/``NULLS LAST``."""
+    keys, used = [], set()
+    for part in _split_top_level_commas(text):
+        m = _ORDER_KEY.match(part)
+        tree, _ = rewrite_filter(parse_filter(m["expr"], condition=False))
+        used |= {str(c.name).lower() for c in tree.find_all(exp.Column)}
+        key = tree.sql(dialect="duckdb")
+        if m["dir"]:
+            key += f" {m['dir'].upper()}"
+        if m["nulls"]:
+            key += f" NULLS {m['nulls'].upper()}"
+        keys.append(key)
+    return ", ".join(keys), used
+
+
+def _split_top_level_commas(text: str) -> list[str]:
+    """``text`` cut at the commas outside parentheses and brackets (tokens, so commas in strings stay)."""
+    try:
+        tokens = DuckDB().tokenize(text)
+    except sqlglot.errors.TokenError as err:
+        raise QueryError(f"cannot read order_by {text!r}: {err}") from None
+    depth, start, parts = 0, 0, []
+    for tok in tokens:
+        if tok.token_type in (TokenType.L_PAREN, TokenType.L_BRACKET):
+            depth += 1
+        elif tok.token_type in (TokenType.R_PAREN, TokenType.R_BRACKET):
+            depth -= 1
+        elif tok.token_type == TokenType.COMMA and depth == 0:
+            parts.append(text[start:tok.start])
+            start = tok.end + 1
+    parts.append(text[start:])
+    if any(not p.strip() for p in parts):
+        raise QueryError(f"order_by {text!r} has an empty key")
+    return parts
+
+
 def _check_columns(columns: Iterable[str] | None) -> list[str]:
     known = known_columns()
     if columns is None:
@@ -451,9 +507,9 @@ def build_sql(
         used |= {str(c.name).lower() for c in tree.find_all(exp.Column)}
         parts.append(f" WHERE {tree.sql(dialect='duckdb')}")
     if order_by:
-        tree, _ = rewrite_filter(parse_filter(order_by))
-        used |= {str(c.name).lower() for c in tree.find_all(exp.Column)}
-        parts.append(f" ORDER BY {tree.sql(dialect='duckdb')}")
+        order_sql, order_cols = order_by_to_sql(order_by)
+        used |= order_cols
+        parts.append(f" ORDER BY {order_sql}")
     if limit is not None:
         if int(limit) < 0:
             raise QueryError(f"limit must be >= 0, got {limit}")
@@ -518,7 +574,10 @@ def run_query(
     ``output``: ``'pandas'`` (DataFrame), ``'arrow'`` (pyarrow Table),
     ``'astropy'`` (Table with units from the contract) or ``'batches'`` (a
     ``pyarrow.RecordBatchReader`` that streams ``batch_size`` rows at a time,
-    so a large result never sits whole in memory).
+    so a large result never sits whole in memory). ``limit`` caps the rows;
+    ``order_by`` sorts them: comma-separated expressions of ``ard`` columns,
+    each optionally followed by ``ASC``/``DESC`` and ``NULLS FIRST``/``LAST``
+    (e.g. ``"LogMass_p50 DESC, TargetID"``).
     """
     if output not in OUTPUTS:
         raise QueryError(f"output={output!r} is not one of {', '.join(OUTPUTS)}")

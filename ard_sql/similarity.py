@@ -104,15 +104,25 @@ class Neighbours:
 def search(index, vector: np.ndarray, k: int) -> Neighbours:
     """Return the ``k`` nearest keys of ``vector`` in ``index`` (cosine distance, nearest first)."""
     vector = np.asarray(vector, dtype=np.float32).reshape(-1)
-    if vector.shape[0] != index.ndim:
-        raise ValueError(f"query vector has {vector.shape[0]} dimensions; the index has {index.ndim}")
-    if k <= 0 or len(index) == 0 or not np.isfinite(vector).all() or not np.any(vector):
+    if not usable_query(vector, index.ndim) or k <= 0 or len(index) == 0:
         return Neighbours(np.empty(0, np.int64), np.empty(0, np.float32))
+    k = min(int(k), len(index))
     # HNSW recall drops when k approaches the search beam; widen it for large k.
     with _SEARCH_LOCK:
-        index.expansion_search = max(EXPANSION_SEARCH, 2 * int(k))
-        m = index.search(vector, int(k))
+        index.expansion_search = max(EXPANSION_SEARCH, 2 * k)
+        m = index.search(vector, k)
+    if len(m.keys) < k:
+        # the graph reaches not every node: when k asks for (nearly) all of them, answer exactly, not short
+        m = index.search(vector, k, exact=True)
     return Neighbours(np.asarray(m.keys, dtype=np.int64), np.asarray(m.distances, dtype=np.float32))
+
+
+def usable_query(vector: np.ndarray, ndim: int) -> bool:
+    """Whether ``vector`` can be a cosine query of an ``ndim`` index: False for NaN/inf or all-zero vectors
+    (their distances are undefined: no neighbours); a wrong length raises ``ValueError``."""
+    if vector.shape[0] != ndim:
+        raise ValueError(f"query vector has {vector.shape[0]} dimensions; the index has {ndim}")
+    return bool(np.isfinite(vector).all() and np.any(vector))
 
 
 def find_similar(db: Any, targetid: int | None = None, vector: Any = None, k: int = 50,
@@ -135,7 +145,8 @@ def find_similar(db: Any, targetid: int | None = None, vector: Any = None, k: in
     name = embedding_column(embedding).removeprefix("emb_")
     # The filtered form: the neighbours must come from the TargetIDs that satisfy `where`
     # (checked and translated like db.query's filters, so only known columns pass).
-    allowed = f"(SELECT list(TargetID) FROM ard WHERE {filter_to_sql(where)})" if where else "NULL"
+    # (coalesce: list() of no row is NULL, which the macros read as "no filter")
+    allowed = f"(SELECT coalesce(list(TargetID), []::BIGINT[]) FROM ard WHERE {filter_to_sql(where)})" if where else "NULL"
     if targetid is not None:
         # SQL's similar_to answers an unknown target with no rows; a Python caller gets told why
         found = con.execute(f"SELECT emb_{name} IS NOT NULL FROM ard WHERE TargetID = ?", [int(targetid)]).fetchall()

@@ -255,6 +255,65 @@ def test_filtered_search_on_a_large_index_oversamples_to_k(tmp_path):
     assert len(exact & set(res.targetid)) >= 23
 
 
+def test_search_asked_for_the_whole_index_returns_all_of_it(tmp_path):
+    """k >= the index size gives every key (an HNSW walk may miss a few: the search then answers exactly)."""
+    from ard_sql.similarity import build_index, open_index, search
+
+    rng = np.random.default_rng(2)
+    vecs = rng.standard_normal((3000, 32)).astype(np.float32)
+    keys = np.arange(3000, dtype=np.int64)
+    build_index(keys, vecs, tmp_path / "i.usearch")
+    index = open_index(tmp_path / "i.usearch")
+    for k in (2999, 3000, 5000):
+        res = search(index, vecs[0], k)
+        assert len(res.targetid) == min(k, 3000) and len(set(res.targetid.tolist())) == len(res.targetid)
+        assert np.all(np.diff(res.distance) >= 0)
+
+
+def test_filters_that_match_nothing_and_unusable_vectors_give_no_rows(embed_ard):
+    """An empty allowed set means no neighbours (not unfiltered ones); NaN or zero query vectors have none; a NULL in
+    the allowed list names no target. Index path and brute-force macros agree."""
+    import ard_sql
+
+    db = ard_sql.open(embed_ard)
+    ids, vecs = _vectors(embed_ard)
+    target = int(ids[0])
+    assert len(db.find_similar(targetid=target, k=5, where="Z < -100")) == 0
+    assert len(db.find_similar(vector=vecs[1], k=5, where="Z < -100")) == 0
+    empty = "(SELECT coalesce(list(TargetID), []) FROM ard WHERE Z < -100)"
+    brute = duckdb.connect(str(paths.db_path(embed_ard)), read_only=True)
+    for con in (db.con, brute):
+        assert con.execute(f"SELECT count(*) FROM similar_to({target}, 5, 'astro', {empty})").fetchall() == [(0,)]
+        for bad in ([0.0] * 768, [float("nan")] * 768):
+            for allowed in ("NULL", "(SELECT list(TargetID) FROM ard)"):
+                n = con.execute(f"SELECT count(*) FROM similar(?::FLOAT[], 5, 'astro', {allowed})", [bad]).fetchall()
+                assert n == [(0,)], (con is brute, bad[0], allowed)
+        rows = con.execute(f"SELECT TargetID FROM similar_to({target}, 5, 'astro', [{int(ids[1])}, NULL])").fetchall()
+        assert rows == [(int(ids[1]),)]
+    with pytest.raises(duckdb.Error, match="dimensions"):
+        db.sql("SELECT * FROM similar(?::FLOAT[], 5, 'astro', (SELECT list(TargetID) FROM ard))", params=[[1.0] * 10]).fetchall()
+
+
+def test_two_opens_of_one_file_survive_closing_the_first(embed_ard):
+    """Both opens share one root connection that owns the UDFs: closing the first leaves the second working (it used
+    to call UDFs freed with the first connection and crash), and the last close unmaps the indexes."""
+    code = ("import sys, ard_sql\n"
+            "a = ard_sql.open(sys.argv[1]); b = ard_sql.open(sys.argv[1])\n"
+            "t = int(sys.argv[2])\n"
+            "n0 = len(a.find_similar(targetid=t, k=3))\n"
+            "a.close(); a.close()\n"
+            "n1 = len(b.find_similar(targetid=t, k=3))\n"
+            "n2 = b.sql('SELECT count(*) FROM ard WHERE in_region(RA, DEC, \\'CIRCLE 150 2 180\\')').fetchall()[0][0]\n"
+            "maps = lambda: open('/proc/self/maps').read().count('.usearch')\n"
+            "m1 = maps(); b.close(); m2 = maps()\n"
+            "c = ard_sql.open(sys.argv[1]); n3 = len(c.find_similar(targetid=t, k=3)); c.close()\n"
+            "print(n0, n1, n2 > 0, m1 > 0, m2, n3)\n")
+    target = int(_vectors(embed_ard)[0][0])
+    run = subprocess.run([sys.executable, "-c", code, str(embed_ard), str(target)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["3", "3", "True", "True", "0", "3"]
+
+
 def test_concurrent_searches_keep_their_own_expansion():
     """search() sets expansion_search on a shared index: concurrent queries must not mix them."""
     import time

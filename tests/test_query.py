@@ -155,6 +155,30 @@ def test_ampersand_between_integers_is_bitwise_as_in_pandas():
     assert filter_to_sql("Topology_flag & 256") == "(Topology_flag & 256) <> 0"
     assert filter_to_sql("(Lick_flag | 2) == 3 & Z < 0.2") == "(Lick_flag | 2) = 3 AND Z < 0.2"
     assert filter_to_sql("Z < 0.2 & ~(SNR_Median < 5)") == "Z < 0.2 AND NOT (SNR_Median < 5)"
+    # nested: inner bit tests are integers to the outer operator (children are converted first)
+    assert filter_to_sql("((PPXF_flag & 12) & 8) != 0") == "((PPXF_flag & 12) & 8) <> 0"
+    assert filter_to_sql("((PPXF_flag | Topology_flag) & 8) == 0") == "((PPXF_flag | Topology_flag) & 8) = 0"
+    assert filter_to_sql("(PPXF_flag & 8) & (Topology_flag & 4)") == "((PPXF_flag & 8) & (Topology_flag & 4)) <> 0"
+    assert filter_to_sql("~(PPXF_flag & 8)") == "(~(PPXF_flag & 8)) <> 0"
+    with pytest.raises(QueryError, match="joins an integer and a condition"):  # ~ of an integer is an integer
+        filter_to_sql("~(PPXF_flag & 8) & Z < 0.2")
+
+
+def test_order_by_sorts_by_columns_and_directions(toy):
+    _, con, table = toy
+    t = table.to_pandas()
+    got = run_query(con, "Z > 0", ["TargetID", "Z"], order_by="TargetID", limit=5)
+    assert got.TargetID.tolist() == sorted(t[t.Z > 0].TargetID)[:5]  # an integer key sorts, it is no condition
+    got = run_query(con, "Z > 0", ["TargetID", "Z"], order_by="-TargetID", limit=5)
+    assert got.TargetID.tolist() == sorted(t[t.Z > 0].TargetID, reverse=True)[:5]
+    got = run_query(con, None, ["TargetID", "Z"], order_by="Z DESC NULLS LAST, TargetID")
+    want = t.sort_values(["Z", "TargetID"], ascending=[False, True], na_position="last")
+    assert got.TargetID.tolist() == want.TargetID.tolist()
+    assert "ORDER BY GREATEST(Z, 0.1) DESC" in build_sql(None, ["TargetID"], order_by="greatest(Z, 0.1) desc")
+    for bad, words in (("Z; DROP TABLE core", "';' is not allowed"), ("Nope DESC", "unknown column"),
+                       ("Z,", "empty key"), ("(SELECT 1)", "not allowed")):
+        with pytest.raises(QueryError, match=words):
+            build_sql(None, ["TargetID"], order_by=bad)
 
 
 def test_flag_tests_match_sql(toy):

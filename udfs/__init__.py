@@ -68,7 +68,8 @@ def create_function(
     if key in ard._instance_functions:
         return
     try:
-        con.create_function(name, function, parameters, return_type, **kwargs)
+        # on the root connection, which outlives every ARD open on the file (see ard_sql.connection)
+        ard.function_owner.create_function(name, function, parameters, return_type, **kwargs)
     except (duckdb.NotImplementedException, duckdb.CatalogException) as exc:
         # Another open() of the same file in this process already created it
         # (same DuckDB instance): the function is there, which is what we want.

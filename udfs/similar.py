@@ -7,10 +7,12 @@ Both return ``(TargetID BIGINT, distance FLOAT)``, nearest first, where
 
 Filtered search: ``allowed`` is a list of the TargetIDs a neighbour may be,
 typically a subquery, and the result then holds ``k`` rows from that set
-(fewer only when the set is smaller)::
+(fewer only when the set is smaller; none when it is empty)::
 
     SELECT * FROM similar_to(39627640566170902, 20, 'astro',
-        (SELECT list(TargetID) FROM ard WHERE Z < 0.2 AND Web_Class = 'Void'));
+        (SELECT coalesce(list(TargetID), []) FROM ard WHERE Z < 0.2 AND Web_Class = 'Void'));
+
+``coalesce`` matters: ``list()`` over no row is NULL, and a NULL ``allowed`` means no filter.
 
 Two implementations with one signature:
 
@@ -38,7 +40,7 @@ import pyarrow as pa
 
 from ard_sql import paths
 from ard_sql import sql as packaged_sql
-from ard_sql.similarity import EMBEDDINGS, Neighbours, embedding_column, open_index, search
+from ard_sql.similarity import EMBEDDINGS, Neighbours, embedding_column, open_index, search, usable_query
 from ard_sql.udfs import create_function
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -68,6 +70,13 @@ class IndexSet:
         self.ard_dir = Path(ard_dir)
         self._indexes: dict[str, Any] = {}
         self._lock = threading.Lock()
+
+    def close(self) -> None:
+        """Unmap the indexes (the last ARD open on the folder closes; see ``ard_sql.connection``)."""
+        with self._lock:
+            for index in self._indexes.values():
+                index.reset()
+            self._indexes.clear()
 
     def available(self) -> bool:
         """True when every embedding's index file exists."""
@@ -128,10 +137,13 @@ def _as_lists(results: list[Neighbours | None]) -> pa.Array:
 
 def _neighbours(index, vector: np.ndarray, k: int, allowed: Any, exclude: int | None) -> Neighbours:
     extra = 1 if exclude is not None else 0
+    if not usable_query(vector, index.ndim):  # NaN or all-zero: no distance is defined, on either path
+        return Neighbours(np.empty(0, np.int64), np.empty(0, np.float32))
     if allowed is None:
         res = search(index, vector, k + extra)
     else:
-        res = filtered_search(index, vector, k + extra, np.asarray(allowed, dtype=np.int64))
+        # a NULL inside the list names no target
+        res = filtered_search(index, vector, k + extra, np.asarray([a for a in allowed if a is not None], dtype=np.int64))
     if exclude is not None:
         keep = res.targetid != exclude
         res = Neighbours(res.targetid[keep][:k], res.distance[keep][:k])

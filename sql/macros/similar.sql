@@ -2,7 +2,8 @@
 -- vector by cosine distance, as a table (TargetID BIGINT, distance FLOAT), nearest first.
 -- embedding: 'astro' (emb_astro) or 'shen' (emb_shen). allowed: optional list of TargetIDs the
 -- neighbours must come from (filtered search), e.g.
---   (SELECT list(TargetID) FROM ard WHERE Z < 0.2 AND Web_Class = 'Void').
+--   (SELECT coalesce(list(TargetID), []) FROM ard WHERE Z < 0.2 AND Web_Class = 'Void'): coalesce, since
+--   list() over no row is NULL, which means no filter.
 -- Pure SQL, exact (brute force array_cosine_distance over the embed view): works in the DuckDB
 -- shell. ard_sql.open() shadows it with a TEMP macro of the same name backed by the HNSW index
 -- (sql/similar_index/similar.sql). `similar` is a keyword: quoted here; calls need no quotes.
