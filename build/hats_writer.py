@@ -218,11 +218,14 @@ def finalize_catalog(ard_dir: Path | str, layer: str) -> int:
 
     Writes ``partition_info.csv``, ``dataset/_metadata``, ``dataset/_common_metadata``,
     ``hats.properties`` and ``properties``. Returns the total row count.
-    Does nothing (returns 0) when the table has no partition yet.
+    When the table has no partition (left) those files are removed (returns 0):
+    they would list files that are gone.
     """
     root = paths.staging_dir(ard_dir, layer)
     files = partition_files(ard_dir, layer)
     if not files:
+        for name in ("partition_info.csv", "dataset/_metadata", "dataset/_common_metadata", "hats.properties", "properties"):
+            (root / name).unlink(missing_ok=True)
         return 0
     schema = stored_schema(layer)
     combined = None

@@ -31,6 +31,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -182,6 +183,10 @@ def run_ingest(opts: BuildOptions, ex: Executor, report: BuildReport) -> None:
     # (rebuilding would drop the row, or put the ID in two partitions)
     unreadable |= {_coadd_of(p.file) for p in target_errors if p.file} | plan.conflicted
     kept = ingest.partitions_using(ard_dir, source, unreadable)
+    # ...but only while it holds a target this plan cannot give it: a target left out at its first build (a bad
+    # RA/Dec, an unreadable file then) is no reason to freeze the partition for good
+    planned = {(p.order, p.pixel): p.rows.column("TARGETID").to_numpy() for p in parts}
+    kept = {k for k in kept if not np.isin(ingest.partition_targetids(ard_dir, *k), planned.get(k, [])).all()}
     for p in [p for p in todo if (p.order, p.pixel) in kept]:
         report.add([Problem("partition kept as previously built: one of its source files cannot be read now, "
                             "or cannot give every target it gave before",
@@ -196,22 +201,25 @@ def run_ingest(opts: BuildOptions, ex: Executor, report: BuildReport) -> None:
     outcomes = ex.map(ingest_task, todo, lambda p: (str(ard_dir), p), f"ingest {len(todo)} partitions", opts.progress)
     new_state = {k: v for k, v in state.items()
                  if k in {_key(p.order, p.pixel) for p in parts} | {_key(o, p) for o, p in kept}}
-    kept_at_read = left_out = 0
+    kept_at_read = left_out = failed = 0
     for out in outcomes:
         p = out.item
         if out.error:
             report.add([Problem(out.error, pixel=p.pixel, order=p.order)])
+            failed += 1
             continue
         n_rows, probs = out.result
         report.add(probs)
         if n_rows == ingest.KEPT:  # a coadd failed at read time: the old partition and its state stand
             kept_at_read += 1
             continue
-        left_out += p.rows.num_rows - n_rows  # targets of a coadd that could not be read (named in its problem)
-        new_state[_key(p.order, p.pixel)] = prints[p.pixel]
+        missing = p.rows.num_rows - n_rows  # targets of a coadd that could not be read (named in its problem)
+        left_out += missing
+        if not missing:  # a partition short of targets is not finished: the next build tries its files again
+            new_state[_key(p.order, p.pixel)] = prints[p.pixel]
     n_kept = len(kept & {(p.order, p.pixel) for p in parts if state.get(_key(p.order, p.pixel)) != prints[p.pixel]})
     summary = {"targets": 0, "order": plan.order, "partitions": len(parts) + len(orphans),
-               "built": len(todo) - kept_at_read, "skipped_unchanged": len(parts) - len(todo) - n_kept,
+               "built": len(todo) - kept_at_read - failed, "failed": failed, "skipped_unchanged": len(parts) - len(todo) - n_kept,
                "kept_unreadable_source": n_kept + kept_at_read + len(orphans), "files": len(plan.files)}
     if left_out:
         summary["targets_left_out"] = left_out
@@ -220,7 +228,9 @@ def run_ingest(opts: BuildOptions, ex: Executor, report: BuildReport) -> None:
         keep = {(p.order, p.pixel) for p in parts}
         hats_writer.remove_partitions(ard_dir, paths.CORE, keep)
         for layer in (*LAYERS, compaction.WIDE):
-            hats_writer.remove_partitions(ard_dir, layer, keep)
+            if hats_writer.remove_partitions(ard_dir, layer, keep):
+                # a layer not run in this build keeps HATS catalog files naming what was just removed
+                hats_writer.finalize_catalog(ard_dir, layer)
     write_state(ard_dir, paths.CORE, new_state)
     # what the ARD holds (kept partitions included), not what this build could read
     summary["targets"] = hats_writer.finalize_catalog(ard_dir, paths.CORE)

@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
+
 from ard_sql import paths
 
 
@@ -43,6 +45,18 @@ class Problem:
         if self.target is not None:
             where.append(f"target {self.target}")
         return f"{self.severity}: {', '.join(where)}: {self.reason}"
+
+
+#: TargetIDs a report entry lists before it gives only the count of the rest.
+MAX_LISTED_TARGETS = 20
+
+
+def targetid_list(targetids: np.ndarray) -> str:
+    """'TargetID a, b, ...' of the sorted ids: the first MAX_LISTED_TARGETS, then a count of the rest."""
+    tids = [int(t) for t in np.sort(np.asarray(targetids, dtype=np.int64))]
+    listed = ", ".join(str(t) for t in tids[:MAX_LISTED_TARGETS])
+    more = f" and {len(tids) - MAX_LISTED_TARGETS} more" if len(tids) > MAX_LISTED_TARGETS else ""
+    return f"TargetID {listed}{more}"
 
 
 class BadInput(Exception):

@@ -19,9 +19,11 @@ from astropy.table import Table
 
 import ard_sql
 from ard_sql import grid, paths
+from ard_sql.build import hats_writer
 from ard_sql.build.ingest import combine
 from ard_sql.build.options import BuildOptions
 from ard_sql.build.orchestrator import build
+from ard_sql.build.report import BadInput
 from ard_sql.spectra_store import read_partition
 
 from conftest import PairSpec, arm_wave, write_pair, write_small_survey
@@ -233,6 +235,22 @@ def test_flat_folder_with_tile_coadds(tmp_path):
     assert {r["PROGRAM"] for r in rows} == {"dark", "bright"}
 
 
+def test_a_target_on_two_tiles_is_a_normal_repeat(tmp_path):
+    """Tile coadds repeat a target observed on several tiles (same survey and program): one row with N_SPECTRA 2,
+    no error, and the next build still updates the partition."""
+    tmp = tmp_path / "tmp"
+    c, r = write_pair(tmp, "main", "dark", 100, PairSpec(TID0 + np.arange(4)))
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for tile, night in ((1000, 20210515), (1001, 20210601)):
+        shutil.copy(c, flat / f"coadd-0-{tile}-thru{night}.fits")
+        shutil.copy(r, flat / f"redrock-0-{tile}-thru{night}.fits")
+    report = run_build(flat, tmp_path / "ard")
+    assert not report.errors, [str(p) for p in report.problems]
+    rows = core_rows(tmp_path / "ard", "TargetID, N_SPECTRA")
+    assert [r["N_SPECTRA"] for r in rows] == [2] * 4
+
+
 # ------------------------------------------------------------------ deduplication
 def test_duplicate_target_gives_one_row_with_n_spectra(core_ard, survey_dir):
     _, truth = survey_dir
@@ -341,8 +359,46 @@ def _bad_target_without_redshift(root: Path) -> tuple[Path, int | None, str]:
     return rr, int(tid[3]), "no row in the redrock file"
 
 
+def _bad_redshift_twice(root: Path) -> tuple[Path, int | None, str]:
+    tid = BAD_TID + np.arange(4)
+    _, rr = write_pair(root, "main", "dark", BAD_PIXEL, PairSpec(tid, redrock_targetid=np.r_[tid, tid[1]]))
+    return rr, None, f"REDSHIFTS lists TargetID {tid[1]} on more rows than the coadd's FIBERMAP"
+
+
+def _bad_empty_redshifts(root: Path) -> tuple[Path, int | None, str]:
+    tid = BAD_TID + np.arange(4)
+    _, rr = write_pair(root, "main", "dark", BAD_PIXEL, PairSpec(tid, redrock_targetid=tid[:0]))
+    return rr, None, "REDSHIFTS HDU has no rows"
+
+
+def _rewrite_hdu(path: Path, name: str, hdu) -> None:
+    with fits.open(path) as hdul:
+        hdus = [hdu if h.name == name else h.copy() for h in hdul]
+    fits.HDUList(hdus).writeto(path, overwrite=True)
+
+
+def _bad_fibermap_without_targetid(root: Path) -> tuple[Path, int | None, str]:
+    coadd, _ = write_pair(root, "main", "dark", BAD_PIXEL, PairSpec(BAD_TID + np.arange(4)))
+    fm = Table.read(coadd, hdu="FIBERMAP")
+    fm.remove_column("TARGETID")
+    _rewrite_hdu(coadd, "FIBERMAP", fits.BinTableHDU(fm, name="FIBERMAP"))
+    return coadd, None, "FIBERMAP HDU has no TARGETID column"
+
+
+def _bad_one_dimensional_flux(root: Path) -> tuple[Path, int | None, str]:
+    coadd, _ = write_pair(root, "main", "dark", BAD_PIXEL, PairSpec(BAD_TID + np.arange(4)))
+    with fits.open(coadd) as hdul:
+        flat = np.asarray(hdul["B_FLUX"].data[0])
+    _rewrite_hdu(coadd, "B_FLUX", fits.ImageHDU(flat, name="B_FLUX"))
+    return coadd, None, "B_FLUX has 1 axes, not 2"
+
+
 #: kind -> (writer, targets of the bad file that still get in the core)
 ERROR_KINDS = {
+    "redshift_twice": (_bad_redshift_twice, 0),
+    "empty_redshifts": (_bad_empty_redshifts, 0),
+    "fibermap_without_targetid": (_bad_fibermap_without_targetid, 0),
+    "one_dimensional_flux": (_bad_one_dimensional_flux, 0),
     "truncated": (_bad_truncated, 0),
     "missing_hdu": (_bad_missing_hdu, 0),
     "missing_redshifts_hdu": (_bad_missing_redshifts, 0),
@@ -487,6 +543,99 @@ def test_a_target_its_file_cannot_give_now_keeps_its_built_row(tmp_path):
     assert core_rows(out, "TargetID, SNR_Median") == before
 
 
+def test_a_target_left_out_at_the_first_build_does_not_freeze_its_partition(tmp_path):
+    """A target bad from the start (NaN position) is left out and reported; it is no reason to keep the partition as
+    built when another of its targets changes (the next build must still update it)."""
+    root = tmp_path / "survey"
+    write_small_survey(root)
+    coadd = root / "healpix/main/dark/1/101/coadd-main-dark-101.fits"
+    with fits.open(coadd, mode="update") as hdul:
+        hdul["FIBERMAP"].data["TARGET_RA"][1] = np.nan
+        bad = int(hdul["FIBERMAP"].data["TARGETID"][1])
+        other = int(hdul["FIBERMAP"].data["TARGETID"][2])
+    out = tmp_path / "ard"
+    assert [p.target for p in run_build(root, out).errors] == [bad]
+    redrock = coadd.with_name(coadd.name.replace("coadd-", "redrock-"))
+    with fits.open(redrock, mode="update") as hdul:
+        z = hdul["REDSHIFTS"].data
+        z["Z"][z["TARGETID"] == other] = 0.4242
+    report = run_build(root, out)
+    assert [p.target for p in report.errors] == [bad]  # still reported...
+    assert not any("kept as previously built" in p.reason for p in report.problems)  # ...but nothing frozen
+    assert core_rows(out, "Z", f"TargetID = {other}")[0]["Z"] == pytest.approx(0.4242)
+    assert not core_rows(out, "TargetID", f"TargetID = {bad}")
+
+
+def test_a_coadd_unreadable_at_the_first_build_is_read_again_at_the_next(tmp_path, monkeypatch):
+    """Targets left out because a coadd failed at read time (a passing I/O error): the partition is not marked
+    finished, so the next build, with the file unchanged and readable, ingests them."""
+    from ard_sql.build.ingest import desi_io
+
+    root = tmp_path / "survey"
+    truth = write_small_survey(root)
+    coadd = root / "healpix/main/dark/1/101/coadd-main-dark-101.fits"
+    real = desi_io.read_arms
+
+    def flaky(path, rows):
+        if Path(path) == coadd:
+            raise BadInput("read error (simulated I/O failure)", path)
+        return real(path, rows)
+
+    monkeypatch.setattr(desi_io, "read_arms", flaky)
+    out = tmp_path / "ard"
+    report = run_build(root, out)
+    assert report.layers["core"]["targets_left_out"] == 6
+    assert len(core_rows(out, "TargetID")) == len(truth["targets"]) - 6
+    monkeypatch.setattr(desi_io, "read_arms", real)
+    report = run_build(root, out)
+    assert not report.errors and len(core_rows(out, "TargetID")) == len(truth["targets"])
+
+
+def test_gzip_compressed_files_ingest_as_the_plain_ones(tmp_path):
+    """``.fits.gz`` pairs give the same rows and spectra as the plain files (they used to be refused as truncated)."""
+    import gzip
+
+    plain = tmp_path / "plain"
+    write_small_survey(plain)
+    packed = tmp_path / "packed"
+    shutil.copytree(plain, packed)
+    for f in packed.rglob("*.fits"):
+        f.with_name(f.name + ".gz").write_bytes(gzip.compress(f.read_bytes()))
+        f.unlink()
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert not run_build(plain, a).errors
+    report = run_build(packed, b)
+    assert not report.errors, [str(p) for p in report.problems]
+    cols = "TargetID, Z, SNR_Median, SNR_B, N_SPECTRA"
+    rows = core_rows(a, cols)
+    assert core_rows(b, cols) == rows and len(rows) > 20
+    tids = [r["TargetID"] for r in rows]
+    sa, sb = stored_spectra(a, tids), stored_spectra(b, tids)
+    for t in tids:
+        for key in ("flux", "ivar", "mask"):
+            assert np.array_equal(np.asarray(sa[t][key]), np.asarray(sb[t][key]), equal_nan=True), (t, key)
+
+
+def test_a_rebuild_from_a_parent_folder_still_keeps_rows_of_an_unreadable_file(tmp_path):
+    """SOURCE_FILE is relative to the build's source folder: built from healpix/main, rebuilt from the survey root
+    with one coadd truncated and another file of its partition changed, the partition keeps that coadd's rows."""
+    root = tmp_path / "survey"
+    truth = write_small_survey(root)
+    out = tmp_path / "ard"
+    assert not run_build(root / "healpix" / "main", out).errors
+    before = core_rows(out, "TargetID")
+    coadd = root / "healpix/main/dark/1/101/coadd-main-dark-101.fits"
+    data = coadd.read_bytes()
+    coadd.write_bytes(data[: len(data) // 2])
+    redrock = root / "healpix/main/dark/1/100/redrock-main-dark-100.fits"
+    with fits.open(redrock, mode="update") as hdul:
+        hdul["REDSHIFTS"].data["Z"][0] += 0.01
+    report = run_build(root, out)
+    assert any(p.file == str(coadd) and "truncated" in p.reason for p in report.errors)
+    assert any("kept as previously built" in p.reason for p in report.problems), [str(p) for p in report.problems]
+    assert core_rows(out, "TargetID") == before and len(before) == len(truth["targets"])
+
+
 def test_failed_rebuild_keeps_the_finished_ard(tmp_path):
     root, truth, out = _built_small_survey(tmp_path)
     before = core_rows(out, "TargetID, SNR_Median")
@@ -603,6 +752,29 @@ def test_deleted_source_partition_is_removed_by_a_clean_build(tmp_path):
     assert not report.errors
     rows = core_rows(out, "TargetID, HEALPIX")
     assert len(rows) == len(truth["targets"]) - 6 and all(r["HEALPIX"] != 40000 for r in rows)
+
+
+def test_removing_a_partition_in_a_core_only_build_refreshes_the_other_layers_catalog_files(tmp_path):
+    """A layer not run in the build that removes a partition still gets its HATS files rewritten (LSDB/HATS readers
+    would otherwise look for the removed file); a layer left with no partition loses them."""
+    import pandas as pd
+
+    root = tmp_path / "survey"
+    write_small_survey(root)
+    out = tmp_path / "ard"
+    assert not build(BuildOptions(source=str(root), out=str(out), layers=["lick"], scheduler="sync", progress=False)).errors
+    lick = paths.staging_dir(out, "lick")
+    before = pd.read_csv(lick / "partition_info.csv")
+    shutil.rmtree(root / "healpix/main/dark/400")  # pixel 40000: a partition of its own
+    assert not run_build(root, out).errors  # core only: lick is not run
+    after = pd.read_csv(lick / "partition_info.csv")
+    files = {(o, p) for o, p, _ in hats_writer.partition_files(out, "lick")}
+    assert len(after) == len(before) - 1 and set(zip(after.Norder, after.Npix)) == files
+    assert pq.read_metadata(lick / "dataset" / "_metadata").num_rows == sum(
+        pq.read_metadata(f).num_rows for _, _, f in hats_writer.partition_files(out, "lick"))
+    hats_writer.remove_partitions(out, "lick", set())
+    assert hats_writer.finalize_catalog(out, "lick") == 0
+    assert not (lick / "partition_info.csv").exists() and not (lick / "hats.properties").exists()
 
 
 # ------------------------------------------------------------------ a failing layer, provenance

@@ -22,7 +22,7 @@ import pyarrow as pa
 from ard_sql import contract, grid, paths, spectra_store
 from ard_sql.build import hats_writer
 from ard_sql.build.ingest import combine, desi_io, targets
-from ard_sql.build.report import BadInput, Problem
+from ard_sql.build.report import MAX_LISTED_TARGETS, BadInput, Problem, targetid_list
 from ard_sql.regions import angular_separation_deg
 
 #: Bump when the ingest's output changes for the same input (invalidates finished partitions).
@@ -158,9 +158,10 @@ def repeated_target_problems(rows: pa.Table, primary: np.ndarray, files: list[tu
                              ) -> tuple[list[Problem], set[str]]:
     """Problems for TargetIDs whose several spectra cannot be one object observed more than once, and the coadds involved.
 
-    DESI observes a target once per survey and program, always at the same
-    position: a TargetID twice in one (SURVEY, PROGRAM) means a copied or
-    mislabelled file, and spectra more than ``SAME_OBJECT_ARCSEC`` apart are two
+    DESI's healpix coadds hold a target once per survey and program, always at
+    the same position: a TargetID twice in one (SURVEY, PROGRAM) of healpix
+    coadds means a copied or mislabelled file (tile coadds repeat a target
+    observed on several tiles: a repeat there is normal), and spectra more than ``SAME_OBJECT_ARCSEC`` apart are two
     objects under one ID. The primary spectrum is kept, as for any repeat; the
     problem names both files so the user can decide.
     """
@@ -183,7 +184,10 @@ def repeated_target_problems(rows: pa.Table, primary: np.ndarray, files: list[tu
         for other in mine[mine != keep]:
             sep = float(angular_separation_deg(ra[keep], dec[keep], ra[other], dec[other])) * 3600.0
             why = []
-            if survey[other] == survey[keep] and program[other] == program[keep]:
+            same_program = survey[other] == survey[keep] and program[other] == program[keep]
+            # only healpix coadds promise one spectrum per survey and program; tiles repeat targets by design
+            both_healpix = desi_io.is_healpix_coadd(files[rank[keep]][0]) and desi_io.is_healpix_coadd(files[rank[other]][0])
+            if same_program and both_healpix:
                 why.append(f"twice in survey {survey[keep]}, program {program[keep]} (a copied or mislabelled file?)")
             if not sep <= SAME_OBJECT_ARCSEC:
                 why.append(f"at positions {sep / 3600:.4g} deg apart (two different objects under one TargetID?)")
@@ -280,18 +284,6 @@ def ingest_partition(ard_dir: str | Path, part: PartitionInput) -> tuple[int, li
     return table.num_rows, problems
 
 
-#: TargetIDs a report entry lists before it gives only the count of the rest.
-MAX_LISTED_TARGETS = 20
-
-
-def targetid_list(targetids: np.ndarray) -> str:
-    """'TargetID a, b, ...' of the sorted ids: the first MAX_LISTED_TARGETS, then a count of the rest."""
-    tids = [int(t) for t in np.sort(np.asarray(targetids, dtype=np.int64))]
-    listed = ", ".join(str(t) for t in tids[:MAX_LISTED_TARGETS])
-    more = f" and {len(tids) - MAX_LISTED_TARGETS} more" if len(tids) > MAX_LISTED_TARGETS else ""
-    return f"TargetID {listed}{more}"
-
-
 def left_out_text(targetids: np.ndarray) -> str:
     """'its N target(s) of this partition are left out of the ARD: TargetID a, b, ...'."""
     return f"its {len(targetids)} target(s) of this partition are left out of the ARD: {targetid_list(targetids)}"
@@ -343,7 +335,9 @@ def partitions_using(ard_dir: str | Path, source: str | Path, coadds: set[str]) 
     """
     if not coadds:
         return set()
-    wanted = {_relative(c, str(source)) for c in coadds}
+    # SOURCE_FILE is relative to the source folder of the build that wrote the partition, which may have been a
+    # parent or a child of this one: a file matches when one relative path is the tail of the other
+    wanted = {Path(_relative(c, str(source))).parts for c in coadds}
     out = set()
     import pyarrow.parquet as pq
 
@@ -352,9 +346,25 @@ def partitions_using(ard_dir: str | Path, source: str | Path, coadds: set[str]) 
             used = set(pq.read_table(f, columns=["SOURCE_FILE"]).column("SOURCE_FILE").to_pylist())
         except Exception:  # noqa: BLE001 - an unreadable old partition is simply rebuilt
             continue
-        if used & wanted:
+        if any(_same_tail(Path(u).parts, w) for u in used if u for w in wanted):
             out.add((order, pixel))
     return out
+
+
+def _same_tail(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
+    """Whether the shorter of two relative paths (as parts) is the tail of the longer."""
+    n = min(len(a), len(b))
+    return n > 0 and a[-n:] == b[-n:]
+
+
+def partition_targetids(ard_dir: str | Path, order: int, pixel: int) -> np.ndarray:
+    """TargetIDs of a finished core partition (empty when it is missing or unreadable: it is then simply rebuilt)."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(paths.partition_file(ard_dir, order, pixel), columns=["TargetID"]).column("TargetID").to_numpy()
+    except Exception:  # noqa: BLE001 - as partitions_using: an unreadable old partition is rebuilt
+        return np.empty(0, np.int64)
 
 
 def plan_summary(plan: Plan) -> dict:

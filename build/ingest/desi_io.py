@@ -32,7 +32,7 @@ import numpy as np
 from astropy.io import fits
 
 from ard_sql import grid
-from ard_sql.build.report import BadInput, Problem
+from ard_sql.build.report import BadInput, Problem, targetid_list
 
 #: nside of DESI's healpix grouping (NESTED): order 6.
 DESI_NSIDE = 64
@@ -98,14 +98,26 @@ def discover(source: Path | str) -> tuple[list[SourceGroup], list[Problem]]:
 
 
 # ---------------------------------------------------------------- low-level FITS helpers
+def is_gzip(path: Path) -> bool:
+    """A gzip-compressed FITS file (``.fits.gz``): read through astropy, whose offsets are of the uncompressed bytes."""
+    return Path(path).name.endswith(".gz")
+
+
 def open_checked(path: Path) -> fits.HDUList:
-    """Open a FITS file, checking it is readable and not truncated."""
+    """Open a FITS file, checking it is readable and not truncated.
+
+    A ``.fits.gz`` file is opened without memory mapping and its size is not compared with the HDU offsets (those
+    are offsets into the uncompressed bytes); a truncated one fails when its data is read, which the callers report.
+    """
+    gz = is_gzip(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", category=fits.verify.VerifyWarning)
-            hdul = fits.open(path, memmap=True, lazy_load_hdus=False)
+            hdul = fits.open(path, memmap=not gz, lazy_load_hdus=False)
     except Exception as exc:  # astropy raises OSError, ValueError, TypeError... on corrupt files
         raise BadInput(f"cannot read FITS file ({type(exc).__name__}: {exc})", file=path) from exc
+    if gz:
+        return hdul
     size = path.stat().st_size
     for i, hdu in enumerate(hdul):
         info = hdu.fileinfo()
@@ -157,7 +169,7 @@ def verify_checksum(hdul: fits.HDUList, name: str | int, path: Path) -> None:
     if "CHECKSUM" not in header and "DATASUM" not in header:
         return
     damaged = f"HDU {label} fails its checksum"
-    if path.name.endswith(".gz"):
+    if is_gzip(path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             data_ok = hdu.verify_datasum() != 0
@@ -250,6 +262,13 @@ class Scan:
         return len(self.columns["TARGETID"][0])
 
 
+def is_healpix_coadd(path: str | Path) -> bool:
+    """A healpix coadd (``coadd-<survey>-<program>-<pixel>.fits``): one spectrum per target per survey and program,
+    unlike tile coadds (``coadd-<petal>-<tile>-thru<night>``), where a target observed on several tiles recurs."""
+    m = _NAME_RE.match(Path(path).name)
+    return bool(m) and _HEALPIX_KEY_RE.match(m.group(2)) is not None
+
+
 def _survey_program(header: fits.Header, fibermap: fits.FITS_rec, key: str) -> tuple[str, str]:
     survey = str(header.get("SURVEY", "") or "").strip().lower()
     program = str(header.get("PROGRAM", "") or header.get("FAPRGRM", "") or "").strip().lower()
@@ -279,6 +298,25 @@ def arms_present(hdul: fits.HDUList) -> list[str]:
     return [arm for arm in ARMS if f"{arm}_FLUX" in names]
 
 
+def _check_repeated_redshifts(ztid: np.ndarray, tid: np.ndarray, path: Path) -> None:
+    """A TargetID on more REDSHIFTS rows than FIBERMAP rows leaves its redshift a guess: the file is refused.
+
+    A coadd holding a target twice has its redrock rows twice (matched in file order; the first is kept)."""
+    zu, zc = np.unique(ztid, return_counts=True)
+    many = zc > 1
+    if not many.any():
+        return
+    fu, fc = np.unique(tid, return_counts=True)
+    in_coadd = np.zeros(int(many.sum()), np.int64)
+    pos = np.searchsorted(fu, zu[many])
+    found = (pos < len(fu)) & (fu[np.minimum(pos, len(fu) - 1)] == zu[many]) if len(fu) else np.zeros(0, bool)
+    in_coadd[found] = fc[pos[found]]
+    extra = zu[many][zc[many] > in_coadd]
+    if len(extra):
+        raise BadInput(f"REDSHIFTS lists {targetid_list(extra)} on more rows than the coadd's FIBERMAP: which row "
+                       "is the target's redshift cannot be told", file=path)
+
+
 def scan_group(group: SourceGroup) -> tuple[Scan, list[Problem]]:
     """Read and check the metadata of one pair; raise BadInput for a file-level problem."""
     problems: list[Problem] = []
@@ -288,8 +326,10 @@ def scan_group(group: SourceGroup) -> tuple[Scan, list[Problem]]:
         for name in (0, "FIBERMAP"):  # the HDUs the scan reads (the flux HDUs are checked by read_arms)
             verify_checksum(hdul, name, coadd_path)
         fibermap = hdul["FIBERMAP"].data
-        if fibermap is None:
+        if fibermap is None or len(fibermap) == 0:
             raise BadInput("FIBERMAP HDU is empty", file=coadd_path)
+        if "TARGETID" not in [c.upper() for c in fibermap.columns.names]:
+            raise BadInput("FIBERMAP HDU has no TARGETID column", file=coadd_path)
         n = len(fibermap)
         arms = arms_present(hdul)
         names = {h.name.upper() for h in hdul}
@@ -305,6 +345,10 @@ def scan_group(group: SourceGroup) -> tuple[Scan, list[Problem]]:
             npix = {}
             for part in ("FLUX", "IVAR", "MASK", "RESOLUTION"):
                 h = _hdu(hdul, f"{arm}_{part}", coadd_path, required=False)
+                want = 3 if part == "RESOLUTION" else 2  # (spectra, [diagonals,] pixels)
+                if h is not None and h.header.get("NAXIS", 0) != want:
+                    raise BadInput(f"{arm}_{part} has {h.header.get('NAXIS', 0)} axes, not {want} (spectra x pixels"
+                                   + (" x diagonals" if want == 3 else "") + ")", file=coadd_path)
                 if h is not None and h.header.get("NAXIS", 0) >= 2 and h.shape[0] != n:
                     raise BadInput(
                         f"FIBERMAP has {n} rows but {arm}_{part} has {h.shape[0]}: the rows of the file disagree",
@@ -338,6 +382,9 @@ def scan_group(group: SourceGroup) -> tuple[Scan, list[Problem]]:
         if zt is None or "TARGETID" not in [c.upper() for c in zt.columns.names]:
             raise BadInput("REDSHIFTS HDU has no TARGETID column", file=rr_path)
         ztid = _native(zt["TARGETID"]).astype(np.int64)
+        if len(ztid) == 0:
+            raise BadInput("REDSHIFTS HDU has no rows", file=rr_path)
+        _check_repeated_redshifts(ztid, tid, rr_path)
         tsnr = _hdu(rr, "TSNR2", rr_path, required=False)
         tsnr = tsnr.data if tsnr is not None else None
         if tsnr is not None and (len(tsnr) != len(zt) or not np.array_equal(_native(tsnr["TARGETID"]), ztid)):
@@ -426,8 +473,8 @@ def image_rows(hdu: fits.ImageHDU, path: Path, rows: np.ndarray) -> np.ndarray:
     """
     header = hdu.header
     bzero, bscale = header.get("BZERO", 0), header.get("BSCALE", 1)
-    if bzero == 0 and bscale == 1 and "BLANK" not in header:
-        return _native(hdu.data[rows])
+    if (bzero == 0 and bscale == 1 and "BLANK" not in header) or is_gzip(path):
+        return _native(hdu.data[rows])  # astropy scales what it reads; a gzip file cannot be mapped anyway
     naxis = int(header["NAXIS"])
     shape = tuple(int(header[f"NAXIS{i}"]) for i in range(naxis, 0, -1))
     raw = np.memmap(path, dtype=_BITPIX_DTYPE[int(header["BITPIX"])], mode="r",
@@ -464,6 +511,6 @@ def read_arms(path: Path | str, rows: np.ndarray) -> dict[str, ArmData]:
             except Exception as exc:  # memory-mapped reads of a damaged file fail in many ways
                 raise BadInput(f"cannot read arm {arm} ({type(exc).__name__}: {exc})", file=path) from exc
             if flux.shape != (len(rows), index.stop - index.start):
-                raise BadInput(f"{arm}_FLUX has {flux.shape[1]} pixels but {arm}_WAVELENGTH has {index.stop - index.start}", file=path)
+                raise BadInput(f"{arm}_FLUX has {flux.shape[-1]} pixels but {arm}_WAVELENGTH has {index.stop - index.start}", file=path)
             out[arm] = ArmData(index, flux, ivar, mask, res)
     return out
