@@ -693,6 +693,23 @@ def test_fits_of_another_model_are_stale_refitted_and_never_merged(built_ard: Pa
     assert n_staged() == 2
 
 
+def test_fitted_rows_apply_the_contracts_sfr_floors_and_the_mass_formed_prior_edge() -> None:
+    """Nested-sampling rows report SFR and sSFR floored as the amortized ones (a quenched galaxy's raw model SFR is
+    1e-11, its sSFR -21 or NaN); AT_PRIOR_EDGE tests the mass formed, whose prior it is."""
+    from ard_sql.science import pipes_fit as pf
+
+    samples = {"stellar_mass": np.full(3, 10.7), "sfr": np.array([0.0, 1e-11, 2.0]),
+               "ssfr": np.array([np.nan, -21.0, -9.5]), "mass_weighted_age": np.full(3, 5.0),
+               "dust:Av": np.full(3, 0.3), "delayed:metallicity": np.ones(3), "delayed:age": np.full(3, 8.0),
+               "delayed:tau": np.full(3, 0.5)}
+    d = pf.derived_draws(samples)
+    assert d["SFR"].tolist() == [1e-5, 1e-5, 2.0] and d["sSFR"].tolist() == [-15.0, -15.0, -9.5]
+    row = pf.summarise(1, d, 0, "bagpipes")
+    assert row["SFR_p16"] == 1e-5 and row["sSFR_p50"] == -15.0
+    assert pf.prior_edge_flag(7.02) == pf.prior_edge_flag(12.97) == pf.FLAGS["AT_PRIOR_EDGE"]
+    assert pf.prior_edge_flag(7.2) == pf.prior_edge_flag(12.8) == 0  # LogMass 6.86 / 12.5 used to decide this
+
+
 def test_daemon_pid_alive_treats_permission_error_as_alive(monkeypatch: pytest.MonkeyPatch) -> None:
     """EPERM from ``kill(pid, 0)`` means the process exists under another user: a running daemon, not a dead one."""
     from ard_sql.commands import daemon
@@ -748,6 +765,9 @@ def test_posteriors_stay_inside_the_physical_support(small_estimator) -> None:
             lo, hi = 10**lo, 10**hi
         assert np.all(q[:, j, 0] >= lo - 1e-6) and np.all(q[:, j, 2] <= hi + 1e-6), name
         assert np.all(np.diff(q[:, j], axis=1) >= 0), name
+    # SFR and sSFR never below the contract's floors (the targets were floored, the widened mixtures are not)
+    assert np.all(q[:, am.QUANTITIES.index("SFR")] >= 1e-5 * (1 - 1e-9))
+    assert np.all(q[:, am.QUANTITIES.index("sSFR")] >= -15.0)
     # one Gaussian near Age = 0: the quantiles are the truncated normal's
     Q = len(am.QUANTITIES)
     logw, mu, sd = torch.zeros(1, Q, 1), torch.full((1, Q, 1), 0.2), torch.full((1, Q, 1), 0.5)

@@ -202,9 +202,26 @@ def test_zero_flux_gives_bad_continuum():
 
 def test_flags_are_documented_and_distinct():
     bits = list(lick.FLAGS.values())
-    assert len(set(bits)) == len(bits) == 3 * len(lick.INDICES)
+    assert len(set(bits)) == len(bits) == 3 * len(lick.INDICES) + 1  # + MgFe_prime_NOT_POSITIVE
     assert max(bits) < 2**31  # fits the INTEGER column
     assert set(lick.FLAG_DESCRIPTIONS) == set(lick.FLAGS)
+
+
+def test_mgb_in_emission_gives_a_null_mgfe_prime_with_its_flag():
+    """Mgb x <Fe>' < 0 (an emission line in the Mgb band): MgFe_prime is NULL and says why; the indices stay."""
+    wave = brz_wavelength()
+    z = 0.1
+    rest = wave / (1 + z)
+    flux = np.ones((2, wave.size))
+    for centre in (5265.0, 5332.0):  # Fe5270 and Fe5335 in absorption in both spectra
+        flux[:, np.abs(rest - centre) < 8.0] -= 0.3
+    flux[0, np.abs(rest - 5176.0) < 8.0] -= 0.3  # Mgb in absorption...
+    flux[1, np.abs(rest - 5176.0) < 8.0] += 3.0  # ...or in emission
+    res = lick.measure_indices(wave, flux, np.full_like(flux, 1e4), np.array([z, z]))
+    assert res["Fe5270"][1] > 0 and res["Fe5335"][1] > 0 and res["Mgb"][1] < 0
+    assert np.isnan(res["MgFe_prime"][1]) and np.isnan(res["MgFe_prime_err"][1])
+    assert lick.describe_flags(res["Lick_flag"][1]) == ["MgFe_prime_NOT_POSITIVE"]
+    assert res["Mgb"][0] > 0 and np.isfinite(res["MgFe_prime"][0]) and res["Lick_flag"][0] == 0
 
 
 def test_bad_input_raises_clear_errors():

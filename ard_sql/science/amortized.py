@@ -66,7 +66,7 @@ Z_MIN, Z_MAX = 0.02, 1.0
 #: first reach 20-40.
 SNR_MIN, SNR_MAX = 0.5, 60.0
 VELDISP_RANGE = (50.0, 350.0)
-LOG_SFR_FLOOR, SSFR_FLOOR = -5.0, -15.0
+LOG_SFR_FLOOR, SSFR_FLOOR = math.log10(pm.SFR_FLOOR), pm.SSFR_FLOOR
 _LOG_QUANTITIES = {"SFR", "Metallicity", "Tau"}
 #: Bump when the network's inputs or targets change (invalidates cached estimators).
 FEATURE_VERSION = 4
@@ -235,9 +235,9 @@ def to_target_space(truth: dict[str, np.ndarray]) -> np.ndarray:
     for q in QUANTITIES:
         v = np.asarray(truth[q], float)
         if q == "SFR":
-            v = np.maximum(np.log10(np.maximum(v, 1e-300)), LOG_SFR_FLOOR)
+            v = np.log10(pm.floor_sfr(v))
         elif q == "sSFR":
-            v = np.maximum(np.nan_to_num(v, nan=SSFR_FLOOR, neginf=SSFR_FLOOR), SSFR_FLOOR)
+            v = pm.floor_ssfr(v)
         elif q in _LOG_QUANTITIES:
             v = np.log10(v)
         cols.append(v)
@@ -535,6 +535,10 @@ class AmortizedEstimator:
             q = torch.minimum(torch.maximum(q, lo), hi)  # a posterior (almost) wholly outside: its edge
         q = q.numpy().astype(np.float64)
         q[:, _anchor_columns(), :] += scal[:, 3].astype(np.float64)[:, None, None]
+        # the targets were floored, the model-error-widened mixtures are not: max(x, floor) is monotone, so these
+        # are the quantiles of the floored quantity
+        q[:, QUANTITIES.index("SFR")] = np.maximum(q[:, QUANTITIES.index("SFR")], LOG_SFR_FLOOR)
+        q[:, QUANTITIES.index("sSFR")] = np.maximum(q[:, QUANTITIES.index("sSFR")], SSFR_FLOOR)
         for j, name in enumerate(QUANTITIES):
             q[:, j] = from_target_space(name, q[:, j])
         return q

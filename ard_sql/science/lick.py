@@ -92,7 +92,7 @@ INDEX_BY_NAME: dict[str, IndexDef] = {d.name: d for d in INDICES}
 #: Composite indices (name -> description); NaN whenever a component is NaN.
 COMPOSITES: dict[str, str] = {
     "Fe_mean": "(Fe5270 + Fe5335) / 2",
-    "MgFe_prime": "sqrt(Mgb * (0.72 Fe5270 + 0.28 Fe5335)); NaN if the product is negative",
+    "MgFe_prime": "sqrt(Mgb * (0.72 Fe5270 + 0.28 Fe5335)); NaN if the product is negative (bit MgFe_prime_NOT_POSITIVE)",
 }
 
 # ---------------------------------------------------------------- flags
@@ -107,9 +107,12 @@ _REASONS: dict[str, str] = {
 FLAGS: dict[str, int] = {
     f"{d.name}_{reason}": 1 << (3 * i + j) for i, d in enumerate(INDICES) for j, reason in enumerate(_REASONS)
 }
+FLAGS["MgFe_prime_NOT_POSITIVE"] = 1 << lick_kernel.MGFE_NOT_POSITIVE_BIT
 #: Human-readable description of every flag bit.
 FLAG_DESCRIPTIONS: dict[str, str] = {
-    f"{d.name}_{reason}": f"{d.name} is NULL: {text}" for d in INDICES for reason, text in _REASONS.items()
+    **{f"{d.name}_{reason}": f"{d.name} is NULL: {text}" for d in INDICES for reason, text in _REASONS.items()},
+    "MgFe_prime_NOT_POSITIVE": "Mgb x (0.72 Fe5270 + 0.28 Fe5335) <= 0 (a line in emission): MgFe_prime is NULL "
+                               "when it is negative, MgFe_prime_err when it is 0",
 }
 
 

@@ -33,6 +33,9 @@ _FAST = {"reassoc", "contract"}
 # Gradient parameters of one index at one spectrum (see _grad_at).
 _P_BLO, _P_BHI, _P_RLO, _P_RHI, _P_CLO, _P_CHI, _P_A, _P_B, _P_FB, _P_FR, _P_MB, _P_MR, _P_Z1 = range(13)
 _NPAR = 13
+#: ``Lick_flag`` bit set when Mgb x (0.72 Fe5270 + 0.28 Fe5335) is not positive (``lick.FLAGS``): after the 3 x 8
+#: bits of the indices.
+MGFE_NOT_POSITIVE_BIT = 24
 
 
 @numba.njit(cache=True, inline="always", fastmath=_FAST, error_model="numpy")
@@ -507,5 +510,9 @@ def measure_batch(x: np.ndarray, flux: np.ndarray, ivar: np.ndarray, mask: np.nd
                     e = np.sqrt(fe_w * fe_w * errors[s, im] ** 2 + mgb * mgb * max(var_few, 0.0)) / (2.0 * mgfe)
                     if np.isfinite(mgfe) and mgfe > 0.0 and np.isfinite(e):
                         comp[s, 3] = e
+                    elif prod == 0.0:  # the value is 0, its error (d sqrt at 0) undefined
+                        flags[s] |= 1 << MGFE_NOT_POSITIVE_BIT
+                elif prod < 0.0:  # Mgb or the Fe mean in emission: no square root
+                    flags[s] |= 1 << MGFE_NOT_POSITIVE_BIT
         _clear_moved(moved52, touched52, nt52)
         _clear_moved(moved53, touched53, nt53)

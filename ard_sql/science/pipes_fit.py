@@ -32,7 +32,7 @@ FLAGS: dict[str, int] = {
     "BAD_REDSHIFT": 2,     # Z missing, <= 0 or above bagpipes' max_redshift
     "FIT_FAILED": 4,       # the sampler or the model raised
     "NOT_CONVERGED": 8,    # effective sample size below MIN_N_EFF
-    "AT_PRIOR_EDGE": 16,   # LogMass posterior median within 0.05 dex of a prior bound (values kept)
+    "AT_PRIOR_EDGE": 16,   # median mass formed within 0.05 dex of its prior bound (values kept)
     "OUT_OF_TRAINING": 32,  # amortized: input outside the simulated range (values NULL)
     "NOT_GALAXY": 64,      # SPECTYPE is not GALAXY: no stellar-population model (values NULL)
 }
@@ -95,13 +95,20 @@ def summarise(targetid: int, draws: dict[str, np.ndarray], flag: int, source: st
     return row
 
 
+def prior_edge_flag(massformed_median: float) -> int:
+    """``AT_PRIOR_EDGE`` when the median mass formed lies within 0.05 dex of its prior's bounds, else 0. The prior
+    bounds the mass formed, not the surviving LogMass (0.2-0.35 dex lower), which can never reach the upper bound."""
+    lo, hi = pm.PRIORS[0].low, pm.PRIORS[0].high
+    return FLAGS["AT_PRIOR_EDGE"] if massformed_median < lo + 0.05 or massformed_median > hi - 0.05 else 0
+
+
 def derived_draws(samples: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The reported quantities from a bagpipes posterior ``samples`` dict."""
     age, tau = samples["delayed:age"], samples["delayed:tau"]
     return {
         "LogMass": np.asarray(samples["stellar_mass"], float),
-        "SFR": np.asarray(samples["sfr"], float),
-        "sSFR": np.asarray(samples["ssfr"], float),
+        "SFR": pm.floor_sfr(samples["sfr"]),  # the contract's floors, as the amortized rows
+        "sSFR": pm.floor_ssfr(samples["ssfr"]),
         "Age": np.asarray(samples["mass_weighted_age"], float),
         "Dust_Av": np.asarray(samples["dust:Av"], float),
         "Metallicity": np.asarray(samples["delayed:metallicity"], float),
@@ -153,6 +160,7 @@ def fit_galaxy(
             fit.fit(verbose=False, sampler="nautilus", n_live=config.n_live, n_networks=config.n_networks, pool=1)
             n_eff = 1.0 / float(fit.results["lnz_err"]) ** 2
             draws = derived_draws(fit.posterior.samples)
+            massformed = float(np.median(fit.posterior.samples["delayed:massformed"]))
             model = _best_model(pipes, fit, z, veldisp)
             if not config.keep_files:
                 shutil.rmtree(Path(workdir) / "pipes" / "posterior" / run, ignore_errors=True)
@@ -164,12 +172,7 @@ def fit_galaxy(
     if n_eff < MIN_N_EFF:
         return FitResult(int(targetid), null_row(targetid, FLAGS["NOT_CONVERGED"]), runtime_s=runtime,
                          message=f"target {targetid}: effective sample size {n_eff:.0f} < {MIN_N_EFF}")
-    flag = 0
-    med = float(np.median(draws["LogMass"]))
-    lo, hi = pm.PRIORS[0].low, pm.PRIORS[0].high
-    if med < lo + 0.05 or med > hi - 0.05:
-        flag |= FLAGS["AT_PRIOR_EDGE"]
-    row = summarise(targetid, draws, flag, "bagpipes")
+    row = summarise(targetid, draws, prior_edge_flag(massformed), "bagpipes")
     return FitResult(int(targetid), row, draws, model, runtime, message=f"n_eff={n_eff:.0f}")
 
 

@@ -121,6 +121,22 @@ PRIORS: tuple[Prior, ...] = (
 )
 NOISE_PRIOR = Prior("noise", "scaling", 0.5, 5.0, log=True)
 
+#: Floors of the reported SFR (solMass/yr) and log10 sSFR (/yr). The model's SFR of a long-quenched galaxy is
+#: 1e-11 or 0 (log sSFR -21, or NaN where bagpipes divides 0 by the mass): below what any spectrum can tell, so
+#: every row (amortized or nested sampling) reports these instead (a value at the floor reads: below it).
+SFR_FLOOR, SSFR_FLOOR = 1e-5, -15.0
+
+
+def floor_sfr(sfr: np.ndarray) -> np.ndarray:
+    """SFR draws with :data:`SFR_FLOOR` applied (NaN stays NaN)."""
+    return np.maximum(np.asarray(sfr, float), SFR_FLOOR)
+
+
+def floor_ssfr(ssfr: np.ndarray) -> np.ndarray:
+    """log10 sSFR draws with :data:`SSFR_FLOOR` applied; NaN or -inf (an SFR of 0) read as the floor."""
+    v = np.asarray(ssfr, float)
+    return np.maximum(np.nan_to_num(v, nan=SSFR_FLOOR, neginf=SSFR_FLOOR), SSFR_FLOOR)
+
 
 def model_key() -> str:
     """Short hash of everything that defines the model (priors, fixed physics, binning, bagpipes version).
