@@ -270,13 +270,14 @@ def _check_enum_literals(tree: exp.Expression, types: dict[str, str]) -> None:
     for node in tree.walk():
         if not isinstance(node, (exp.EQ, exp.NEQ, exp.In)):
             continue
-        col = node.this if isinstance(node.this, exp.Column) else None
-        if col is None:
+        col, values = (node.this, node.expressions if isinstance(node, exp.In) else [node.expression])
+        if not isinstance(node, exp.In) and isinstance(node.expression, exp.Column):  # 'Void' == Web_Class
+            col, values = node.expression, [node.this]
+        if not isinstance(col, exp.Column):
             continue
         allowed = _ENUM_VALUES.get(types.get(str(col.name).lower(), ""))
         if allowed is None:
             continue
-        values = node.expressions if isinstance(node, exp.In) else [node.expression]
         for v in values:
             if isinstance(v, exp.Literal) and v.is_string and v.this not in allowed:
                 hint = difflib.get_close_matches(v.this.capitalize(), allowed, n=1)

@@ -97,6 +97,9 @@ def layer_task(ard_dir: str, layer_name: str, order: int, pixel: int, options: d
     table = layer.run(part)
     if table.num_rows != core.num_rows:
         raise ValueError(f"layer {layer_name} returned {table.num_rows} rows for {core.num_rows} core rows")
+    # the core's positions are attached by row: the rows must be the core's, in its order
+    if not np.array_equal(table.column("TargetID").to_numpy(), core.column("TargetID").to_numpy()):
+        raise ValueError(f"layer {layer_name} returned its rows in another order than the core's (or other TargetIDs)")
     where = f"layer {layer_name}, pixel {pixel} (order {order})"
     conformed = hats_writer.conform_table(table, layer_name, where)
     ra, dec = core.column("RA").to_numpy(), core.column("DEC").to_numpy()
@@ -226,6 +229,9 @@ def run_ingest(opts: BuildOptions, ex: Executor, report: BuildReport) -> None:
     report.layers[paths.CORE] = summary
     if not report.errors:
         keep = {(p.order, p.pixel) for p in parts}
+        for o, px, _ in hats_writer.partition_files(ard_dir, paths.CORE):
+            if (o, px) not in keep:  # its spectra go with the core rows that point into them
+                paths.spectra_file(ard_dir, o, px).unlink(missing_ok=True)
         hats_writer.remove_partitions(ard_dir, paths.CORE, keep)
         for layer in (*LAYERS, compaction.WIDE):
             if hats_writer.remove_partitions(ard_dir, layer, keep):

@@ -710,6 +710,23 @@ def test_fitted_rows_apply_the_contracts_sfr_floors_and_the_mass_formed_prior_ed
     assert pf.prior_edge_flag(7.2) == pf.prior_edge_flag(12.8) == 0  # LogMass 6.86 / 12.5 used to decide this
 
 
+def test_restaged_rows_no_fit_has_filled_say_why_they_are_null(core_ard: Path) -> None:
+    """The daemon's restaging of a partition the layer has not run on (or whose core changed) writes NULL rows with
+    NOT_YET_BUILT, never a NULL with flag 0."""
+    import pyarrow.parquet as pq
+
+    from ard_sql import paths
+    from ard_sql.build import hats_writer
+    from ard_sql.build.layers import bagpipes as layer
+    from ard_sql.science.pipes_fit import FLAGS
+
+    order, pixel, _ = hats_writer.partition_files(core_ard, "core")[0]
+    assert layer.restage_partition(core_ard, order, pixel) == 0
+    t = pq.read_table(paths.partition_file(core_ard, order, pixel, "bagpipes"))
+    assert t.num_rows > 0 and t.column("LogMass_p50").null_count == t.num_rows
+    assert set(t.column("Bagpipes_flag").to_pylist()) == {FLAGS["NOT_YET_BUILT"]}
+
+
 def test_daemon_pid_alive_treats_permission_error_as_alive(monkeypatch: pytest.MonkeyPatch) -> None:
     """EPERM from ``kill(pid, 0)`` means the process exists under another user: a running daemon, not a dead one."""
     from ard_sql.commands import daemon

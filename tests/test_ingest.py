@@ -636,6 +636,23 @@ def test_a_rebuild_from_a_parent_folder_still_keeps_rows_of_an_unreadable_file(t
     assert core_rows(out, "TargetID") == before and len(before) == len(truth["targets"])
 
 
+def test_a_layer_returning_rows_out_of_core_order_is_refused(core_ard, monkeypatch):
+    """Positions are attached to a layer's rows by row number: a layer must return the core's rows in its order."""
+    import pyarrow as pa
+
+    from ard_sql.build import orchestrator
+
+    class Reversing:
+        def run(self, part):
+            tid = part.core.column("TargetID").to_numpy()[::-1]
+            return pa.table({"TargetID": tid})
+
+    monkeypatch.setattr(orchestrator, "load_layer_class", lambda name: Reversing)
+    order, pixel, _ = hats_writer.partition_files(core_ard, "core")[0]
+    with pytest.raises(ValueError, match="another order than the core's"):
+        orchestrator.layer_task(str(core_ard), "lick", order, pixel, {})
+
+
 def test_failed_rebuild_keeps_the_finished_ard(tmp_path):
     root, truth, out = _built_small_survey(tmp_path)
     before = core_rows(out, "TargetID, SNR_Median")
@@ -747,11 +764,15 @@ def test_deleted_source_partition_is_removed_by_a_clean_build(tmp_path):
     truth = write_small_survey(root)
     out = tmp_path / "ard"
     run_build(root, out)
+    spectra_before = {f.name for f in (out / "spectra").rglob("*.h5")}
     shutil.rmtree(root / "healpix/main/dark/400")  # pixel 40000: a partition of its own
     report = run_build(root, out)
     assert not report.errors
     rows = core_rows(out, "TargetID, HEALPIX")
     assert len(rows) == len(truth["targets"]) - 6 and all(r["HEALPIX"] != 40000 for r in rows)
+    # its spectra file went with it; the others stay
+    spectra_after = {f.name for f in (out / "spectra").rglob("*.h5")}
+    assert len(spectra_after) == len(spectra_before) - 1 and spectra_after < spectra_before
 
 
 def test_removing_a_partition_in_a_core_only_build_refreshes_the_other_layers_catalog_files(tmp_path):

@@ -55,6 +55,7 @@ def test_blueprint_filter_translates_with_pandas_precedence():
         ("", ["empty"]),
         # answers that would otherwise be silently wrong
         ("PPXF_flag & 8 == 0", ["joins an integer and a condition", "(PPXF_flag & 8) == 0"]),
+        ("'void' == Web_Class", ["Web_Class is one of", "not 'void'", "did you mean 'Void'"]),
         ("Web_Class == 'void'", ["Web_Class is one of", "did you mean 'Void'"]),
         ("Web_Class in ('Void', 'Filaments')", ["not 'Filaments'"]),
     ],

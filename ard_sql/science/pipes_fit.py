@@ -35,6 +35,7 @@ FLAGS: dict[str, int] = {
     "AT_PRIOR_EDGE": 16,   # median mass formed within 0.05 dex of its prior bound (values kept)
     "OUT_OF_TRAINING": 32,  # amortized: input outside the simulated range (values NULL)
     "NOT_GALAXY": 64,      # SPECTYPE is not GALAXY: no stellar-population model (values NULL)
+    "NOT_YET_BUILT": 128,  # the core row changed since the layer ran and no fit has filled it yet (the next build does)
 }
 MIN_GOOD_BINS = 50
 MIN_N_EFF = 100

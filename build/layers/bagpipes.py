@@ -482,7 +482,7 @@ def restage_partition(ard_dir: Path | str, order: int, pixel: int) -> int:
     Used by the daemon after every checkpoint, so readers see new fits
     without a rebuild. Returns the number of rows with Physics_Source = 'bagpipes'.
     """
-    from ard_sql.science.pipes_fit import null_row
+    from ard_sql.science.pipes_fit import FLAGS, null_row
 
     core = pq.read_table(paths.partition_file(ard_dir, order, pixel))
     tid = core.column("TargetID").to_numpy()
@@ -492,10 +492,10 @@ def restage_partition(ard_dir: Path | str, order: int, pixel: int) -> int:
         order_of = {int(t): i for i, t in enumerate(base.column("TargetID").to_numpy())}
         if set(order_of) == set(int(t) for t in tid):
             base = base.take(pa.array([order_of[int(t)] for t in tid]))
-        else:  # core changed since the layer ran: start from NULL rows; the next build fills them
-            base = rows_to_table([null_row(t, 0, None) for t in tid])
+        else:  # core changed since the layer ran: start from NULL rows that say so; the next build fills them
+            base = rows_to_table([null_row(t, FLAGS["NOT_YET_BUILT"], None) for t in tid])
     else:
-        base = rows_to_table([null_row(t, 0, None) for t in tid])
+        base = rows_to_table([null_row(t, FLAGS["NOT_YET_BUILT"], None) for t in tid])
     merged = merge_fits(base, read_fits(ard_dir, order, pixel))
     write_staging(ard_dir, order, pixel, merged, core)
     hats_writer.finalize_catalog(ard_dir, NAME)
