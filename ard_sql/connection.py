@@ -105,20 +105,22 @@ class ARD:
                                  "opens a file one way at a time: close the other ARD first")
             db.users += 1
         self._db, self._key = db, ard_dir
-        con = db.con.cursor()
+        con = None
         try:
-            self._setup(ard_dir, con, read_only, db)
+            con = db.con.cursor()
+            self._setup(ard_dir, con, read_only)
         except BaseException:
-            con.close()  # a failed prepare() must not leave the database file open
+            if con is not None:
+                con.close()  # a failed prepare() must not leave the database file open
             self._leave()
             raise
 
-    def _setup(self, ard_dir: Path, con: duckdb.DuckDBPyConnection, read_only: bool, db: _Database) -> None:
+    def _setup(self, ard_dir: Path, con: duckdb.DuckDBPyConnection, read_only: bool) -> None:
+        """The per-ARD state, over the shared database ``self._db`` the caller set."""
         self.path: Path = ard_dir
         self.read_only = read_only
-        self._db = db
-        self.cache: dict[str, Any] = db.cache
-        self._instance_functions: set[str] = db.functions
+        self.cache: dict[str, Any] = self._db.cache
+        self._instance_functions: set[str] = self._db.functions
         self._pass_functions: dict[str, str] = {}
         self._registering_module = ""
         self._prepared: set[int] = set()
@@ -131,10 +133,9 @@ class ARD:
     def attach(cls, con: duckdb.DuckDBPyConnection, ard_dir: str | Path) -> "ARD":
         """Prepare an existing connection for ``ard_dir`` (used by the build while it writes ``ard.duckdb``)."""
         self = cls.__new__(cls)
-        db = _Database(con, read_only=False)  # the caller's own connection: not shared with open()
-        db.users = 1
-        self._key = None
-        self._setup(Path(ard_dir).resolve(), con, False, db)
+        self._db, self._key = _Database(con, read_only=False), None  # the caller's own connection: not shared
+        self._db.users = 1
+        self._setup(Path(ard_dir).resolve(), con, False)
         return self
 
     @property

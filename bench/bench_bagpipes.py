@@ -47,6 +47,7 @@ from ard_sql.build.mock.truth import t_quench_truth
 from ard_sql.science import amortized as am
 from ard_sql.science import pipes_env
 from ard_sql.science import pipes_fit as pf
+from ard_sql.science import pipes_model as pm
 
 LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.6827, 0.8, 0.9)
 
@@ -141,9 +142,9 @@ def _truth_stats(df: pd.DataFrame) -> dict[str, object]:
     for q, col in TRUTH_COLUMNS.items():
         tv = df[col].to_numpy(float)
         if q == "SFR":
-            tv = np.maximum(tv, 10**am.LOG_SFR_FLOOR)
+            tv = pm.floor_sfr(tv)  # the truth floored as the rows are
         if q == "sSFR":
-            tv = np.maximum(np.nan_to_num(tv, nan=am.SSFR_FLOOR), am.SSFR_FLOOR)
+            tv = pm.floor_ssfr(tv)
         ok = np.isfinite(tv)
         lo, mid, hi = (df[f"{q}_p{p}"].to_numpy(float)[ok] for p in (16, 50, 84))
         tv = tv[ok]
@@ -167,7 +168,6 @@ def in_model_comparison(ard: Path, truth_file: Path, est, seed: int = 1) -> dict
     """Coverage on the mock's delayed-tau galaxies re-simulated by bagpipes at their true parameters and S/N."""
     import duckdb
 
-    from ard_sql.science import pipes_model as pm
     from ard_sql.science.pipes_sim import Simulator, add_noise
 
     con = duckdb.connect()
@@ -274,7 +274,6 @@ def main() -> None:
     # 3. Bagpipes fits of held-out simulations
     if args.n_fits:
         from ard_sql.science.pipes_sim import simulate_brz
-        from ard_sql.science import pipes_model as pm
 
         cfg = pf.FitConfig(n_live=args.n_live, n_networks=args.n_networks)
         rows = []

@@ -144,9 +144,14 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-30)
 
 
+def _usable(X: np.ndarray) -> np.ndarray:
+    """Rows of X that are vectors (not NULL, not all zero: a cosine is defined)."""
+    return np.isfinite(X).all(axis=1) & (np.abs(X).sum(axis=1) > 0)
+
+
 def knn_r2(X: np.ndarray, y: np.ndarray, k: int = 16, folds: int = 5, seed: int = 0) -> float:
     """Cross-validated R^2 of kNN regression (cosine distance, uniform mean of k neighbours)."""
-    ok = np.isfinite(y) & np.isfinite(X).all(axis=1) & (np.abs(X).sum(axis=1) > 0)
+    ok = np.isfinite(y) & _usable(X)
     X, y = _unit(X[ok].astype(np.float64)), y[ok]
     fold = np.random.default_rng(seed).permutation(len(y)) % folds
     pred = np.empty_like(y)
@@ -161,7 +166,7 @@ def knn_r2(X: np.ndarray, y: np.ndarray, k: int = 16, folds: int = 5, seed: int 
 def query_hits(X: np.ndarray, labels: np.ndarray, cls: str, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
     """Rows of X (into ``labels``) of the ``cls`` members that can query, and how many of each one's k nearest
     neighbours (cosine, self excluded; rows with a NULL vector are not candidates) are ``cls``."""
-    ok = np.isfinite(X).all(axis=1) & (np.abs(X).sum(axis=1) > 0)
+    ok = _usable(X)
     Xu, lab = _unit(X[ok].astype(np.float64)), labels[ok]
     q = np.flatnonzero(lab == cls)
     if len(q) < 2:
@@ -196,7 +201,7 @@ def quality_by_snr(features: dict[str, np.ndarray], truth: pd.DataFrame, snr: np
     z = truth["Z"].to_numpy(np.float64)
     rows = []
     for name, X in features.items():
-        ok = np.flatnonzero(np.isfinite(X).all(axis=1) & (np.abs(X).sum(axis=1) > 0))
+        ok = np.flatnonzero(_usable(X))
         Xu = _unit(X[ok].astype(np.float64))
         purity, zerr = np.full(len(X), np.nan), np.full(len(X), np.nan)
         for chunk in np.array_split(np.arange(len(ok)), max(1, len(ok) // 512)):

@@ -185,11 +185,9 @@ def run_ingest(opts: BuildOptions, ex: Executor, report: BuildReport) -> None:
     # so is one that holds a target its file cannot give now, or one of a TargetID two files claim
     # (rebuilding would drop the row, or put the ID in two partitions)
     unreadable |= {_coadd_of(p.file) for p in target_errors if p.file} | plan.conflicted
-    kept = ingest.partitions_using(ard_dir, source, unreadable)
-    # ...but only while it holds a target this plan cannot give it: a target left out at its first build (a bad
-    # RA/Dec, an unreadable file then) is no reason to freeze the partition for good
-    planned = {(p.order, p.pixel): p.rows.column("TARGETID").to_numpy() for p in parts}
-    kept = {k for k in kept if not np.isin(ingest.partition_targetids(ard_dir, *k), planned.get(k, [])).all()}
+    # ...but only while it holds a target this plan cannot give it
+    kept = ingest.partitions_using(ard_dir, source, unreadable,
+                                   {(p.order, p.pixel): p.rows.column("TARGETID").to_numpy() for p in parts})
     for p in [p for p in todo if (p.order, p.pixel) in kept]:
         report.add([Problem("partition kept as previously built: one of its source files cannot be read now, "
                             "or cannot give every target it gave before",

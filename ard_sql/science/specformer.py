@@ -359,9 +359,12 @@ def fill_bad_pixels(flux: np.ndarray, ivar: np.ndarray) -> np.ndarray:
     an absorption line. Spectra with no good pixel become all-NaN (the caller
     turns them into NULL embeddings).
     """
-    flux = np.asarray(flux, dtype=np.float32)
+    return _fill(np.asarray(flux, dtype=np.float32), good_pixels(flux, ivar))
+
+
+def _fill(flux: np.ndarray, good: np.ndarray) -> np.ndarray:
+    """``fill_bad_pixels`` with the good-pixel mask given."""
     out = flux.copy()
-    good = good_pixels(flux, ivar)
     x = np.arange(flux.shape[1])
     for i in np.flatnonzero(~good.all(axis=1)):
         g = good[i]
@@ -442,6 +445,15 @@ def token_good_fraction(good: np.ndarray, config: SpecFormerConfig) -> np.ndarra
 def good_pixels(flux: np.ndarray, ivar: np.ndarray) -> np.ndarray:
     """(n, L) bool: pixels with ``ivar > 0`` and finite flux (those ``fill_bad_pixels`` keeps)."""
     return (np.asarray(ivar) > 0) & np.isfinite(np.asarray(flux))
+
+
+def filled_and_good(flux: np.ndarray, ivar: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(flux with bad pixels filled, :func:`good_pixels`) for the head; ``(flux, None)`` without ``ivar``."""
+    flux = np.asarray(flux, np.float32)
+    if ivar is None:
+        return flux, None
+    good = good_pixels(flux, ivar)
+    return _fill(flux, good), good
 
 
 def rest_head_windows(wave: np.ndarray, z: np.ndarray) -> np.ndarray:
@@ -533,10 +545,7 @@ def fit_embedding_head(model: SpecFormer, wave: np.ndarray, flux: np.ndarray, iv
     flux = np.asarray(flux, np.float32)
     z = np.asarray(z, np.float64)
     snr = np.full(len(flux), np.nan) if ivar is None else median_snr(flux, ivar)
-    good = None
-    if ivar is not None:
-        good = good_pixels(flux, ivar)
-        flux = fill_bad_pixels(flux, ivar)
+    flux, good = filled_and_good(flux, ivar)
     keep = np.flatnonzero(np.isfinite(flux).all(axis=1) & usable_redshift(z))
     if len(keep) > n_max:
         keep = keep[np.sort(np.random.default_rng(seed).choice(len(keep), n_max, replace=False))]
@@ -591,11 +600,7 @@ def embed(model: SpecFormer, wave: np.ndarray, flux: np.ndarray, ivar: np.ndarra
         raise ValueError("this SpecFormer has no embedding head: fit one with specformer.fit_embedding_head "
                          "(it needs the spectra's grid and catalogue redshifts)")
     model.eval()
-    flux = np.asarray(flux, np.float32)
-    good = None
-    if ivar is not None:
-        good = good_pixels(flux, ivar)
-        flux = fill_bad_pixels(flux, ivar)
+    flux, good = filled_and_good(flux, ivar)
     centre, whiten = model.emb_centre.numpy(), model.emb_whiten.numpy()
     out_dim = out_dim or whiten.shape[1]
     if out_dim < whiten.shape[1]:

@@ -326,12 +326,16 @@ def _core_table(rows: pa.Table, part: PartitionInput, snr: dict[str, np.ndarray]
     return pa.table(out)
 
 
-def partitions_using(ard_dir: str | Path, source: str | Path, coadds: set[str]) -> set[tuple[int, int]]:
-    """(order, pixel) of the finished core partitions holding rows ingested from any of ``coadds``.
+def partitions_using(ard_dir: str | Path, source: str | Path, coadds: set[str],
+                     planned: dict[tuple[int, int], np.ndarray]) -> set[tuple[int, int]]:
+    """(order, pixel) of the finished core partitions holding rows ingested from any of ``coadds`` and a TargetID
+    that ``planned`` (this plan's TargetIDs per partition) does not give them.
 
     A rebuild must not rewrite these while one of those files cannot be read:
     the partition would lose that file's rows (a failed rebuild never damages
-    a finished ARD).
+    a finished ARD). One that holds every target the plan gives it loses
+    nothing: a target left out at its first build (a bad RA/Dec, a file
+    unreadable then) is no reason to freeze it for good.
     """
     if not coadds:
         return set()
@@ -343,10 +347,12 @@ def partitions_using(ard_dir: str | Path, source: str | Path, coadds: set[str]) 
 
     for order, pixel, f in hats_writer.partition_files(ard_dir, paths.CORE):
         try:
-            used = set(pq.read_table(f, columns=["SOURCE_FILE"]).column("SOURCE_FILE").to_pylist())
+            t = pq.read_table(f, columns=["SOURCE_FILE", "TargetID"])
         except Exception:  # noqa: BLE001 - an unreadable old partition is simply rebuilt
             continue
-        if any(_same_tail(Path(u).parts, w) for u in used if u for w in wanted):
+        used = set(t.column("SOURCE_FILE").to_pylist())
+        if (any(_same_tail(Path(u).parts, w) for u in used if u for w in wanted)
+                and not np.isin(t.column("TargetID").to_numpy(), planned.get((order, pixel), [])).all()):
             out.add((order, pixel))
     return out
 
@@ -355,16 +361,6 @@ def _same_tail(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
     """Whether the shorter of two relative paths (as parts) is the tail of the longer."""
     n = min(len(a), len(b))
     return n > 0 and a[-n:] == b[-n:]
-
-
-def partition_targetids(ard_dir: str | Path, order: int, pixel: int) -> np.ndarray:
-    """TargetIDs of a finished core partition (empty when it is missing or unreadable: it is then simply rebuilt)."""
-    import pyarrow.parquet as pq
-
-    try:
-        return pq.read_table(paths.partition_file(ard_dir, order, pixel), columns=["TargetID"]).column("TargetID").to_numpy()
-    except Exception:  # noqa: BLE001 - as partitions_using: an unreadable old partition is rebuilt
-        return np.empty(0, np.int64)
 
 
 def plan_summary(plan: Plan) -> dict:

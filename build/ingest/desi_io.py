@@ -303,16 +303,11 @@ def _check_repeated_redshifts(ztid: np.ndarray, tid: np.ndarray, path: Path) -> 
 
     A coadd holding a target twice has its redrock rows twice (matched in file order; the first is kept)."""
     zu, zc = np.unique(ztid, return_counts=True)
-    many = zc > 1
-    if not many.any():
+    if not (zc > 1).any():
         return
-    fu, fc = np.unique(tid, return_counts=True)
-    in_coadd = np.zeros(int(many.sum()), np.int64)
-    pos = np.searchsorted(fu, zu[many])
-    found = (pos < len(fu)) & (fu[np.minimum(pos, len(fu) - 1)] == zu[many]) if len(fu) else np.zeros(0, bool)
-    in_coadd[found] = fc[pos[found]]
-    extra = zu[many][zc[many] > in_coadd]
-    if len(extra):
+    in_coadd = dict(zip(*(a.tolist() for a in np.unique(tid, return_counts=True))))
+    extra = [t for t, c in zip(zu.tolist(), zc.tolist()) if c > in_coadd.get(t, 0)]
+    if extra:
         raise BadInput(f"REDSHIFTS lists {targetid_list(extra)} on more rows than the coadd's FIBERMAP: which row "
                        "is the target's redshift cannot be told", file=path)
 
