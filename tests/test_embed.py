@@ -215,6 +215,23 @@ def test_persistent_pure_sql_macros_work_without_python(embed_ard):
     assert len(rows) == 3 and all(z < 0.3 for _, z in rows)
 
 
+def test_index_and_brute_force_macros_agree_on_null_and_negative_k(embed_ard):
+    """NULL k gives no rows and a negative k an error naming k, on the index path and in plain SQL."""
+    import ard_sql
+
+    db = ard_sql.open(embed_ard)
+    target = int(_vectors(embed_ard)[0][2])
+    con = duckdb.connect(str(paths.db_path(embed_ard)), read_only=True)
+    vec = "(SELECT emb_astro FROM ard WHERE emb_astro IS NOT NULL LIMIT 1)"
+    for run in (db.sql, con.execute):
+        assert run(f"SELECT * FROM similar_to({target}, NULL)").fetchall() == []
+        assert run(f"SELECT * FROM similar({vec}, NULL)").fetchall() == []
+        assert len(run(f"SELECT * FROM similar_to({target}, 0)").fetchall()) == 0
+        for q in (f"SELECT * FROM similar_to({target}, -1)", f"SELECT * FROM similar({vec}, -2)"):
+            with pytest.raises(duckdb.Error, match="k must be >= 0"):
+                run(q).fetchall()
+
+
 def test_filtered_form_returns_k_rows_satisfying_the_filter(embed_ard):
     import ard_sql
 

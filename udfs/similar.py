@@ -136,6 +136,8 @@ def _as_lists(results: list[Neighbours | None]) -> pa.Array:
 
 
 def _neighbours(index, vector: np.ndarray, k: int, allowed: Any, exclude: int | None) -> Neighbours:
+    if k < 0:  # the brute-force macros refuse it too; NULL k never reaches here (no rows)
+        raise ValueError(f"similar: k must be >= 0, got {k}")
     extra = 1 if exclude is not None else 0
     if not usable_query(vector, index.ndim):  # NaN or all-zero: no distance is defined, on either path
         return Neighbours(np.empty(0, np.int64), np.empty(0, np.float32))

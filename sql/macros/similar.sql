@@ -24,4 +24,5 @@ FROM (
 )
 WHERE distance IS NOT NULL AND NOT isnan(distance)
 ORDER BY distance, TargetID
-LIMIT k;
+-- a NULL k gives no rows, a negative one an error (as the index-backed macro does)
+LIMIT (CASE WHEN k < 0 THEN error('similar: k must be >= 0, got ' || k) ELSE coalesce(k, 0) END);

@@ -9,7 +9,8 @@ SELECT TargetID, distance
 FROM "similar"(
     (SELECT CASE WHEN lower(embedding) IN ('shen', 'emb_shen') THEN emb_shen ELSE emb_astro END
      FROM embed WHERE TargetID = target_id LIMIT 1),
-    k + 1, embedding, allowed)
+    -- checked here: an empty inner result would never evaluate the outer LIMIT's error
+    CASE WHEN k < 0 THEN error('similar_to: k must be >= 0, got ' || k) ELSE k + 1 END, embedding, allowed)
 WHERE TargetID <> target_id
 ORDER BY distance, TargetID
-LIMIT k;
+LIMIT (CASE WHEN k < 0 THEN error('similar_to: k must be >= 0, got ' || k) ELSE coalesce(k, 0) END);
