@@ -298,6 +298,26 @@ def test_undetected_gas_has_null_kinematics(tpl, fast):
     assert np.isfinite(r.columns["VelDisp"][0])
 
 
+def test_gas_at_the_upper_sigma_bound_keeps_its_fluxes_and_is_flagged(tpl, fast, ref):
+    """Lines 1600 km/s wide pin the gas sigma at 1000 km/s: gas V/sigma NULL, fluxes kept, flag set.
+
+    Lines 70 km/s wide set no such flag.
+    """
+    rng = np.random.default_rng(8)
+    z = np.array([0.1, 0.1])
+    bit = K.FLAGS["GAS_SIGMA_AT_UPPER_BOUND"]
+    for gas_sigma, flagged in ((1600.0, True), (70.0, False)):
+        wave, flux, ivar, lsf, _ = K.synthetic_batch(tpl, z, np.full(2, 150.0), np.full(2, 30.0),
+                                                     _line_flux(2, rng, 200.0), gas_sigma=gas_sigma, seed=6)
+        for fitter in (fast, ref):
+            r = fitter.fit(wave, flux, ivar, None, lsf, z)
+            name = (type(fitter).__name__, gas_sigma, r.flag)
+            assert list((r.flag & bit) > 0) == [flagged] * 2, name
+            assert np.all(np.isfinite(r.columns["Halpha_Flux"])), name
+            if flagged:
+                assert np.all(np.isnan(r.columns["Sigma_gas_balmer"])), name
+
+
 def test_a_stellar_velocity_far_from_the_redshift_is_flagged_and_kept(tpl, fast, ref):
     """|V_star| > 300 km/s sets V_STAR_OFFSET in both modes; the values stay (the offset may be real)."""
     z = np.array([0.1, 0.1, 0.2])

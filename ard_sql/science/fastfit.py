@@ -65,8 +65,8 @@ import scipy.fft
 import torch
 
 from ard_sql.science.kinematics import (
-    C_KMS, FLAGS, LINE_NAMES, LINES, FitConfig, FitRun, KinematicsResult, at_lines, kinematics_constrained, line_pixels,
-    resample_templates,
+    C_KMS, FLAGS, LINE_NAMES, LINES, FitConfig, FitRun, KinematicsResult, at_lines, gas_sigma_at_upper_bound,
+    kinematics_constrained, line_pixels, resample_templates,
 )
 
 _log = logging.getLogger(__name__)
@@ -770,6 +770,8 @@ class FastFitter:
                 out["V_star"][i], out["V_star_err"][i] = kin[k, 0], kerr[k, 0]
             for g, tag in ((1, "balmer"), (2, "forbidden")):
                 p = 2 * g
+                if has_group[k, p] and gas_sigma_at_upper_bound(kin[k, p + 1], cfg):
+                    flag[i] |= FLAGS["GAS_SIGMA_AT_UPPER_BOUND"]
                 if (has_group[k, p] and lo * 1.01 < kin[k, p + 1] < hi * 0.99
                         and kinematics_constrained(kin[k, p], kerr[k, p], kerr[k, p + 1], cfg)):
                     out[f"V_gas_{tag}"][i], out[f"V_gas_{tag}_err"][i] = kin[k, p], kerr[k, p]

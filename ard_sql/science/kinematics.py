@@ -56,6 +56,7 @@ FLAGS: dict[str, int] = {
     "NOT_CONVERGED": 1 << 8,      # fast mode only: the kinematics did not converge: every fitted value NULL (kinematics, fluxes, chi2, Gas_Av, models)
     "STARS_UNCONSTRAINED": 1 << 9,  # stellar V at its +-v_bound, or a zero / non-finite stellar error: VelDisp, V_star NULL
     "V_STAR_OFFSET": 1 << 10,     # |V_star| > V_STAR_OFFSET_KMS: the fit's velocity is far from the catalogue's redshift; kinematics suspect (values kept)
+    "GAS_SIGMA_AT_UPPER_BOUND": 1 << 11,  # a gas component's sigma at the upper bound: its lines' fluxes kept but suspect (a Gaussian that wide can absorb continuum mismatch)
     **{f"LINE_{name}": 1 << (16 + i) for i, name in enumerate(LINE_NAMES)},  # line outside coverage / masked: flux NULL
 }
 
@@ -65,6 +66,17 @@ FLAGS: dict[str, int] = {
 #: the wrong features, or Z itself may be wrong (then the offset is real), so the values are kept
 #: and only flagged.
 V_STAR_OFFSET_KMS = 300.0
+
+
+def gas_sigma_at_upper_bound(sigma: float, config: "FitConfig") -> bool:
+    """Whether a gas component's fitted sigma sits at the upper fit bound (within 1%).
+
+    Its V and sigma are then NULL (as at the lower bound), but its line fluxes are kept: at the lower
+    bound the line is unresolved or undetected and its flux (or ``3 * err`` upper limit) is still a
+    measurement; at the upper bound a very broad Gaussian may be absorbing continuum mismatch, so
+    the fluxes are flagged ``GAS_SIGMA_AT_UPPER_BOUND`` for the user to judge.
+    """
+    return bool(sigma >= config.sigma_bounds[1] * 0.99)
 
 
 def kinematics_constrained(v: float, v_err: float, s_err: float, config: "FitConfig") -> bool:
@@ -542,6 +554,8 @@ class ReferenceFitter:
         for k, tag in ((1, "balmer"), (2, "forbidden")):
             if k in present:
                 c = 1 + present.index(k)
+                if gas_sigma_at_upper_bound(sol[c, 1], cfg):
+                    flag[i] |= FLAGS["GAS_SIGMA_AT_UPPER_BOUND"]
                 if not at_bound(sol[c, 1]) and kinematics_constrained(sol[c, 0], err[c, 0], err[c, 1], cfg):
                     cols[f"V_gas_{tag}"][i], cols[f"V_gas_{tag}_err"][i] = sol[c, 0], err[c, 0]
                     cols[f"Sigma_gas_{tag}"][i], cols[f"Sigma_gas_{tag}_err"][i] = sol[c, 1], err[c, 1]
