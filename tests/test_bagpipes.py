@@ -31,6 +31,7 @@ import pytest
 from ard_sql import grid, paths
 from ard_sql.science import pipes_env
 from ard_sql.science import pipes_fit as pf
+from ard_sql.science import pipes_model as pm
 
 #: A small estimator for the default tests (seconds to train; not calibrated, not meant to be), with
 #: its model error fitted on one calibration mock (about a minute, then cached).
@@ -758,6 +759,29 @@ def test_ard_meta_says_when_the_estimator_was_loaded_from_cache(small_estimator,
     trained = {k: v for k, v in info.items() if k != "loaded_from_cache"}
     assert layer.training_summary({**trained, "simulate_seconds": 202.8}).startswith("trained by this build")
     assert "simulations loaded from cache" in layer.training_summary({**trained, "simulations_cached": True})
+
+
+def test_amortized_rows_outside_the_simulated_snr(small_estimator) -> None:
+    """Below the simulated S/N (0.5 per native pixel) NULL + OUT_OF_TRAINING; above it (60) the network is given 60."""
+    from ard_sql.science import amortized as am
+
+    rng = np.random.default_rng(3)
+    n = 3
+    snr = np.array([0.1, 5.0, 500.0])  # per native pixel
+    flux = (1.0 + rng.standard_normal((n, grid.NPIX)) / snr[:, None]).astype(np.float32)
+    ivar = np.repeat((snr**2)[:, None], grid.NPIX, axis=1).astype(np.float32)
+    rows = small_estimator.predict_rows(np.arange(n), np.full(n, 0.1), flux, ivar)
+    flags = [r["Bagpipes_flag"] for r in rows]
+    assert flags == [pf.FLAGS["OUT_OF_TRAINING"], 0, 0]
+    assert all(rows[0][f"{q}_p50"] is None for q in pf.QUANTITIES)
+    assert all(np.isfinite(rows[i]["LogMass_p50"]) for i in (1, 2))
+    bflux, bivar = pm.bin_spectra(flux, ivar)
+    measured = am.binned_snr(bflux, bivar)
+    # per native pixel; of |flux|, so a noise-dominated spectrum measures ~0.2 whatever its signal
+    assert np.allclose(measured[1:], snr[1:], rtol=0.05) and measured[0] < am.SNR_MIN
+    _, scalars = am.features(bflux, bivar, np.full(n, 0.1))
+    assert np.isclose(10 ** scalars[2, 2], am.SNR_MAX, rtol=1e-5)  # told 60, not 500
+    assert np.isclose(10 ** scalars[1, 2], measured[1], rtol=1e-5)
 
 
 def test_posteriors_stay_inside_the_physical_support(small_estimator) -> None:

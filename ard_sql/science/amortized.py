@@ -195,6 +195,18 @@ def log_luminosity(scale: np.ndarray, z: np.ndarray) -> np.ndarray:
             + np.log10(1 + z) - np.log10(_L_SUN_ERG_S))
 
 
+def binned_snr(flux: np.ndarray, ivar: np.ndarray, median=np.nanmedian) -> np.ndarray:
+    """Median S/N per native pixel of binned spectra (the network's S/N input); NaN without a good bin."""
+    flux, ivar = np.atleast_2d(np.asarray(flux)), np.atleast_2d(np.asarray(ivar))
+    good = (ivar > 0) & np.isfinite(flux)
+    out = np.full(len(flux), np.nan)
+    some = good.any(axis=1)
+    with np.errstate(invalid="ignore"):
+        per_bin = np.where(good[some], np.abs(flux[some]) * np.sqrt(np.where(good[some], ivar[some], 0)), np.nan)
+    out[some] = median(per_bin, axis=1) / np.sqrt(pm.FIT_BIN)
+    return out
+
+
 def features(flux: np.ndarray, ivar: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(normalised spectrum (n, nbin), scalars (n, 4)) of binned inputs.
 
@@ -218,8 +230,10 @@ def features(flux: np.ndarray, ivar: np.ndarray, z: np.ndarray) -> tuple[np.ndar
         median = np.nanmedian
     scale = median(np.where(good, np.abs(flux), np.nan), axis=1)
     scale = np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)
-    snr = median(np.where(good, np.abs(flux) * np.sqrt(ivar), np.nan), axis=1) / np.sqrt(pm.FIT_BIN)
-    snr = np.where(np.isfinite(snr) & (snr > 0), snr, SNR_MIN)
+    snr = binned_snr(flux, ivar, median)
+    # above the simulated range the network is told SNR_MAX: the posterior of a noisier spectrum (wider
+    # than the data allow, never narrower) rather than an extrapolation; below it predict_rows gives NULL
+    snr = np.minimum(np.where(np.isfinite(snr) & (snr > 0), snr, SNR_MIN), SNR_MAX)
     spec = np.clip(filled / scale[:, None], -5.0, 10.0)
     scalars = np.column_stack([np.log10(scale), np.asarray(z, float), np.log10(snr), log_luminosity(scale, z)])
     return spec.astype(np.float32), scalars.astype(np.float32)
@@ -557,6 +571,8 @@ class AmortizedEstimator:
         flags[(bivar > 0).sum(axis=1) < MIN_GOOD_BINS] |= FLAGS["NO_DATA"]
         flags[~np.isfinite(z) | (z <= 0)] |= FLAGS["BAD_REDSHIFT"]
         flags[np.isfinite(z) & (z > 0) & ((z < Z_MIN) | (z > Z_MAX))] |= FLAGS["OUT_OF_TRAINING"]
+        # fainter than any simulation (the noise-only median |flux| / sigma alone gives ~0.2): no posterior
+        flags[(flags & FLAGS["NO_DATA"] == 0) & (binned_snr(bflux, bivar) < SNR_MIN)] |= FLAGS["OUT_OF_TRAINING"]
         ok = flags == 0
         rows = [null_row(t, f, "amortized") for t, f in zip(targetid, flags)]
         if ok.any():

@@ -33,7 +33,7 @@ FLAGS: dict[str, int] = {
     "FIT_FAILED": 4,       # the sampler or the model raised
     "NOT_CONVERGED": 8,    # effective sample size below MIN_N_EFF
     "AT_PRIOR_EDGE": 16,   # median mass formed within 0.05 dex of its prior bound (values kept)
-    "OUT_OF_TRAINING": 32,  # amortized: input outside the simulated range (values NULL)
+    "OUT_OF_TRAINING": 32,  # amortized: Z outside, or S/N below, the simulated range (values NULL)
     "NOT_GALAXY": 64,      # SPECTYPE is not GALAXY: no stellar-population model (values NULL)
     "NOT_YET_BUILT": 128,  # the core row changed since the layer ran and no fit has filled it yet (the next build does)
 }
