@@ -19,7 +19,10 @@ Re-running skips a partition whose fingerprint (its inputs and the layer's
 version and options) is recorded as finished in ``state/<layer>.json``.
 Partitions that no longer exist in the source are deleted only by a build
 that had no error, so a failed rebuild never removes finished data; every
-file is written under a temporary name and renamed into place.
+file is written under a temporary name and renamed into place. The one
+exception: a layer that fails on a partition whose core was rewritten since
+the layer last wrote it loses that partition's file, so its columns read NULL
+there rather than values computed from the old core (another Z, other targets).
 """
 
 from __future__ import annotations
@@ -105,6 +108,26 @@ def layer_task(ard_dir: str, layer_name: str, order: int, pixel: int, options: d
     ra, dec = core.column("RA").to_numpy(), core.column("DEC").to_numpy()
     hats_writer.write_partition(ard_dir, layer_name, order, pixel, hats_writer.with_positions(conformed, layer_name, ra, dec))
     return table.num_rows
+
+
+def predates_core(ard_dir: Path, layer: str, order: int, pixel: int) -> bool:
+    """Whether a layer's partition file exists and was written before its core partition (re)written since."""
+    f = paths.partition_file(ard_dir, order, pixel, layer)
+    core = paths.partition_file(ard_dir, order, pixel)
+    return f.exists() and core.exists() and f.stat().st_mtime_ns < core.stat().st_mtime_ns
+
+
+def drop_if_older_than_core(ard_dir: Path, layer: str, order: int, pixel: int) -> bool:
+    """Delete a layer's partition file computed from an earlier core (its rows would sit beside new core rows).
+
+    Called when the layer failed on that partition: the old values would describe the
+    old core (another Z, other targets), so NULL is honest and the next build retries.
+    Returns whether a file was deleted.
+    """
+    if not predates_core(ard_dir, layer, order, pixel):
+        return False
+    paths.partition_file(ard_dir, order, pixel, layer).unlink()
+    return True
 
 
 def compact_task(ard_dir: str, order: int, pixel: int) -> int:
@@ -286,7 +309,10 @@ def run_layer(opts: BuildOptions, ex: Executor, report: BuildReport, name: str) 
         o, p = out.item
         if out.error:
             failed += 1
-            report.add([Problem(out.error, layer=name, pixel=p, order=o)])
+            reason = out.error
+            if drop_if_older_than_core(ard_dir, name, o, p):
+                reason += "; its values from the partition's earlier core were removed (NULL until a build succeeds)"
+            report.add([Problem(reason, layer=name, pixel=p, order=o)])
         else:
             new_state[_key(o, p)] = prints[_key(o, p)]
     write_state(ard_dir, name, new_state)
@@ -454,6 +480,9 @@ def build(opts: BuildOptions) -> BuildReport:
                 prov.layer_versions[name] = run_layer(opts, ex, report, name)
             except Exception as exc:  # noqa: BLE001 - one broken layer must not lose the report, the database or later layers
                 reason = f"layer failed ({type(exc).__name__}: {exc}); its previous data and state are kept"
+                older = sum(predates_core(ard_dir, name, o, p) for o, p, _ in hats_writer.partition_files(ard_dir, paths.CORE))
+                if older:  # kept whole (its index and artifacts match them), but say which values are out of date
+                    reason += f" ({older} partition(s) of them were computed from an earlier core)"
                 report.add([Problem(reason, layer=name)])
                 report.layers[name] = {"status": FAILED, "error": reason}
                 continue

@@ -846,6 +846,43 @@ def test_a_failing_layer_is_reported_and_the_build_finishes(tmp_path):
     assert "layer(s)embedfailed" in text and f"{out}/build-report.json".replace(" ", "") in text
 
 
+def test_a_layer_failing_after_its_core_changed_drops_its_old_values(tmp_path, monkeypatch):
+    """Old layer values never sit beside a rewritten core row: a failed partition whose core is newer reads NULL.
+
+    A partition whose core did not change keeps its values through the same failure.
+    """
+    from ard_sql.build.layers.lick import LickLayer
+
+    root = tmp_path / "survey"
+    write_small_survey(root)
+    out = tmp_path / "ard"
+    first = build(BuildOptions(source=str(root), out=str(out), layers=["lick"], scheduler="sync", progress=False))
+    assert not first.errors, [str(p) for p in first.errors]
+    parts = hats_writer.partition_files(out, paths.CORE)
+    assert len(parts) >= 2
+    (o, p, core_file), kept = parts[0], parts[1:]
+    later = core_file.stat().st_mtime_ns + 10**9
+    os.utime(core_file, ns=(later, later))  # as a rewrite of that core partition leaves it
+    (out / "build-report.json").unlink()
+
+    def broken(self, part):
+        raise RuntimeError("lick exploded")
+
+    monkeypatch.setattr(LickLayer, "run", broken)
+    report = build(BuildOptions(out=str(out), layers=["lick"], scheduler="sync", progress=False, force=True))
+    hits = [x for x in report.errors if x.layer == "lick"]
+    assert len(hits) == len(parts) and all("lick exploded" in x.reason for x in hits)
+    assert sum("earlier core were removed" in x.reason for x in hits) == 1
+    assert not paths.partition_file(out, o, p, "lick").exists()
+    assert all(paths.partition_file(out, ko, kp, "lick").exists() for ko, kp, _ in kept)
+    with ard_sql.open(out) as db:
+        rows = db.sql("SELECT _healpix_29 >> (2 * (29 - ?)) AS pix, count(Dn4000), count(*) FROM ard GROUP BY ALL",
+                      [o]).fetchall()
+    by_pix = {pix: (n_lick, n) for pix, n_lick, n in rows}
+    assert by_pix[p][0] == 0 and by_pix[p][1] > 0
+    assert all(by_pix[kp][0] > 0 for _, kp, _ in kept)
+
+
 def test_unreadable_provenance_stops_the_build_and_keeps_the_database(tmp_path):
     """A database that exists but cannot be read is never taken as "no provenance" (and then overwritten)."""
     import subprocess
