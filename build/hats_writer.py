@@ -20,6 +20,7 @@ Every file is written under a temporary name beside its target and renamed
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -30,6 +31,8 @@ import pyarrow.parquet as pq
 from hats.pixel_math.spatial_index import SPATIAL_INDEX_COLUMN, SPATIAL_INDEX_ORDER, compute_spatial_index
 
 from ard_sql import contract, paths
+
+log = logging.getLogger(__name__)
 
 _SCALAR_TYPES: dict[str, pa.DataType] = {
     "BIGINT": pa.int64(),
@@ -170,6 +173,32 @@ def write_partition(ard_dir: Path | str, layer: str, order: int, pixel: int, tab
     return path
 
 
+def upgrade_partition(ard_dir: Path | str, layer: str, order: int, pixel: int) -> list[str]:
+    """Rewrite a partition file of an older schema (a partition kept as built by an earlier version) in today's.
+
+    Its rows and the values of every column both schemas share are kept (cast to today's
+    type); a column the old file lacks is NULL, one today's contract dropped is removed.
+    Returns the changes (``"<column>: NULL (new)"``, ``"<column>: dropped"``); nothing is
+    written when the schema is current.
+    """
+    path = paths.partition_file(ard_dir, order, pixel, layer)
+    schema = stored_schema(layer)
+    old = pq.read_schema(path)
+    if old.remove_metadata().equals(schema):
+        return []
+    table = pq.read_table(path)
+    arrays, changes = [], []
+    for field in schema:
+        if field.name in table.column_names:
+            arrays.append(table.column(field.name).cast(field.type))
+        else:
+            arrays.append(pa.nulls(table.num_rows, field.type))
+            changes.append(f"{field.name}: NULL (new)")
+    changes += [f"{name}: dropped" for name in table.column_names if name not in schema.names]
+    _atomic_write_table(pa.Table.from_arrays(arrays, schema=schema), path)
+    return changes
+
+
 def partition_files(ard_dir: Path | str, layer: str) -> list[tuple[int, int, Path]]:
     """(order, pixel, path) of every partition file of a staging table, sorted."""
     dataset = paths.staging_dir(ard_dir, layer) / "dataset"
@@ -231,6 +260,9 @@ def finalize_catalog(ard_dir: Path | str, layer: str) -> int:
     combined = None
     nrows = max_rows = size = 0
     for order, pixel, f in files:
+        changes = upgrade_partition(ard_dir, layer, order, pixel)
+        if changes:  # one _metadata needs one schema
+            log.warning("%s: written by an earlier version; rewritten in today's schema (%s)", f, "; ".join(changes))
         md = pq.read_metadata(f)
         md.set_file_path(f.relative_to(root / "dataset").as_posix())
         nrows += md.num_rows

@@ -349,3 +349,31 @@ def test_failed_model_write_leaves_no_temporary(tmp_path):
         spectra_store.write_models(tmp_path, "ppxf", 5, 7, np.arange(2), {"stars": np.zeros((3, grid.NPIX))})
     folder = paths.model_file(tmp_path, "ppxf", 5, 7).parent
     assert not any(folder.iterdir())
+
+
+def test_a_partition_of_an_older_schema_is_rewritten_in_todays(built, tmp_path, caplog):
+    """A kept partition written by an earlier version (a column fewer, one since dropped) no longer breaks
+    the catalog files: it is rewritten in today's schema, its rows and shared values kept."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ard_sql.build import hats_writer
+
+    _, _, ard = built
+    out = tmp_path / "ard"
+    shutil.copytree(ard, out)
+    (o, p, f), *_ = hats_writer.partition_files(out, paths.CORE)
+    table = pq.read_table(f)
+    old = table.drop_columns(["TSNR2_LYA"]).append_column("OLD_COLUMN", pa.array([1.0] * table.num_rows))
+    pq.write_table(old, f)
+    with caplog.at_level("WARNING"):
+        n = hats_writer.finalize_catalog(out, paths.CORE)
+    assert n == sum(pq.read_metadata(x).num_rows for _, _, x in hats_writer.partition_files(out, paths.CORE))
+    assert "TSNR2_LYA: NULL (new)" in caplog.text and "OLD_COLUMN: dropped" in caplog.text and str(f) in caplog.text
+    now = pq.read_table(f)
+    assert now.schema.equals(hats_writer.stored_schema(paths.CORE))
+    assert now.column("TSNR2_LYA").null_count == now.num_rows
+    assert now.column("TargetID").equals(table.column("TargetID")) and now.column("Z").equals(table.column("Z"))
+    assert hats_writer.upgrade_partition(out, paths.CORE, o, p) == []  # current now: nothing to do
