@@ -202,12 +202,12 @@ def upgrade_partition(ard_dir: Path | str, layer: str, order: int, pixel: int) -
 def partition_files(ard_dir: Path | str, layer: str) -> list[tuple[int, int, Path]]:
     """(order, pixel, path) of every partition file of a staging table, sorted."""
     dataset = paths.staging_dir(ard_dir, layer) / "dataset"
-    out = []
-    for f in dataset.glob("Norder=*/Dir=*/Npix=*.parquet"):
-        order = int(f.parent.parent.name.split("=")[1])
-        pixel = int(f.stem.split("=")[1])
-        out.append((order, pixel, f))
-    return sorted(out)
+    return sorted((*partition_of(f), f) for f in dataset.glob("Norder=*/Dir=*/Npix=*.parquet"))
+
+
+def partition_of(path: Path) -> tuple[int, int]:
+    """(order, pixel) of a partition file's HATS path (``Norder=o/Dir=d/Npix=p.parquet``)."""
+    return int(path.parent.parent.name.split("=")[1]), int(path.stem.split("=")[1])
 
 
 def remove_partitions(ard_dir: Path | str, layer: str, keep: set[tuple[int, int]]) -> list[Path]:

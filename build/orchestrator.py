@@ -250,10 +250,9 @@ def run_ingest(opts: BuildOptions, ex: Executor, report: BuildReport) -> None:
     report.layers[paths.CORE] = summary
     if not report.errors:
         keep = {(p.order, p.pixel) for p in parts}
-        for o, px, _ in hats_writer.partition_files(ard_dir, paths.CORE):
-            if (o, px) not in keep:  # its spectra go with the core rows that point into them
-                paths.spectra_file(ard_dir, o, px).unlink(missing_ok=True)
-        hats_writer.remove_partitions(ard_dir, paths.CORE, keep)
+        for f in hats_writer.remove_partitions(ard_dir, paths.CORE, keep):
+            o, px = hats_writer.partition_of(f)  # its spectra go with the core rows that point into them
+            paths.spectra_file(ard_dir, o, px).unlink(missing_ok=True)
         for layer in (*LAYERS, compaction.WIDE):
             if hats_writer.remove_partitions(ard_dir, layer, keep):
                 # a layer not run in this build keeps HATS catalog files naming what was just removed
