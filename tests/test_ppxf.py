@@ -177,6 +177,31 @@ def test_a_spectrum_is_prepared_the_same_whatever_its_batch():
     assert not np.array_equal(alone.flux[0], K.prepare(wave, flux[:1], ivar[:1], None, lsf, np.array([0.6]), 2.51, cfg).flux[0])
 
 
+def test_a_template_library_of_varying_resolution_is_matched_per_wavelength():
+    """A constant (lam, fwhm) table prepares exactly as the constant; a varying one sets the resolution per pixel."""
+    from ard_sql import grid
+
+    wave = grid.brz_wavelength()
+    rng = np.random.default_rng(6)
+    flux = 1 + 0.1 * rng.standard_normal((1, wave.size))
+    ivar = np.full(flux.shape, 100.0)
+    lsf = np.full(wave.size, 0.75)
+    cfg, z = K.FitConfig(), np.array([0.1])
+    lam_t = np.linspace(3500.0, 7400.0, 400)
+    const = K.prepare(wave, flux, ivar, None, lsf, z, 2.51, cfg)
+    table = K.prepare(wave, flux, ivar, None, lsf, z, (lam_t, np.full(lam_t.size, 2.51)), cfg)
+    np.testing.assert_array_equal(const.flux, table.flux)
+    np.testing.assert_array_equal(const.fwhm_rest, table.fwhm_rest)
+    # 2.51 A blue of 5000 A (rest), 4 A red of it: the galaxy is matched to each
+    varying = K.prepare(wave, flux, ivar, None, lsf, z, (lam_t, np.where(lam_t < 5000, 2.51, 4.0)), cfg)
+    rest = np.exp(varying.ln_lam) / (1 + z[0])
+    good = varying.good[0]
+    blue, red = good & (rest > 4000) & (rest < 4900), good & (rest > 5100) & (rest < 7000)
+    np.testing.assert_allclose(varying.fwhm_rest[0, blue], 2.51, rtol=1e-6)
+    np.testing.assert_allclose(varying.fwhm_rest[0, red], 4.0, rtol=1e-6)
+    assert np.std(varying.flux[0, red]) < 0.9 * np.std(const.flux[0, red])  # smoothed more where the templates are broader
+
+
 def test_unusable_spectra_are_null_and_flagged(tpl, fast, ref):
     wave, flux, ivar, lsf, _ = K.synthetic_batch(tpl, np.array([0.1, 0.1, 0.1]), np.full(3, 150.0), np.full(3, 20.0))
     ivar = ivar.copy()

@@ -221,7 +221,7 @@ class FastFitter:
         self.batch_size = batch_size
         self.threads = self.config.threads if threads is None else threads
         tpl = load_templates(template_path)
-        self.template_fwhm = float(np.median(tpl.fwhm))
+        self.template_fwhm = (tpl.lam, tpl.fwhm)  # per wavelength: a library's resolution may vary
         flux, self.ln_lam_tpl = resample_templates(tpl.lam, tpl.flux, self.config.velscale)
         nt = flux.shape[0]
         self.L = int(scipy.fft.next_fast_len(nt + 256, real=True))

@@ -225,11 +225,12 @@ def _smooth_rows(y: np.ndarray, var: np.ndarray, bad: np.ndarray, sig_px: np.nda
 
 
 def prepare(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None, lsf_sigma: np.ndarray,
-            z: np.ndarray, template_fwhm: float, config: FitConfig) -> Prepared:
+            z: np.ndarray, template_fwhm: float | tuple[np.ndarray, np.ndarray], config: FitConfig) -> Prepared:
     """Resolution-match and log-rebin a batch of spectra on one linear grid (shared by both modes).
 
     ``lsf_sigma`` is the galaxy's Gaussian LSF sigma in observed A, (npix,) or (n, npix);
-    ``template_fwhm`` the templates' rest-frame FWHM (A).
+    ``template_fwhm`` the templates' rest-frame FWHM (A): a constant, or (rest wavelengths,
+    FWHM) of a library whose resolution varies (taken at each pixel's rest wavelength).
     """
     flux = np.atleast_2d(np.asarray(flux, np.float64))
     ivar = np.atleast_2d(np.asarray(ivar, np.float64))
@@ -250,7 +251,11 @@ def prepare(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, mask: np.ndarr
         y[i] = np.interp(idx, idx[g], flux[i, g]) if g.sum() > 1 else 0.0
     var = np.where(bad, 0.0, 1.0 / np.where(bad, 1.0, ivar))
     fwhm_gal_obs = 2.3548 * np.broadcast_to(np.asarray(lsf_sigma, np.float64), flux.shape)
-    fwhm_t_obs = template_fwhm * (1 + zz)[:, None]
+    if isinstance(template_fwhm, tuple):
+        lam_t, fwhm_t = (np.asarray(a, np.float64) for a in template_fwhm)
+        fwhm_t_obs = np.interp(wave[None, :] / (1 + zz)[:, None], lam_t, fwhm_t) * (1 + zz)[:, None]
+    else:
+        fwhm_t_obs = template_fwhm * (1 + zz)[:, None]
     dl = np.gradient(wave)
     extra_px = np.sqrt(np.clip(fwhm_t_obs**2 - fwhm_gal_obs**2, 0, None)) / 2.3548 / dl
     y, var, badfrac, var_k = _smooth_rows(y, var, bad, extra_px)  # var: the diagonal of the smoothed noise
@@ -437,7 +442,7 @@ class FitRun:
 
     @classmethod
     def start(cls, wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None, lsf_sigma: np.ndarray,
-              z: np.ndarray, template_fwhm: float, config: FitConfig) -> "FitRun":
+              z: np.ndarray, template_fwhm: float | tuple[np.ndarray, np.ndarray], config: FitConfig) -> "FitRun":
         """Prepare the pixels and empty (NULL) outputs for every spectrum."""
         import time
 
@@ -477,7 +482,7 @@ class ReferenceFitter:
         self.tpl = load_templates(template_path)
         tpl_log, ln_lam_t = resample_templates(self.tpl.lam, self.tpl.flux, self.config.velscale)
         self.tpl_log, self.ln_lam_tpl = tpl_log, ln_lam_t
-        self.template_fwhm = float(np.median(self.tpl.fwhm))
+        self.template_fwhm = (self.tpl.lam, self.tpl.fwhm)  # per wavelength: a library's resolution may vary
 
     def fit(self, wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None, lsf_sigma: np.ndarray,
             z: np.ndarray) -> KinematicsResult:

@@ -31,7 +31,9 @@ file, so they are excluded unless ``lam_range`` asks for them (then the
 stated FWHM there is ``OUTSIDE_MILES_FWHM`` and is unverified).
 
 A user-provided pPXF ``.npz`` file (any library, e.g. E-MILES from pPXF's
-data repository) replaces the built one through ``TemplateConfig.path``.
+data repository) replaces the built one through ``TemplateConfig.path``. Its
+``fwhm`` may vary with wavelength: both fitters match each galaxy pixel to the
+templates' FWHM at that pixel's rest wavelength (``kinematics.prepare``).
 """
 
 from __future__ import annotations
