@@ -178,8 +178,9 @@ def upgrade_partition(ard_dir: Path | str, layer: str, order: int, pixel: int) -
 
     Its rows and the values of every column both schemas share are kept (cast to today's
     type); a column the old file lacks is NULL, one today's contract dropped is removed.
-    Returns the changes (``"<column>: NULL (new)"``, ``"<column>: dropped"``); nothing is
-    written when the schema is current.
+    Returns the changes (``"<column>: NULL (new)"``, ``"<column>: dropped"``, ``"<column>: <old type> -> <type>"``,
+    ``"column order"``); empty, and nothing written, when the schema is current. A column that cannot be
+    cast is a :class:`SchemaMismatch` naming the file.
     """
     path = paths.partition_file(ard_dir, order, pixel, layer)
     schema = stored_schema(layer)
@@ -189,12 +190,21 @@ def upgrade_partition(ard_dir: Path | str, layer: str, order: int, pixel: int) -
     table = pq.read_table(path)
     arrays, changes = [], []
     for field in schema:
-        if field.name in table.column_names:
-            arrays.append(table.column(field.name).cast(field.type))
-        else:
+        if field.name not in table.column_names:
             arrays.append(pa.nulls(table.num_rows, field.type))
             changes.append(f"{field.name}: NULL (new)")
+            continue
+        column = table.column(field.name)
+        if column.type != field.type:
+            try:
+                column = column.cast(field.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                raise SchemaMismatch(f"{path}: written by an earlier version; its column {field.name} ({column.type}) "
+                                     f"cannot be read as {field.type} ({exc}); rebuild it with `ard build --force`") from None
+            changes.append(f"{field.name}: {table.schema.field(field.name).type} -> {field.type}")
+        arrays.append(column)
     changes += [f"{name}: dropped" for name in table.column_names if name not in schema.names]
+    changes = changes or ["column order"]
     _atomic_write_table(pa.Table.from_arrays(arrays, schema=schema), path)
     return changes
 

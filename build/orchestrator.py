@@ -21,8 +21,10 @@ Partitions that no longer exist in the source are deleted only by a build
 that had no error, so a failed rebuild never removes finished data; every
 file is written under a temporary name and renamed into place. The one
 exception: a layer that fails on a partition whose core was rewritten since
-the layer last wrote it loses that partition's file, so its columns read NULL
-there rather than values computed from the old core (another Z, other targets).
+the layer last wrote it (by the core fingerprint recorded in
+``state/<layer>.core.json``) loses that partition's file and its wide file, so
+its columns read NULL there rather than values computed from the old core
+(another Z, other targets).
 """
 
 from __future__ import annotations
@@ -78,8 +80,10 @@ def write_state(ard_dir: Path | str, layer: str, state: dict[str, str]) -> None:
     os.replace(tmp, path)
 
 
-def _key(order: int, pixel: int) -> str:
+def partition_key(order: int, pixel: int) -> str:
+    """A partition's key in the state files: ``"<order>/<pixel>"``."""
     return f"{int(order)}/{int(pixel)}"
+
 
 
 def _hash(*parts: Any) -> str:
@@ -110,24 +114,26 @@ def layer_task(ard_dir: str, layer_name: str, order: int, pixel: int, options: d
     return table.num_rows
 
 
-def predates_core(ard_dir: Path, layer: str, order: int, pixel: int) -> bool:
-    """Whether a layer's partition file exists and was written before its core partition (re)written since."""
-    f = paths.partition_file(ard_dir, order, pixel, layer)
-    core = paths.partition_file(ard_dir, order, pixel)
-    return f.exists() and core.exists() and f.stat().st_mtime_ns < core.stat().st_mtime_ns
+def _built_on(layer: str) -> str:
+    """Name of the state that records, per partition, the core fingerprint a layer's file was computed from."""
+    return f"{layer}.core"
 
 
-def drop_if_older_than_core(ard_dir: Path, layer: str, order: int, pixel: int) -> bool:
-    """Delete a layer's partition file computed from an earlier core (its rows would sit beside new core rows).
+def computed_from_another_core(ard_dir: Path, layer: str, key: str, core_state: dict[str, str]) -> bool:
+    """Whether a layer's file of partition ``key`` was computed from a core whose inputs have changed since.
 
-    Called when the layer failed on that partition: the old values would describe the
-    old core (another Z, other targets), so NULL is honest and the next build retries.
-    Returns whether a file was deleted.
+    Exact: compares the core fingerprint recorded when the layer wrote the file with today's. A file
+    with no record (an ARD built before it was kept) counts as current, as it always did.
     """
-    if not predates_core(ard_dir, layer, order, pixel):
-        return False
-    paths.partition_file(ard_dir, order, pixel, layer).unlink()
-    return True
+    used = read_state(ard_dir, _built_on(layer)).get(key)
+    return used is not None and used != core_state.get(key)
+
+
+def drop_layer_partition(ard_dir: Path, layer: str, order: int, pixel: int) -> None:
+    """Delete a layer's partition file and the wide file built from it (its columns then read NULL there)."""
+    paths.partition_file(ard_dir, order, pixel, layer).unlink(missing_ok=True)
+    # the wide file would still show the dropped values, and a missing layer file never makes it stale
+    paths.partition_file(ard_dir, order, pixel, compaction.WIDE).unlink(missing_ok=True)
 
 
 def compact_task(ard_dir: str, order: int, pixel: int) -> int:
@@ -199,7 +205,7 @@ def run_ingest(opts: BuildOptions, ex: Executor, report: BuildReport) -> None:
     state = {} if opts.force else read_state(ard_dir, paths.CORE)
     parts = [plan.partition(p) for p in plan.pixels()]
     prints = {p.pixel: p.fingerprint() for p in parts}
-    todo = [p for p in parts if state.get(_key(p.order, p.pixel)) != prints[p.pixel]
+    todo = [p for p in parts if state.get(partition_key(p.order, p.pixel)) != prints[p.pixel]
             or not paths.partition_file(ard_dir, p.order, p.pixel).exists()]
     # A finished partition that holds rows of a source file that cannot be read now is kept as it
     # is: rebuilding it would drop that file's rows (a failed rebuild never damages a finished ARD).
@@ -224,7 +230,7 @@ def run_ingest(opts: BuildOptions, ex: Executor, report: BuildReport) -> None:
     todo = [p for p in todo if (p.order, p.pixel) not in kept]
     outcomes = ex.map(ingest_task, todo, lambda p: (str(ard_dir), p), f"ingest {len(todo)} partitions", opts.progress)
     new_state = {k: v for k, v in state.items()
-                 if k in {_key(p.order, p.pixel) for p in parts} | {_key(o, p) for o, p in kept}}
+                 if k in {partition_key(p.order, p.pixel) for p in parts} | {partition_key(o, p) for o, p in kept}}
     kept_at_read = left_out = failed = 0
     for out in outcomes:
         p = out.item
@@ -240,8 +246,8 @@ def run_ingest(opts: BuildOptions, ex: Executor, report: BuildReport) -> None:
         missing = p.rows.num_rows - n_rows  # targets of a coadd that could not be read (named in its problem)
         left_out += missing
         if not missing:  # a partition short of targets is not finished: the next build tries its files again
-            new_state[_key(p.order, p.pixel)] = prints[p.pixel]
-    n_kept = len(kept & {(p.order, p.pixel) for p in parts if state.get(_key(p.order, p.pixel)) != prints[p.pixel]})
+            new_state[partition_key(p.order, p.pixel)] = prints[p.pixel]
+    n_kept = len(kept & {(p.order, p.pixel) for p in parts if state.get(partition_key(p.order, p.pixel)) != prints[p.pixel]})
     summary = {"targets": 0, "order": plan.order, "partitions": len(parts) + len(orphans),
                "built": len(todo) - kept_at_read - failed, "failed": failed, "skipped_unchanged": len(parts) - len(todo) - n_kept,
                "kept_unreadable_source": n_kept + kept_at_read + len(orphans), "files": len(plan.files)}
@@ -297,24 +303,30 @@ def run_layer(opts: BuildOptions, ex: Executor, report: BuildReport, name: str) 
     token = cls().prepare(ard_dir, dict(options), opts.force) if hasattr(cls, "prepare") else ""
     # Options that change how, not what (a cache folder, worker counts) stay out of the fingerprint.
     semantic = {k: v for k, v in options.items() if k not in getattr(cls, "fingerprint_exempt", ())}
-    prints = {_key(o, p): _hash(version, semantic, token, core_state.get(_key(o, p), "")) for o, p in parts}
-    todo = [(o, p) for o, p in parts if state.get(_key(o, p)) != prints[_key(o, p)]
+    prints = {partition_key(o, p): _hash(version, semantic, token, core_state.get(partition_key(o, p), "")) for o, p in parts}
+    todo = [(o, p) for o, p in parts if state.get(partition_key(o, p)) != prints[partition_key(o, p)]
             or not paths.partition_file(ard_dir, o, p, name).exists()]
     outcomes = ex.map(layer_task, todo, lambda op: (str(ard_dir), name, op[0], op[1], options),
                       f"{name}: {len(todo)} partitions", opts.progress)
     new_state = {k: v for k, v in state.items() if k in prints}
+    built_on = read_state(ard_dir, _built_on(name))
     failed = 0
     for out in outcomes:
         o, p = out.item
         if out.error:
             failed += 1
             reason = out.error
-            if drop_if_older_than_core(ard_dir, name, o, p):
+            key = partition_key(o, p)
+            if paths.partition_file(ard_dir, o, p, name).exists() and computed_from_another_core(ard_dir, name, key, core_state):
+                # its old values describe the old core (another Z, other targets): NULL is honest, the next build retries
+                drop_layer_partition(ard_dir, name, o, p)
                 reason += "; its values from the partition's earlier core were removed (NULL until a build succeeds)"
             report.add([Problem(reason, layer=name, pixel=p, order=o)])
         else:
-            new_state[_key(o, p)] = prints[_key(o, p)]
+            new_state[partition_key(o, p)] = prints[partition_key(o, p)]
+            built_on[partition_key(o, p)] = core_state.get(partition_key(o, p), "")
     write_state(ard_dir, name, new_state)
+    write_state(ard_dir, _built_on(name), {k: v for k, v in built_on.items() if k in prints})
     hats_writer.finalize_catalog(ard_dir, name)
     report.layers[name] = {"version": version, "partitions": len(parts), "built": len(todo) - failed,
                            "failed": failed, "skipped_unchanged": len(parts) - len(todo)}
@@ -400,6 +412,7 @@ def _run_global(opts: BuildOptions, report: BuildReport, name: str, cls: type, v
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
     write_state(ard_dir, name, {"*": fingerprint})
+    write_state(ard_dir, _built_on(name), {partition_key(o, p): core_state.get(partition_key(o, p), "") for o, p in parts})
     hats_writer.finalize_catalog(ard_dir, name)
     report.layers[name] = {"version": version, "partitions": len(parts), "built": len(parts), "skipped_unchanged": 0}
     return version
@@ -479,7 +492,10 @@ def build(opts: BuildOptions) -> BuildReport:
                 prov.layer_versions[name] = run_layer(opts, ex, report, name)
             except Exception as exc:  # noqa: BLE001 - one broken layer must not lose the report, the database or later layers
                 reason = f"layer failed ({type(exc).__name__}: {exc}); its previous data and state are kept"
-                older = sum(predates_core(ard_dir, name, o, p) for o, p, _ in hats_writer.partition_files(ard_dir, paths.CORE))
+                core_state = read_state(ard_dir, paths.CORE)
+                older = sum(paths.partition_file(ard_dir, o, p, name).exists()
+                            and computed_from_another_core(ard_dir, name, partition_key(o, p), core_state)
+                            for o, p, _ in hats_writer.partition_files(ard_dir, paths.CORE))
                 if older:  # kept whole (its index and artifacts match them), but say which values are out of date
                     reason += f" ({older} partition(s) of them were computed from an earlier core)"
                 report.add([Problem(reason, layer=name)])

@@ -714,6 +714,7 @@ def test_fitted_rows_apply_the_contracts_sfr_floors_and_the_mass_formed_prior_ed
 def test_restaged_rows_no_fit_has_filled_say_why_they_are_null(core_ard: Path) -> None:
     """The daemon's restaging of a partition the layer has not run on (or whose core changed) writes NULL rows with
     NOT_YET_BUILT, never a NULL with flag 0."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from ard_sql import paths
@@ -726,6 +727,27 @@ def test_restaged_rows_no_fit_has_filled_say_why_they_are_null(core_ard: Path) -
     t = pq.read_table(paths.partition_file(core_ard, order, pixel, "bagpipes"))
     assert t.num_rows > 0 and t.column("LogMass_p50").null_count == t.num_rows
     assert set(t.column("Bagpipes_flag").to_pylist()) == {FLAGS["NOT_YET_BUILT"]}
+    # the same targets, but values the layer computed from another core (e.g. another Z): stale as well
+    from ard_sql.build import orchestrator
+
+    filled = t.set_column(t.column_names.index("Bagpipes_flag"), "Bagpipes_flag", pa.array([0] * t.num_rows, pa.int32()))
+    filled = filled.set_column(filled.column_names.index("LogMass_p50"), "LogMass_p50", pa.array([10.0] * t.num_rows))
+    pq.write_table(filled, paths.partition_file(core_ard, order, pixel, "bagpipes"))
+    key = orchestrator.partition_key(order, pixel)
+    orchestrator.write_state(core_ard, "bagpipes.core", {key: "the fingerprint of an earlier core"})
+    try:
+        layer.restage_partition(core_ard, order, pixel)
+        t = pq.read_table(paths.partition_file(core_ard, order, pixel, "bagpipes"))
+        assert t.column("LogMass_p50").null_count == t.num_rows
+        assert set(t.column("Bagpipes_flag").to_pylist()) == {FLAGS["NOT_YET_BUILT"]}
+        # computed from today's core: kept
+        orchestrator.write_state(core_ard, "bagpipes.core", {key: orchestrator.read_state(core_ard, "core")[key]})
+        pq.write_table(filled, paths.partition_file(core_ard, order, pixel, "bagpipes"))
+        layer.restage_partition(core_ard, order, pixel)
+        t = pq.read_table(paths.partition_file(core_ard, order, pixel, "bagpipes"))
+        assert t.column("LogMass_p50").to_pylist() == [10.0] * t.num_rows
+    finally:
+        paths.state_file(core_ard, "bagpipes.core").unlink(missing_ok=True)
 
 
 def test_daemon_pid_alive_treats_permission_error_as_alive(monkeypatch: pytest.MonkeyPatch) -> None:

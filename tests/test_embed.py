@@ -227,6 +227,9 @@ def test_index_and_brute_force_macros_agree_on_null_and_negative_k(embed_ard):
         assert run(f"SELECT * FROM similar_to({target}, NULL)").fetchall() == []
         assert run(f"SELECT * FROM similar({vec}, NULL)").fetchall() == []
         assert len(run(f"SELECT * FROM similar_to({target}, 0)").fetchall()) == 0
+        # nothing to search (a target without an embedding, a NULL vector): no rows, whatever k
+        assert run("SELECT * FROM similar_to(1, -1)").fetchall() == []
+        assert run("SELECT * FROM similar(NULL::FLOAT[768], -1)").fetchall() == []
         for q in (f"SELECT * FROM similar_to({target}, -1)", f"SELECT * FROM similar({vec}, -2)"):
             with pytest.raises(duckdb.Error, match="k must be >= 0"):
                 run(q).fetchall()

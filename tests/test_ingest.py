@@ -847,40 +847,45 @@ def test_a_failing_layer_is_reported_and_the_build_finishes(tmp_path):
 
 
 def test_a_layer_failing_after_its_core_changed_drops_its_old_values(tmp_path, monkeypatch):
-    """Old layer values never sit beside a rewritten core row: a failed partition whose core is newer reads NULL.
-
-    A partition whose core did not change keeps its values through the same failure.
-    """
+    """Old layer values never sit beside a changed core: a failed partition whose core inputs changed reads NULL
+    (its layer file and its wide file gone). A partition whose core did not change keeps its values through the
+    same failure, --force included."""
+    from ard_sql.build import compaction
     from ard_sql.build.layers.lick import LickLayer
 
     root = tmp_path / "survey"
     write_small_survey(root)
     out = tmp_path / "ard"
-    first = build(BuildOptions(source=str(root), out=str(out), layers=["lick"], scheduler="sync", progress=False))
+    lick = dict(layers=["lick"], scheduler="sync", progress=False)
+    first = build(BuildOptions(source=str(root), out=str(out), **lick))
     assert not first.errors, [str(p) for p in first.errors]
-    parts = hats_writer.partition_files(out, paths.CORE)
-    assert len(parts) >= 2
-    (o, p, core_file), kept = parts[0], parts[1:]
-    later = core_file.stat().st_mtime_ns + 10**9
-    os.utime(core_file, ns=(later, later))  # as a rewrite of that core partition leaves it
-    (out / "build-report.json").unlink()
+    before = {(o, p) for o, p, _ in hats_writer.partition_files(out, paths.CORE)}
+    with ard_sql.open(out) as db:
+        changed = db.sql("SELECT DISTINCT HEALPIX FROM core WHERE HEALPIX = 40000").fetchall()
+    assert changed  # pixel 40000 is a partition of its own: two new targets change its core only
+    write_pair(root, "main", "backup", 40000, PairSpec(TID0 + 900 + np.arange(2)), seed=4)
 
     def broken(self, part):
         raise RuntimeError("lick exploded")
 
     monkeypatch.setattr(LickLayer, "run", broken)
-    report = build(BuildOptions(out=str(out), layers=["lick"], scheduler="sync", progress=False, force=True))
+    report = build(BuildOptions(source=str(root), out=str(out), **lick))
     hits = [x for x in report.errors if x.layer == "lick"]
-    assert len(hits) == len(parts) and all("lick exploded" in x.reason for x in hits)
-    assert sum("earlier core were removed" in x.reason for x in hits) == 1
+    assert len(hits) == 1 and "lick exploded" in hits[0].reason and "earlier core were removed" in hits[0].reason
+    o, p = hits[0].order, hits[0].pixel
     assert not paths.partition_file(out, o, p, "lick").exists()
-    assert all(paths.partition_file(out, ko, kp, "lick").exists() for ko, kp, _ in kept)
+    kept = before - {(o, p)}
+    assert kept and all(paths.partition_file(out, ko, kp, "lick").exists() for ko, kp in kept)
+    assert paths.partition_file(out, o, p, compaction.WIDE).exists()  # rewritten without the dropped values
     with ard_sql.open(out) as db:
-        rows = db.sql("SELECT _healpix_29 >> (2 * (29 - ?)) AS pix, count(Dn4000), count(*) FROM ard GROUP BY ALL",
-                      [o]).fetchall()
-    by_pix = {pix: (n_lick, n) for pix, n_lick, n in rows}
-    assert by_pix[p][0] == 0 and by_pix[p][1] > 0
-    assert all(by_pix[kp][0] > 0 for _, kp, _ in kept)
+        rows = db.sql("SELECT HEALPIX = 40000 AS changed, count(Dn4000), count(*) FROM ard GROUP BY ALL").fetchall()
+    counts = {c: (n_lick, n) for c, n_lick, n in rows}
+    assert counts[True][0] == 0 and counts[True][1] == 8 and counts[False][0] > 0
+    # --force with the core unchanged: every partition fails, none loses its values
+    again = build(BuildOptions(out=str(out), force=True, **lick))
+    assert sum(x.layer == "lick" for x in again.errors) == len(before)
+    assert not any("earlier core" in x.reason for x in again.errors)
+    assert all(paths.partition_file(out, ko, kp, "lick").exists() for ko, kp in kept)
 
 
 def test_unreadable_provenance_stops_the_build_and_keeps_the_database(tmp_path):

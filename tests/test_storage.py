@@ -377,3 +377,9 @@ def test_a_partition_of_an_older_schema_is_rewritten_in_todays(built, tmp_path, 
     assert now.column("TSNR2_LYA").null_count == now.num_rows
     assert now.column("TargetID").equals(table.column("TargetID")) and now.column("Z").equals(table.column("Z"))
     assert hats_writer.upgrade_partition(out, paths.CORE, o, p) == []  # current now: nothing to do
+    # a column that cannot be read in today's type: an error naming the file, the file left as it was
+    pq.write_table(table.set_column(table.column_names.index("SPECTYPE"), "SPECTYPE",
+                                    pa.array([[1.0]] * table.num_rows)), f)
+    with pytest.raises(hats_writer.SchemaMismatch, match=f"{f}.*SPECTYPE"):
+        hats_writer.finalize_catalog(out, paths.CORE)
+    assert pq.read_schema(f).field("SPECTYPE").type == pa.list_(pa.float64())

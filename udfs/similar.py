@@ -136,7 +136,9 @@ def _as_lists(results: list[Neighbours | None]) -> pa.Array:
 
 
 def _neighbours(index, vector: np.ndarray, k: int, allowed: Any, exclude: int | None) -> Neighbours:
-    if k < 0:  # the brute-force macros refuse it too; NULL k never reaches here (no rows)
+    # the brute-force macros refuse it too; a NULL k, a NULL vector or a target without an embedding never
+    # reaches here (no rows, whatever k, on both paths)
+    if k < 0:
         raise ValueError(f"similar: k must be >= 0, got {k}")
     extra = 1 if exclude is not None else 0
     if not usable_query(vector, index.ndim):  # NaN or all-zero: no distance is defined, on either path

@@ -69,7 +69,7 @@ VELDISP_RANGE = (50.0, 350.0)
 LOG_SFR_FLOOR, SSFR_FLOOR = math.log10(pm.SFR_FLOOR), pm.SSFR_FLOOR
 _LOG_QUANTITIES = {"SFR", "Metallicity", "Tau"}
 #: Bump when the network's inputs or targets change (invalidates cached estimators).
-FEATURE_VERSION = 4
+FEATURE_VERSION = 5  # 5: the S/N input capped at SNR_MAX
 #: Layout of the estimator file (:meth:`AmortizedEstimator.save`); part of the cache key, so files of
 #: another layout are never picked from a cache. 2: arrays as tensors, loadable with weights_only=True.
 FILE_FORMAT = 2

@@ -486,8 +486,12 @@ def restage_partition(ard_dir: Path | str, order: int, pixel: int) -> int:
 
     core = pq.read_table(paths.partition_file(ard_dir, order, pixel))
     tid = core.column("TargetID").to_numpy()
+    from ard_sql.build.orchestrator import computed_from_another_core, partition_key, read_state
+
     staged = paths.partition_file(ard_dir, order, pixel, NAME)
-    if staged.exists():
+    # the same targets with another Z (the core re-ingested since the layer ran) are stale too
+    stale = computed_from_another_core(Path(ard_dir), NAME, partition_key(order, pixel), read_state(ard_dir, paths.CORE))
+    if staged.exists() and not stale:
         base = pq.read_table(staged)
         order_of = {int(t): i for i, t in enumerate(base.column("TargetID").to_numpy())}
         if set(order_of) == set(int(t) for t in tid):
@@ -511,7 +515,7 @@ class BagpipesLayer:
     """Amortized posteriors for every galaxy, with the daemon's Bagpipes fits merged over them."""
 
     name = NAME
-    version = "1"
+    version = "2"  # 2: OUT_OF_TRAINING below the simulated S/N
     #: Options that change how the layer runs, not its rows (the estimator's hash is in the token).
     fingerprint_exempt = ("cache_dir", "batch_size", "sim_workers")
     check_options = staticmethod(options)

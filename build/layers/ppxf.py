@@ -106,7 +106,7 @@ class PpxfLayer:
     """Per-partition kinematics and emission lines."""
 
     name = "ppxf"
-    version = "6"  # 3: templates log-rebinned as pPXF does (VelDisp moves by ~1-2%); 4: fast fitter's three passes and +-4 sigma line windows, per-spectrum smoothing reach; 5: errors scaled for correlated noise, non-converged rows all NULL; 6: V_STAR_OFFSET flag bit
+    version = "7"  # 3: templates log-rebinned as pPXF does (VelDisp moves by ~1-2%); 4: fast fitter's three passes and +-4 sigma line windows, per-spectrum smoothing reach; 5: errors scaled for correlated noise, non-converged rows all NULL; 6: V_STAR_OFFSET flag bit; 7: GAS_SIGMA_AT_UPPER_BOUND flag bit, template FWHM matched per wavelength
 
     check_options = staticmethod(check_options)
 

@@ -24,5 +24,6 @@ FROM (
 )
 WHERE distance IS NOT NULL AND NOT isnan(distance)
 ORDER BY distance, TargetID
--- a NULL k gives no rows, a negative one an error (as the index-backed macro does)
+-- a NULL k gives no rows, a negative one an error (as the index-backed macro does); a NULL vector
+-- gives no rows whatever k
 LIMIT (CASE WHEN k < 0 THEN error('similar: k must be >= 0, got ' || k) ELSE coalesce(k, 0) END);
