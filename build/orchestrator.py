@@ -130,8 +130,9 @@ def computed_from_another_core(ard_dir: Path, layer: str, key: str, core_state: 
 
 
 def drop_layer_partition(ard_dir: Path, layer: str, order: int, pixel: int) -> None:
-    """Delete a layer's partition file and the wide file built from it (its columns then read NULL there)."""
+    """Delete a layer's partition file, its model spectra and the wide file built from it (NULL there)."""
     paths.partition_file(ard_dir, order, pixel, layer).unlink(missing_ok=True)
+    paths.model_file(ard_dir, layer, order, pixel).unlink(missing_ok=True)  # plot_spectrum would draw the old fit
     # the wide file would still show the dropped values, and a missing layer file never makes it stale
     paths.partition_file(ard_dir, order, pixel, compaction.WIDE).unlink(missing_ok=True)
 

@@ -864,6 +864,9 @@ def test_a_layer_failing_after_its_core_changed_drops_its_old_values(tmp_path, m
         changed = db.sql("SELECT DISTINCT HEALPIX FROM core WHERE HEALPIX = 40000").fetchall()
     assert changed  # pixel 40000 is a partition of its own: two new targets change its core only
     write_pair(root, "main", "backup", 40000, PairSpec(TID0 + 900 + np.arange(2)), seed=4)
+    for o, p in before:  # as a layer that writes model spectra (ppxf) leaves them
+        paths.model_file(out, "lick", o, p).parent.mkdir(parents=True, exist_ok=True)
+        paths.model_file(out, "lick", o, p).write_bytes(b"old fit")
 
     def broken(self, part):
         raise RuntimeError("lick exploded")
@@ -873,8 +876,9 @@ def test_a_layer_failing_after_its_core_changed_drops_its_old_values(tmp_path, m
     hits = [x for x in report.errors if x.layer == "lick"]
     assert len(hits) == 1 and "lick exploded" in hits[0].reason and "earlier core were removed" in hits[0].reason
     o, p = hits[0].order, hits[0].pixel
-    assert not paths.partition_file(out, o, p, "lick").exists()
+    assert not paths.partition_file(out, o, p, "lick").exists() and not paths.model_file(out, "lick", o, p).exists()
     kept = before - {(o, p)}
+    assert all(paths.model_file(out, "lick", ko, kp).exists() for ko, kp in kept)
     assert kept and all(paths.partition_file(out, ko, kp, "lick").exists() for ko, kp in kept)
     assert paths.partition_file(out, o, p, compaction.WIDE).exists()  # rewritten without the dropped values
     with ard_sql.open(out) as db:
