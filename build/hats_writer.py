@@ -270,10 +270,11 @@ def finalize_catalog(ard_dir: Path | str, layer: str) -> int:
     combined = None
     nrows = max_rows = size = 0
     for order, pixel, f in files:
-        changes = upgrade_partition(ard_dir, layer, order, pixel)
-        if changes:  # one _metadata needs one schema
-            log.warning("%s: written by an earlier version; rewritten in today's schema (%s)", f, "; ".join(changes))
         md = pq.read_metadata(f)
+        if not md.schema.to_arrow_schema().remove_metadata().equals(schema):  # one _metadata needs one schema
+            changes = upgrade_partition(ard_dir, layer, order, pixel)
+            log.warning("%s: written by an earlier version; rewritten in today's schema (%s)", f, "; ".join(changes))
+            md = pq.read_metadata(f)
         md.set_file_path(f.relative_to(root / "dataset").as_posix())
         nrows += md.num_rows
         max_rows = max(max_rows, md.num_rows)

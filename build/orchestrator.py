@@ -85,7 +85,6 @@ def partition_key(order: int, pixel: int) -> str:
     return f"{int(order)}/{int(pixel)}"
 
 
-
 def _hash(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -119,14 +118,22 @@ def _built_on(layer: str) -> str:
     return f"{layer}.core"
 
 
-def computed_from_another_core(ard_dir: Path, layer: str, key: str, core_state: dict[str, str]) -> bool:
-    """Whether a layer's file of partition ``key`` was computed from a core whose inputs have changed since.
+def read_built_on(ard_dir: Path | str, layer: str) -> dict[str, str]:
+    """``{"<order>/<pixel>": core fingerprint}`` that each of a layer's partition files was computed from."""
+    return read_state(ard_dir, _built_on(layer))
 
-    Exact: compares the core fingerprint recorded when the layer wrote the file with today's. A file
-    with no record (an ARD built before it was kept) counts as current, as it always did.
+
+def computed_from_another_core(ard_dir: Path | str, layer: str, order: int, pixel: int, built_on: dict[str, str],
+                               core_state: dict[str, str]) -> bool:
+    """Whether a layer's partition file exists and was computed from a core whose inputs have changed since.
+
+    Exact: compares the core fingerprint recorded when the layer wrote the file (``built_on``, from
+    :func:`read_built_on`) with today's (``core_state``). A file with no record (an ARD built before it
+    was kept) counts as current, as it always did.
     """
-    used = read_state(ard_dir, _built_on(layer)).get(key)
-    return used is not None and used != core_state.get(key)
+    used = built_on.get(partition_key(order, pixel))
+    return (used is not None and used != core_state.get(partition_key(order, pixel))
+            and paths.partition_file(ard_dir, order, pixel, layer).exists())
 
 
 def drop_layer_partition(ard_dir: Path, layer: str, order: int, pixel: int) -> None:
@@ -230,8 +237,8 @@ def run_ingest(opts: BuildOptions, ex: Executor, report: BuildReport) -> None:
                             pixel=px, order=o, severity="warning")])
     todo = [p for p in todo if (p.order, p.pixel) not in kept]
     outcomes = ex.map(ingest_task, todo, lambda p: (str(ard_dir), p), f"ingest {len(todo)} partitions", opts.progress)
-    new_state = {k: v for k, v in state.items()
-                 if k in {partition_key(p.order, p.pixel) for p in parts} | {partition_key(o, p) for o, p in kept}}
+    still_there = {partition_key(p.order, p.pixel) for p in parts} | {partition_key(o, p) for o, p in kept}
+    new_state = {k: v for k, v in state.items() if k in still_there}
     kept_at_read = left_out = failed = 0
     for out in outcomes:
         p = out.item
@@ -310,22 +317,22 @@ def run_layer(opts: BuildOptions, ex: Executor, report: BuildReport, name: str) 
     outcomes = ex.map(layer_task, todo, lambda op: (str(ard_dir), name, op[0], op[1], options),
                       f"{name}: {len(todo)} partitions", opts.progress)
     new_state = {k: v for k, v in state.items() if k in prints}
-    built_on = read_state(ard_dir, _built_on(name))
+    built_on = read_built_on(ard_dir, name)
     failed = 0
     for out in outcomes:
         o, p = out.item
+        key = partition_key(o, p)
         if out.error:
             failed += 1
             reason = out.error
-            key = partition_key(o, p)
-            if paths.partition_file(ard_dir, o, p, name).exists() and computed_from_another_core(ard_dir, name, key, core_state):
+            if computed_from_another_core(ard_dir, name, o, p, built_on, core_state):
                 # its old values describe the old core (another Z, other targets): NULL is honest, the next build retries
                 drop_layer_partition(ard_dir, name, o, p)
                 reason += "; its values from the partition's earlier core were removed (NULL until a build succeeds)"
             report.add([Problem(reason, layer=name, pixel=p, order=o)])
         else:
-            new_state[partition_key(o, p)] = prints[partition_key(o, p)]
-            built_on[partition_key(o, p)] = core_state.get(partition_key(o, p), "")
+            new_state[key] = prints[key]
+            built_on[key] = core_state.get(key, "")
     write_state(ard_dir, name, new_state)
     write_state(ard_dir, _built_on(name), {k: v for k, v in built_on.items() if k in prints})
     hats_writer.finalize_catalog(ard_dir, name)
@@ -493,9 +500,8 @@ def build(opts: BuildOptions) -> BuildReport:
                 prov.layer_versions[name] = run_layer(opts, ex, report, name)
             except Exception as exc:  # noqa: BLE001 - one broken layer must not lose the report, the database or later layers
                 reason = f"layer failed ({type(exc).__name__}: {exc}); its previous data and state are kept"
-                core_state = read_state(ard_dir, paths.CORE)
-                older = sum(paths.partition_file(ard_dir, o, p, name).exists()
-                            and computed_from_another_core(ard_dir, name, partition_key(o, p), core_state)
+                core_state, built_on = read_state(ard_dir, paths.CORE), read_built_on(ard_dir, name)
+                older = sum(computed_from_another_core(ard_dir, name, o, p, built_on, core_state)
                             for o, p, _ in hats_writer.partition_files(ard_dir, paths.CORE))
                 if older:  # kept whole (its index and artifacts match them), but say which values are out of date
                     reason += f" ({older} partition(s) of them were computed from an earlier core)"

@@ -482,15 +482,15 @@ def restage_partition(ard_dir: Path | str, order: int, pixel: int) -> int:
     Used by the daemon after every checkpoint, so readers see new fits
     without a rebuild. Returns the number of rows with Physics_Source = 'bagpipes'.
     """
+    from ard_sql.build.orchestrator import computed_from_another_core, read_built_on, read_state
     from ard_sql.science.pipes_fit import FLAGS, null_row
 
     core = pq.read_table(paths.partition_file(ard_dir, order, pixel))
     tid = core.column("TargetID").to_numpy()
-    from ard_sql.build.orchestrator import computed_from_another_core, partition_key, read_state
-
     staged = paths.partition_file(ard_dir, order, pixel, NAME)
     # the same targets with another Z (the core re-ingested since the layer ran) are stale too
-    stale = computed_from_another_core(Path(ard_dir), NAME, partition_key(order, pixel), read_state(ard_dir, paths.CORE))
+    stale = computed_from_another_core(ard_dir, NAME, order, pixel, read_built_on(ard_dir, NAME),
+                                       read_state(ard_dir, paths.CORE))
     if staged.exists() and not stale:
         base = pq.read_table(staged)
         order_of = {int(t): i for i, t in enumerate(base.column("TargetID").to_numpy())}

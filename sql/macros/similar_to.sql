@@ -13,4 +13,5 @@ FROM "similar"(
     CASE WHEN k < 0 THEN error('similar_to: k must be >= 0, got ' || k) ELSE k + 1 END, embedding, allowed)
 WHERE TargetID <> target_id
 ORDER BY distance, TargetID
+-- not coalesce(k, 0) alone: a constant negative k would then fail at bind time, even with no candidate
 LIMIT (CASE WHEN k < 0 THEN error('similar_to: k must be >= 0, got ' || k) ELSE coalesce(k, 0) END);
