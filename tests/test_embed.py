@@ -24,7 +24,7 @@ import torch
 from ard_sql import grid, paths
 from tests.conftest import PairSpec, arm_wave, write_pair, write_small_survey
 
-TINY = {"train_max": 16, "train_min_snr": 0.0, "epochs": 1, "max_seconds": 5.0, "batch_size": 16}
+TINY = {"train_max": 16, "train_min_snr": 0.0, "steps": 1, "max_seconds": 5.0, "batch_size": 16}
 BAD_PIXEL = 30000
 BAD_TID0 = 39627640566179000
 
@@ -97,6 +97,8 @@ def test_layer_writes_vectors_indexes_and_meta(embed_ard):
     assert f"{specformer.REST_BINS} rest-frame regions (catalogue Z)" in meta["embed_astro_head"]
     assert f"{len(specformer.LINE_WINDOWS)} line windows of +-0.2 % ([OII]3727, [NeIII]3869, Hdelta" in meta["embed_astro_head"]
     assert f"principal directions (whitening eps {specformer.ASTRO_WHITEN_EPS})" in meta["embed_astro_head"]
+    assert "PCA-whitened on GALAXY spectra of every S/N" in meta["embed_astro_head"]
+    assert "PCA-whitened on the training sample" in meta["embed_shen_head"]
     assert json.loads(meta["index_emb_shen"])["n"] == 26
 
 
@@ -873,6 +875,46 @@ def test_training_calls_back_every_step_and_trains_a_given_model_in_place():
     # (without dropout, which would draw from torch's global generator in another state)
     fresh, _ = specformer.train(flux, ivar, acfg, fit_head=False, **kw)
     torch.testing.assert_close(fresh.data_embed.weight, given.data_embed.weight, rtol=0, atol=0)
+
+
+def test_a_step_budget_takes_that_many_steps_whatever_the_passes():
+    """``steps`` counts optimizer steps across passes over the data (the layer's budget, the same on a slow and a fast
+    machine): the same budget gives the same weights, and ``max_seconds`` still caps it."""
+    from ard_sql.science import shen, specformer
+
+    torch.set_num_threads(1)
+    wave, flux, ivar, z = galaxy_like_spectra(48, seed=7)  # 3 batches of 16 per pass
+    cfg = shen.ShenConfig(embed_dim=16, num_layers=1, num_heads=2)
+    kw = {"batch_size": 16, "seed": 0, "device": "cpu", "epochs": 1}
+    a, alog = shen.train(wave, flux, ivar, cfg, z=z, steps=7, **kw)
+    assert alog["steps"] == 7 and len(alog["epoch_loss"]) == 3 and not alog["stopped_by_time"]
+    assert alog["recipe"]["step_budget"] == 7 and "epochs" not in alog["recipe"]
+    b, _ = shen.train(wave, flux, ivar, cfg, z=z, steps=7, **kw)
+    torch.testing.assert_close(a.token_embed.weight, b.token_embed.weight, rtol=0, atol=0)
+    _, clog = shen.train(wave, flux, ivar, cfg, steps=100_000, max_seconds=0.5, **kw)
+    assert clog["stopped_by_time"] and 0 < clog["steps"] < 100_000
+    acfg = specformer.SpecFormerConfig(embed_dim=16, num_layers=1, num_heads=2, dropout=0.0)
+    _, slog = specformer.train(flux, ivar, acfg, steps=5, crop=None, out_dim=32, fit_head=False, **kw)
+    assert slog["steps"] == 5 and len(slog["epoch_loss"]) == 2 and slog["recipe"]["step_budget"] == 5
+
+
+def test_emb_astro_head_is_fitted_on_galaxies_of_every_snr(embed_ard, monkeypatch):
+    """The encoders train on spectra above ``train_min_snr``; emb_astro's head is fitted on galaxies of any S/N."""
+    from ard_sql.build.layers import embed
+    from ard_sql.science import specformer
+
+    con = duckdb.connect(str(paths.db_path(embed_ard)), read_only=True)
+    snr = np.array([r[0] for r in con.execute("SELECT SNR_Median FROM ard WHERE SPECTYPE = 'GALAXY'").fetchall()], float)
+    con.close()
+    cut = float(np.nanmedian(snr))
+    fitted: list[int] = []
+    real_fit = specformer.fit_embedding_head
+    monkeypatch.setattr(specformer, "fit_embedding_head", lambda model, wave, flux, *a, **k: (
+        fitted.append(len(flux)), real_fit(model, wave, flux, *a, **k))[1])
+    _, _, log = embed.train_encoders(embed_ard, {**TINY, "train_max": 100, "train_min_snr": cut})
+    assert log["astro"]["n_train"] == int((snr > cut).sum())
+    assert fitted == [len(snr)] and len(snr) > (snr > cut).sum()
+    assert log["astro"]["head_sample"] == "GALAXY spectra of every S/N"
 
 
 def _bench_module(name: str):

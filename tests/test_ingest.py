@@ -950,7 +950,7 @@ def test_unreadable_provenance_stops_the_build_and_keeps_the_database(tmp_path):
     ("lick", {"max_bad_frac": -1}, "max_bad_frac=-1: must be a number between 0 and 1"),
     ("lick", {"max_bad_frac": True}, "max_bad_frac=True: must be a number"),
     ("ppxf", {"reference_fraction": 1.5}, "reference_fraction=1.5: must be a number between 0 and 1"),
-    ("embed", {"epochs": 2.5}, "epochs=2.5: must be an integer >= 1"),
+    ("embed", {"steps": 2.5}, "steps=2.5: must be an integer >= 1"),
     ("bagpipes", {"n_sims": 0}, "n_sims=0: must be an integer >= 1"),
 ])
 def test_bad_layer_options_fail_before_any_work(tmp_path, survey_dir, layer, given, says):

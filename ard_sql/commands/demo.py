@@ -20,7 +20,7 @@ VOID_QUERY = "LogMass_p50 > 11.0 & Web_Class == 'Void' & SNR_Median > 10"
 #: The seed query where the survey is too sparse for Web_Class (the README's example does the same).
 MASS_QUERY = "SPECTYPE == 'GALAXY' & LogMass_p50 > 10.5 & SNR_Median > 10"
 #: Said after the build: the demo's columns are weaker than a default build's, whose figures the docs give.
-DEMO_SIZED = ("This is a demo-sized build, weaker than a default one: each encoder trained for 75 s (default 300 s), "
+DEMO_SIZED = ("This is a demo-sized build, weaker than a default one: each encoder trained for 150 steps (default 2000), "
               "the amortized posteriors saw 20,000 "
               "simulations and one calibration mock (default 80,000 and three; the demo's model errors are less "
               "well fitted, so its intervals cover the truth less often). The quality figures of README.md and "
@@ -32,7 +32,7 @@ DEMO_SIZED = ("This is a demo-sized build, weaker than a default one: each encod
 #: in bench/RESULTS.md are for. 20,000 is the weaker estimator: its LogMass medians lay 0.15 dex
 #: from production Bagpipes fits where 80,000 give 0.05 (bench/RESULTS.md, "Bagpipes layer").
 DEMO_LAYER_OPTIONS: dict[str, dict[str, object]] = {
-    "embed": {"max_seconds": 75, "train_max": 2000},
+    "embed": {"steps": 150, "train_max": 2000},
     "topology": {"cosmology": "FlatLambdaCDM(H0=70, Om0=0.3)"},
     "bagpipes": {"n_sims": 20000, "model_error_mocks": 1},
 }

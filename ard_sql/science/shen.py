@@ -303,7 +303,8 @@ def _loss(model: ShenEncoder, f: torch.Tensor, e: torch.Tensor, present: torch.T
 
 def train(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, config: ShenConfig = SMALL_CONFIG, *,
           z: np.ndarray | None = None, rest_weight: float = REST_WEIGHT,
-          consistency_weight: float = CONSISTENCY_WEIGHT, epochs: int = 3, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
+          consistency_weight: float = CONSISTENCY_WEIGHT, epochs: int = 3, steps: int | None = None, batch_size: int = 32,
+          lr: float = 1e-3, seed: int = 0,
           max_seconds: float | None = None, warmup: int = 20, head_max: int = 1000,
           device: str | torch.device | None = "auto", callback: Callable[[int, float], None] | None = None,
           model: ShenEncoder | None = None) -> tuple[ShenEncoder, dict[str, Any]]:
@@ -315,7 +316,8 @@ def train(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, config: ShenConf
     the module docstring is added. The learning rate warms up linearly over ``warmup`` steps.
     Afterwards the embedding head (pooled span, centre, whitening) is fitted
     on up to ``head_max`` of the training spectra. Deterministic for a seed
-    and thread count; ``max_seconds`` bounds the optimisation. Training and the
+    and thread count; ``steps``, when given, is the number of optimizer steps
+    and replaces ``epochs`` (``specformer.pretrain``); ``max_seconds`` bounds the optimisation. Training and the
     head run on ``device`` (``specformer.resolve_device``); the model is
     returned on the CPU. ``callback`` goes to ``specformer.pretrain``; a
     ``model`` given is trained in place (its ``config`` wins over ``config``;
@@ -361,14 +363,15 @@ def train(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, config: ShenConf
         return loss
 
     t0 = time.perf_counter()
-    losses, steps, stopped = pretrain(trained, len(f), batch_loss, gen, epochs=epochs, batch_size=batch_size, lr=lr,
-                                      warmup=warmup, max_seconds=max_seconds, callback=callback)
+    losses, taken, stopped = pretrain(trained, len(f), batch_loss, gen, epochs=epochs, steps=steps, batch_size=batch_size,
+                                      lr=lr, warmup=warmup, max_seconds=max_seconds, callback=callback)
     seconds = time.perf_counter() - t0
     removed = fit_head(model, wave, flux, ivar, seed=seed, head_max=head_max, span=span)
     model.to("cpu")
-    return model, {"epoch_loss": losses, "steps": steps, "seconds": seconds, "head_seconds": time.perf_counter() - t0 - seconds,
+    return model, {"epoch_loss": losses, "steps": taken, "seconds": seconds, "head_seconds": time.perf_counter() - t0 - seconds,
                    "stopped_by_time": stopped, "n_train": int(len(f)), "config": asdict(config),
-                   "device": str(dev), "recipe": {"lr": lr, "batch_size": batch_size, "warmup": warmup, "epochs": epochs,
+                   "device": str(dev), "recipe": {"lr": lr, "batch_size": batch_size, "warmup": warmup,
+                              **({"epochs": epochs} if steps is None else {"step_budget": steps}),
                               "whiten_eps": WHITEN_EPS, "rest_weight": rest_weight if rest else 0.0,
                               "rest_range": REST_RANGE, "rest_dlnl": REST_DLNL,
                               "consistency_weight": consistency_weight, "consistency_batch": CONSISTENCY_BATCH,

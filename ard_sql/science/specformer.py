@@ -618,12 +618,16 @@ def embed(model: SpecFormer, wave: np.ndarray, flux: np.ndarray, ivar: np.ndarra
 
 def pretrain(model: nn.Module, n: int, batch_loss: Callable[[torch.Tensor], torch.Tensor], gen: torch.Generator, *,
              epochs: int, batch_size: int, lr: float, warmup: int, max_seconds: float | None,
-             callback: Callable[[int, float], None] | None = None) -> tuple[list[float], int, bool]:
+             steps: int | None = None, callback: Callable[[int, float], None] | None = None
+             ) -> tuple[list[float], int, bool]:
     """The self-supervised loop both encoders share: AdamW with a linear warm-up over shuffled batches.
 
     ``batch_loss(indices)`` returns the loss of one batch of training rows.
-    Stops after ``epochs`` or once ``max_seconds`` have passed; returns
-    (mean loss per epoch, steps, whether the time limit stopped it).
+    Stops after ``steps`` optimizer steps when given (over as many passes as
+    that takes; ``epochs`` is then ignored), else after ``epochs`` passes, and
+    in either case once ``max_seconds`` have passed; returns (mean loss per
+    pass, steps taken, whether the time limit stopped it). A step budget makes
+    the weights the same on a slow and a fast machine; a time limit does not.
     ``callback(steps, seconds)``, when given, is called after every step
     (progress display, snapshots of the weights).
     """
@@ -631,9 +635,10 @@ def pretrain(model: nn.Module, n: int, batch_loss: Callable[[torch.Tensor], torc
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / max(1, warmup)))
     losses: list[float] = []
-    steps, stopped = 0, False
+    taken, stopped = 0, False
+    passes = epochs if steps is None else math.ceil(steps / math.ceil(n / batch_size))
     model.train()
-    for _ in range(epochs):
+    for _ in range(passes):
         perm = torch.randperm(n, generator=gen)
         epoch_loss = []
         for i in range(0, n, batch_size):
@@ -643,21 +648,23 @@ def pretrain(model: nn.Module, n: int, batch_loss: Callable[[torch.Tensor], torc
             opt.step()
             sched.step()
             epoch_loss.append(loss.item())
-            steps += 1
+            taken += 1
             if callback is not None:
-                callback(steps, time.perf_counter() - t0)
+                callback(taken, time.perf_counter() - t0)
             if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
                 stopped = True
+                break
+            if steps is not None and taken >= steps:
                 break
         losses.append(float(np.mean(epoch_loss)))
         if stopped:
             break
-    return losses, steps, stopped
+    return losses, taken, stopped
 
 
 def train(flux: np.ndarray, ivar: np.ndarray | None = None, config: SpecFormerConfig = SMALL_CONFIG, *,
           wave: np.ndarray | None = None, z: np.ndarray | None = None, rest_weight: float = REST_WEIGHT,
-          epochs: int = 3, batch_size: int = 16, lr: float = 1e-3, seed: int = 0,
+          epochs: int = 3, steps: int | None = None, batch_size: int = 16, lr: float = 1e-3, seed: int = 0,
           max_seconds: float | None = None, model: SpecFormer | None = None, crop: int | None = 256,
           warmup: int = 20, out_dim: int = 768, device: str | torch.device | None = "auto", fit_head: bool = True,
           callback: Callable[[int, float], None] | None = None) -> tuple[SpecFormer, dict[str, Any]]:
@@ -674,8 +681,9 @@ def train(flux: np.ndarray, ivar: np.ndarray | None = None, config: SpecFormerCo
     predict the window's rest-frame spectrum (a second forward pass; the
     encoder never sees ``z``). Afterwards, unless ``fit_head`` is False, the
     embedding head (:func:`fit_embedding_head`; it needs ``wave`` and ``z``) is fitted for ``out_dim``. Deterministic for a given seed and
-    thread count. ``max_seconds`` stops training early (recorded in the log)
-    so a CPU build stays bounded. Training and the head run on ``device``
+    thread count. ``steps``, when given, is the number of optimizer steps and
+    replaces ``epochs`` (``pretrain``); ``max_seconds`` stops training early
+    (recorded in the log). Training and the head run on ``device``
     (``resolve_device``); the model is returned on the CPU. ``callback`` goes
     to ``pretrain``. A ``model`` given is trained in place; with the
     rest-frame term its decoder's initial weights then come from a different
@@ -730,8 +738,9 @@ def train(flux: np.ndarray, ivar: np.ndarray | None = None, config: SpecFormerCo
         return loss
 
     t0 = time.perf_counter()
-    losses, steps, stopped = pretrain(trained, len(data), batch_loss, gen, epochs=epochs, batch_size=batch_size,
-                                      lr=lr, warmup=warmup, max_seconds=max_seconds, callback=callback)
+    losses, taken, stopped = pretrain(trained, len(data), batch_loss, gen, epochs=epochs, steps=steps,
+                                      batch_size=batch_size, lr=lr, warmup=warmup, max_seconds=max_seconds,
+                                      callback=callback)
     seconds = time.perf_counter() - t0
     model.eval()
     t1 = time.perf_counter()
@@ -745,9 +754,10 @@ def train(flux: np.ndarray, ivar: np.ndarray | None = None, config: SpecFormerCo
                            np.asarray(z, np.float64)[keep], out_dim=out_dim, seed=seed)
         head = head_summary(model)
     model.to("cpu")
-    return model, {"epoch_loss": losses, "steps": steps, "seconds": seconds, "head_seconds": time.perf_counter() - t1,
+    return model, {"epoch_loss": losses, "steps": taken, "seconds": seconds, "head_seconds": time.perf_counter() - t1,
                    "stopped_by_time": stopped, "n_train": int(len(data)), "config": asdict(model.config),
-                   "device": str(dev), "recipe": {"lr": lr, "batch_size": batch_size, "crop": crop, "warmup": warmup, "epochs": epochs,
+                   "device": str(dev), "recipe": {"lr": lr, "batch_size": batch_size, "crop": crop, "warmup": warmup,
+                              **({"epochs": epochs} if steps is None else {"step_budget": steps}),
                               "train_regions": regions, **head,
                               "rest_weight": rest_weight if rest else 0.0, "rest_range": REST_RANGE, "rest_dlnl": REST_DLNL}}
 

@@ -14,14 +14,17 @@ Three steps, in the orchestrator's hooks:
     catalogue Z as a training target, never as an input to the encoder (``science.restframe``;
     for published AstroCLIP weights nothing is trained). The sample is ``train_max`` spectra (default 4000) drawn
     evenly from every partition (GALAXY targets with S/N > ``train_min_snr``);
-    training stops after ``epochs`` or ``max_seconds`` per encoder (default 20
-    epochs, 300 s). Training runs on ``device`` (default ``auto``: a CUDA GPU
-    when torch sees one, else the CPU; the device is logged). On a GPU the
-    20-epoch cap, not the time, ends training (emb_shen: ~1300 steps in about a
-    minute); bench/RESULTS.md ("Training on a GPU") shows that ten times more
-    steps do not pay for themselves, so the defaults are the same on both. The recipe (``RECIPE``) and the embedding heads (region
-    pooling + PCA whitening fitted on the sample; also fitted for published
-    AstroCLIP weights) are described in ``science.specformer`` / ``science.shen``. The checkpoints go to ``artifacts/embed/`` and are reused
+    each encoder trains for ``steps`` optimizer steps (default
+    ``DEFAULT_STEPS`` = 2000): a step budget, so the weights do not depend on
+    how fast the building machine is (about 13 + 21 minutes on a 2-core CPU,
+    2-3 minutes on a GPU). ``max_seconds`` (no default) caps the time per
+    encoder as well; the training log and ``ard_meta`` then say whether it
+    stopped training, and the columns depend on the machine again. Training runs on ``device`` (default ``auto``: a CUDA GPU
+    when torch sees one, else the CPU; the device is logged). The recipe (``RECIPE``) and the embedding heads (region
+    pooling + PCA whitening; also fitted for published AstroCLIP weights) are
+    described in ``science.specformer`` / ``science.shen``: emb_shen's head is
+    fitted on the training sample, emb_astro's on galaxies of every S/N
+    (``_fit_astro_head``). The checkpoints go to ``artifacts/embed/`` and are reused
     while the options and the core are unchanged; which weights were used,
     their sizes and training logs go to ``ard_meta``.
 ``run`` (per partition, on the workers)
@@ -52,8 +55,11 @@ from ard_sql import contract, paths, similarity, spectra_store
 from ard_sql.build import hats_writer
 from ard_sql.build.layers.base import Partition, count, number, parse_options, positive, positive_integer
 
-_OPTIONS = {"astroclip_checkpoint": str, "train_max": positive_integer, "train_min_snr": number(), "epochs": positive_integer,
+_OPTIONS = {"astroclip_checkpoint": str, "train_max": positive_integer, "train_min_snr": number(), "steps": positive_integer,
             "max_seconds": positive, "seed": count, "batch_size": positive_integer, "device": str}
+#: Optimizer steps per encoder unless ``steps`` says otherwise: a step budget, not a time budget, so that the
+#: columns do not depend on how fast the building machine is (bench/RESULTS.md, "A step budget").
+DEFAULT_STEPS = 2000
 ASTRO_CKPT, SHEN_CKPT, TRAIN_LOG = "specformer.ckpt", "shen.ckpt", "training.json"
 _MODELS: dict[str, Any] = {}
 
@@ -83,9 +89,10 @@ def _file_hash(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def training_sample(ard_dir: Path, n_max: int, min_snr: float, seed: int
+def training_sample(ard_dir: Path, n_max: int, min_snr: float | None, seed: int
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(wave, flux, ivar, z) of up to ``n_max`` galaxy spectra drawn evenly from every partition.
+    """(wave, flux, ivar, z) of up to ``n_max`` galaxy spectra with ``SNR_Median > min_snr`` (None: any S/N)
+    drawn evenly from every partition.
 
     ``z`` is the catalogue redshift, NaN where it is missing or ZWARN is set
     (emb_shen's rest-frame training term skips those rows).
@@ -98,7 +105,7 @@ def training_sample(ard_dir: Path, n_max: int, min_snr: float, seed: int
         core = pq.read_table(f, columns=["TargetID", "SPECTYPE", "SNR_Median", "Z", "ZWARN"])
         gal = np.asarray(core.column("SPECTYPE").fill_null("").to_pylist(), dtype=object) == "GALAXY"
         snr = core.column("SNR_Median").fill_null(0).to_numpy()
-        rows = np.flatnonzero(gal & (snr > min_snr))
+        rows = np.flatnonzero(gal & ((snr > min_snr) if min_snr is not None else True))
         if rows.size == 0:
             continue
         pick = np.sort(rng.choice(rows, size=min(per, rows.size), replace=False))
@@ -110,7 +117,8 @@ def training_sample(ard_dir: Path, n_max: int, min_snr: float, seed: int
         zs.append(np.where(np.isfinite(z) & (zwarn == 0), z, np.nan))
         wave = batch.wave
     if not fluxes:
-        raise ValueError(f"embed layer: no galaxy spectrum with SNR_Median > {min_snr} to train on in {ard_dir}")
+        raise ValueError(f"embed layer: no galaxy spectrum{'' if min_snr is None else f' with SNR_Median > {min_snr}'} "
+                         f"to train on in {ard_dir}")
     return wave, np.concatenate(fluxes)[:n_max], np.concatenate(ivars)[:n_max], np.concatenate(zs)[:n_max]
 
 
@@ -126,7 +134,8 @@ def _load_models(ard_dir: Path) -> tuple[Any, Any]:
 
 
 #: Bumped when the training recipe or the embedding head changes: cached weights are then retrained.
-RECIPE = ("11: emb_astro's head adds twelve rest-frame line windows of +-0.2 % (specformer.LINE_WINDOWS; mean and max), "
+RECIPE = ("12: a step budget (DEFAULT_STEPS) instead of 300 s, emb_astro's head fitted on galaxies of every S/N; "
+          "11: emb_astro's head adds twelve rest-frame line windows of +-0.2 % (specformer.LINE_WINDOWS; mean and max), "
           "training unchanged; 10: emb_astro's head pools tokens in rest-frame regions (catalogue Z; mean and max), training unchanged; 9: crops + warmup lr 1e-3, 6-region pooling, PCA whitening eps 0.01, rest-frame term for both encoders, "
           "emb_shen grid-noise damping and grid-consistency term, S/N directions projected out (emb_astro 1, emb_shen 3; "
           "emb_astro's head now given the spectra's ivar, which recipes 7-8 did not pass, so their builds kept the S/N direction)")
@@ -140,26 +149,42 @@ def train_encoders(ard_dir: Path, opts: dict[str, Any]) -> tuple[Any, Any, dict[
         specformer.resolve_device(opts.get("device", "auto"))
     except (ValueError, RuntimeError) as exc:
         raise ValueError(f"embed layer option device={opts['device']!r}: {exc}") from exc
-    wave, flux, ivar, z = training_sample(ard_dir, opts.get("train_max", 4000), opts.get("train_min_snr", 2.0),
-                                          opts.get("seed", 0))
+    seed = opts.get("seed", 0)
+    wave, flux, ivar, z = training_sample(ard_dir, opts.get("train_max", 4000), opts.get("train_min_snr", 2.0), seed)
     log: dict[str, Any] = {"recipe": RECIPE}
-    kw = {"epochs": opts.get("epochs", 20), "max_seconds": opts.get("max_seconds", 300.0), "seed": opts.get("seed", 0),
+    kw = {"steps": opts.get("steps", DEFAULT_STEPS), "max_seconds": opts.get("max_seconds"), "seed": seed,
           "device": opts.get("device", "auto")}
     if "astroclip_checkpoint" in opts:
-        import time
-
-        t0 = time.perf_counter()
         model = specformer.load_checkpoint(opts["astroclip_checkpoint"])
-        specformer.fit_embedding_head(model, wave, flux, ivar, z, out_dim=contract.EMB_ASTRO_DIM, seed=kw["seed"])
         log["astro"] = {"source": "published AstroCLIP weights", "path": opts["astroclip_checkpoint"],
-                        "config": model.config.__dict__, "head_seconds": time.perf_counter() - t0,
-                        **specformer.head_summary(model)}
+                        "config": model.config.__dict__}
     else:
-        model, tlog = specformer.train(flux, ivar, wave=wave, z=z, out_dim=contract.EMB_ASTRO_DIM, **kw)
+        model, tlog = specformer.train(flux, ivar, wave=wave, z=z, out_dim=contract.EMB_ASTRO_DIM, fit_head=False, **kw)
         log["astro"] = {"source": _trained_source(tlog), **tlog}
+    log["astro"].update(_fit_astro_head(model, ard_dir, opts.get("train_max", 4000), seed))
     smodel, slog = shen.train(wave, flux, ivar, z=z, **kw)
     log["shen"] = {"source": _trained_source(slog), **slog}
     return model, smodel, log
+
+
+def _fit_astro_head(model: Any, ard_dir: Path, n_max: int, seed: int) -> dict[str, Any]:
+    """Fit emb_astro's head on galaxies of every S/N (recipe 12); returns what the training log records of it.
+
+    The encoder trains on bright spectra (``train_min_snr``), but its head
+    (centre, whitening, the S/N direction projected out) must describe the
+    population it embeds: fitted on the bright ones only, the faintest
+    galaxies all fell along one unfitted direction and found each other
+    rather than their own kind (bench/RESULTS.md, "emb_astro's head on every S/N").
+    """
+    import time
+
+    from ard_sql.science import specformer
+
+    t0 = time.perf_counter()
+    wave, flux, ivar, z = training_sample(ard_dir, n_max, None, seed)
+    specformer.fit_embedding_head(model, wave, flux, ivar, z, out_dim=contract.EMB_ASTRO_DIM, seed=seed)
+    return {"head_seconds": time.perf_counter() - t0, "head_sample": "GALAXY spectra of every S/N",
+            **specformer.head_summary(model)}
 
 
 def _trained_source(tlog: dict[str, Any]) -> str:
@@ -256,7 +281,7 @@ class EmbedLayer:
 
 def _head_text(name: str, info: dict[str, Any], recipe: str) -> str:
     """``ard_meta``'s description of an embedding head, from the training log's entry ``info``."""
-    rec = info.get("recipe", info)
+    rec = {**info.get("recipe", {}), **info}  # a trained encoder's recipe, and what the log says of its head
     snr = rec.get("snr_directions")
     snr_text = ("" if snr is None else f", {snr} direction(s) that log S/N predicts projected out" if snr
                 else ", no S/N direction projected out (too few head spectra to fit one)")
@@ -270,7 +295,7 @@ def _head_text(name: str, info: dict[str, Any], recipe: str) -> str:
     else:
         regions = rec.get("regions", info.get("config", {}).get("pool_regions"))
         pooled = f"{regions} wavelength regions x embed_dim, mean-pooled final-LayerNorm tokens"
-    return f"{pooled}, centred + PCA-whitened on the training sample{snr_text}; recipe {recipe}"
+    return f"{pooled}, centred + PCA-whitened on {rec.get('head_sample', 'the training sample')}{snr_text}; recipe {recipe}"
 
 
 def _vectors(values: np.ndarray, dim: int) -> pa.Array:
