@@ -250,21 +250,24 @@ def evaluate(features: dict[str, np.ndarray], truth: pd.DataFrame, k: int = 16, 
     return pd.DataFrame(rows).set_index("representation")
 
 
-def refit_heads(ard: Path, data: dict, rows: np.ndarray, eps: float, sample: tuple, seed: int = 0
+def refit_heads(ard: Path, data: dict, rows: np.ndarray, eps: float, samples: dict[str, tuple], seed: int = 0
                 ) -> dict[str, np.ndarray]:
-    """Both embeddings of ``rows`` from the ARD's checkpoints with their heads refitted on ``sample`` at whitening ``eps``."""
+    """Both embeddings of ``rows`` from the ARD's checkpoints with their heads refitted at whitening ``eps`` on
+    ``samples[encoder]`` (``head_sample``)."""
     from ard_sql.build.layers.embed import ASTRO_CKPT, SHEN_CKPT
 
     folder = ard / "artifacts" / "embed"
-    return {f"emb_{kind}": embed_rows(load_with_head(folder / name, sample, eps, seed), data, rows)
+    return {f"emb_{kind}": embed_rows(load_with_head(folder / name, samples[kind], eps, seed), data, rows)
             for kind, name in (("astro", ASTRO_CKPT), ("shen", SHEN_CKPT))}
 
 
-def head_sample(ard: Path, opts: dict) -> tuple:
-    """The embed layer's training sample of ``ard`` (wave, flux, ivar, z), which its heads are fitted on."""
+def head_sample(ard: Path, opts: dict, encoder: str = "shen") -> tuple:
+    """(wave, flux, ivar, z) of ``ard`` that the build fits ``encoder``'s head on: emb_shen's on the training
+    sample, emb_astro's on galaxies of every S/N (recipe 12)."""
     from ard_sql.build.layers.embed import training_sample
 
-    return training_sample(ard, opts.get("train_max", 4000), opts.get("train_min_snr", 2.0), opts.get("seed", 0))
+    cut = opts.get("train_min_snr", 2.0) if encoder == "shen" else None
+    return training_sample(ard, opts.get("train_max", 4000), cut, opts.get("seed", 0))
 
 
 def embed_rows(model, data: dict, rows: np.ndarray) -> np.ndarray:
@@ -334,9 +337,12 @@ def main() -> None:
     ap.add_argument("--pca-extra", type=int, nargs="*", default=[16, 768])
     ap.add_argument("--head-eps", type=float, nargs="*", default=[],
                     help="also score the ARD's weights with heads refitted at these whitening regularisations")
+    ap.add_argument("--head-snr", type=float, nargs="*", default=None,
+                    help="also score the ARD's emb_astro weights with its head fitted on galaxies with SNR_Median above "
+                         "each of these (none given: also at every S/N): what recipe 12's head sample changed")
     ap.add_argument("--checkpoints", type=Path, nargs="*", default=[],
                     help="also score these encoder checkpoints (shen*.ckpt / specformer*.ckpt, or folders of them, "
-                         "e.g. bench/gpu_embeddings.py's snapshots), heads fitted on the ARD's training sample")
+                         "e.g. bench/gpu_embeddings.py's snapshots), heads fitted as the build fits them (head_sample)")
     ap.add_argument("--misses", action="store_true",
                     help="also list, per representation, the green-pea queries whose 10 neighbours are not all green peas "
                          "(TargetID, z, SNR_Median) and count the post-starburst ones")
@@ -395,14 +401,22 @@ def main() -> None:
     for name, col in (("astro", "emb_astro"), ("shen", "emb_shen")):
         if col in emb:
             feats[col] = emb[col][gal]
-    sample = head_sample(args.ard, opts) if args.head_eps or args.checkpoints else None
+    samples = {kind: head_sample(args.ard, opts, kind) for kind in ("astro", "shen")} if args.head_eps or args.checkpoints else {}
     for eps in args.head_eps:
-        for col, X in refit_heads(args.ard, data, np.flatnonzero(gal), eps, sample, opts.get("seed", 0)).items():
+        for col, X in refit_heads(args.ard, data, np.flatnonzero(gal), eps, samples, opts.get("seed", 0)).items():
             feats[f"{col} (head eps {eps:g})"] = X
+    if args.head_snr is not None:
+        from ard_sql.build.layers.embed import ASTRO_CKPT, training_sample
+
+        for cut in [*args.head_snr, None]:
+            astro_sample = training_sample(args.ard, opts.get("train_max", 4000), cut, opts.get("seed", 0))
+            model = load_with_head(args.ard / "artifacts" / "embed" / ASTRO_CKPT, astro_sample, seed=opts.get("seed", 0))
+            feats[f"emb_astro (head on SNR_Median {'> %g' % cut if cut is not None else 'any'})"] = \
+                embed_rows(model, data, np.flatnonzero(gal))
     if args.checkpoints:
         for ckpt in _checkpoint_files(args.checkpoints):
             kind = "astro" if ckpt.name.startswith("specformer") else "shen"
-            model = load_with_head(ckpt, sample, seed=opts.get("seed", 0))
+            model = load_with_head(ckpt, samples[kind], seed=opts.get("seed", 0))
             label = f"emb_{kind} ({ckpt.parent.name}/{ckpt.stem})"
             feats[label] = embed_rows(model, data, np.flatnonzero(gal))
             if kind == "shen":

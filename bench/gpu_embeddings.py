@@ -92,8 +92,9 @@ def unpack(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 
 def train(pack_path: Path, encoder: str, seconds: float, snapshots: list[float], out: Path,
-          device: str = "auto", seed: int = 0) -> dict:
-    """Train one encoder from a pack for ``seconds``; save its weights at each snapshot time and at the end."""
+          device: str = "auto", seed: int = 0, steps: int | None = None, noise_weight: float | None = None) -> dict:
+    """Train one encoder from a pack for ``seconds`` (or ``steps`` optimizer steps, ``seconds`` then a cap; emb_shen
+    with ``noise_weight``: its noise-consistency weight, default the layer's); save its weights at each snapshot time and at the end."""
     import torch
 
     from standalone import science
@@ -116,10 +117,11 @@ def train(pack_path: Path, encoder: str, seconds: float, snapshots: list[float],
             save(model, out / f"{name}_{t:g}s.ckpt", {"steps": steps, "seconds": elapsed})
             saved.append({"file": f"{name}_{t:g}s.ckpt", "steps": steps, "seconds": elapsed})
 
-    kw = {"epochs": 1_000_000, "max_seconds": seconds, "seed": seed, "device": device, "callback": snap, "model": model}
+    kw = {"epochs": 1_000_000, "steps": steps, "max_seconds": seconds, "seed": seed, "device": device, "callback": snap,
+          "model": model}
     t0 = time.perf_counter()
     if encoder == "shen":
-        model, log = shen.train(wave, flux, ivar, z=z, **kw)
+        model, log = shen.train(wave, flux, ivar, z=z, **kw, **({} if noise_weight is None else {"noise_weight": noise_weight}))
     else:
         model, log = specformer.train(flux, ivar, wave=wave, z=z, out_dim=768, **kw)
     save(model, out / f"{name}_{seconds:g}s.ckpt", {"steps": log["steps"], "seconds": log["seconds"]})
@@ -141,6 +143,8 @@ def main() -> None:
     t.add_argument("--encoder", choices=["shen", "astro"], required=True)
     t.add_argument("--seconds", type=float, required=True, help="training time budget")
     t.add_argument("--snapshots", type=float, nargs="*", default=[], help="also save the weights at these times (s)")
+    t.add_argument("--steps", type=int, help="a step budget (the layer's): --seconds is then only a cap")
+    t.add_argument("--noise-weight", type=float, help="emb_shen's noise-consistency weight (default: the layer's; 0: off)")
     t.add_argument("--out", type=Path, required=True)
     t.add_argument("--device", default="auto")
     t.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -152,7 +156,8 @@ def main() -> None:
 
         if args.threads:
             torch.set_num_threads(args.threads)
-        print(json.dumps(train(args.pack, args.encoder, args.seconds, args.snapshots, args.out, args.device)))
+        print(json.dumps(train(args.pack, args.encoder, args.seconds, args.snapshots, args.out, args.device,
+                               steps=args.steps, noise_weight=args.noise_weight)))
 
 
 if __name__ == "__main__":

@@ -898,6 +898,24 @@ def test_a_step_budget_takes_that_many_steps_whatever_the_passes():
     assert slog["steps"] == 5 and len(slog["epoch_loss"]) == 2 and slog["recipe"]["step_budget"] == 5
 
 
+def test_shen_noise_consistency_term_changes_training_and_is_logged():
+    """The noise-consistency term (recipe 13, on by default) changes training and is recorded; ``noise_weight=0``
+    turns it off."""
+    from ard_sql.science import shen
+
+    torch.set_num_threads(1)
+    wave, flux, ivar, z = galaxy_like_spectra(48, seed=3)
+    cfg = shen.ShenConfig(embed_dim=16, num_layers=1, num_heads=2)
+    kw = {"batch_size": 16, "seed": 0, "device": "cpu", "steps": 4, "z": z}
+    default, dlog = shen.train(wave, flux, ivar, cfg, **kw)
+    same, _ = shen.train(wave, flux, ivar, cfg, noise_weight=shen.NOISE_WEIGHT, **kw)
+    off, olog = shen.train(wave, flux, ivar, cfg, noise_weight=0.0, **kw)
+    assert dlog["recipe"]["noise_weight"] == shen.NOISE_WEIGHT > 0 and "noise_weight" not in olog["recipe"]
+    torch.testing.assert_close(same.token_embed.weight, default.token_embed.weight, rtol=0, atol=0)
+    assert not torch.equal(off.token_embed.weight, default.token_embed.weight)
+    assert np.isfinite(shen.embed(default, wave, flux[:4], ivar[:4])).all()
+
+
 def test_emb_astro_head_is_fitted_on_galaxies_of_every_snr(embed_ard, monkeypatch):
     """The encoders train on spectra above ``train_min_snr``; emb_astro's head is fitted on galaxies of any S/N."""
     from ard_sql.build.layers import embed

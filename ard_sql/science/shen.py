@@ -63,6 +63,13 @@ reads a few spectra of each batch on another log-lambda grid
 tokens (``CONSISTENCY_WEIGHT``): the encoder itself becomes grid-steady, and
 the head can then remove the S/N directions and still pass the resampling
 check (bench/RESULTS.md, "Grid consistency").
+
+**Noise consistency** (recipe 13): a faint spectrum's tokens are mostly noise,
+and mean-pooled they made faint galaxies each other's neighbours whatever they
+were (a green pea at SNR_Median 0.29 found 2-3 green peas among its 10). So
+training also reads a few spectra of each batch with noise added down to a
+median S/N of 0.3-3 and pulls their region-pooled tokens towards the clean
+reading's (``NOISE_WEIGHT``; bench/RESULTS.md, "Noise consistency").
 """
 
 from __future__ import annotations
@@ -129,6 +136,14 @@ GRID_NOISE_DLOGLAM, GRID_NOISE_WEIGHT = 1.5e-4, 1000.0
 #: head's ``GRID_NOISE_DLOGLAM``) and adds ``CONSISTENCY_WEIGHT`` x the mean squared difference between their
 #: region-pooled tokens and the native grid's, same crop.
 CONSISTENCY_DLOGLAMS, CONSISTENCY_BATCH, CONSISTENCY_WEIGHT = (0.7e-4, 1.4e-4), 8, 100.0
+
+#: Noise-consistency term (recipe 13; bench/RESULTS.md, "Noise consistency"): each step also reads
+#: ``NOISE_BATCH`` of the batch's spectra with Gaussian noise added up to an error of 1 / S in median-flux units
+#: per sub-bin, S drawn log-uniformly in ``NOISE_SNR_RANGE``, and adds ``NOISE_WEIGHT`` x the mean squared
+#: difference between their region-pooled tokens and the clean ones' (held fixed: the noisy reading is pulled to
+#: the clean one, never the reverse), so that a faint spectrum embeds near bright ones of its kind rather than
+#: near other faint ones. Weights 3-100 traded the post-starbursts' Balmer detail for it; 1 did not.
+NOISE_SNR_RANGE, NOISE_BATCH, NOISE_WEIGHT = (0.3, 3.0), 8, 1.0
 
 SNR_DIRECTIONS = 3
 """Directions of the whitened embedding that a cubic in log S/N predicts, projected out by the head (recipe 8).
@@ -303,7 +318,8 @@ def _loss(model: ShenEncoder, f: torch.Tensor, e: torch.Tensor, present: torch.T
 
 def train(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, config: ShenConfig = SMALL_CONFIG, *,
           z: np.ndarray | None = None, rest_weight: float = REST_WEIGHT,
-          consistency_weight: float = CONSISTENCY_WEIGHT, epochs: int = 3, steps: int | None = None, batch_size: int = 32,
+          consistency_weight: float = CONSISTENCY_WEIGHT, noise_weight: float = NOISE_WEIGHT, epochs: int = 3,
+          steps: int | None = None, batch_size: int = 32,
           lr: float = 1e-3, seed: int = 0,
           max_seconds: float | None = None, warmup: int = 20, head_max: int = 1000,
           device: str | torch.device | None = "auto", callback: Callable[[int, float], None] | None = None,
@@ -313,7 +329,8 @@ def train(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, config: ShenConf
     With ``z`` (catalogue redshifts, NaN where unknown) and ``rest_weight`` > 0
     the rest-frame term of the module docstring is added; the encoder never
     sees ``z``. With ``consistency_weight`` > 0 the grid-consistency term of
-    the module docstring is added. The learning rate warms up linearly over ``warmup`` steps.
+    the module docstring is added; with ``noise_weight`` > 0 the noise-consistency term
+    (``NOISE_WEIGHT``). The learning rate warms up linearly over ``warmup`` steps.
     Afterwards the embedding head (pooled span, centre, whitening) is fitted
     on up to ``head_max`` of the training spectra. Deterministic for a seed
     and thread count; ``steps``, when given, is the number of optimizer steps
@@ -348,7 +365,7 @@ def train(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, config: ShenConf
 
     def batch_loss(idx: torch.Tensor) -> torch.Tensor:
         loss = _loss(model, f[idx], e[idx], present[idx], gen)
-        if decoder is None and not others:
+        if decoder is None and not others and noise_weight <= 0:
             return loss
         cropped = _random_crop(present[idx], gen)
         pooled = model.region_pooled(f[idx], e[idx], cropped, span)
@@ -360,6 +377,17 @@ def train(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, config: ShenConf
             fo, eo, po = (t[sub] for t in others[g])
             crop = _crop_like(cropped[:len(sub)], po)
             loss = loss + consistency_weight * (model.region_pooled(fo, eo, crop, span) - pooled[:len(sub)]).square().mean()
+        if noise_weight > 0:
+            sub = idx[:NOISE_BATCH]
+            fs, es = f[sub], e[sub]
+            lo, hi = (math.log(v) for v in NOISE_SNR_RANGE)
+            goal = torch.exp(torch.empty(len(sub), 1, 1).uniform_(lo, hi, generator=gen)).to(fs.device)
+            # the noise that takes each sub-bin's error to 1 / target (median-flux units); none where it is larger
+            add = torch.where(torch.isfinite(es), (goal.reciprocal().square() - es.square()).clamp(min=0).sqrt(),
+                              torch.zeros_like(es))
+            noisy_f = fs + torch.randn(fs.shape, generator=gen).to(fs.device) * add
+            noisy = model.region_pooled(noisy_f, torch.sqrt(es.square() + add.square()), cropped[:len(sub)], span)
+            loss = loss + noise_weight * (noisy - pooled[:len(sub)].detach()).square().mean()
         return loss
 
     t0 = time.perf_counter()
@@ -375,6 +403,7 @@ def train(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, config: ShenConf
                               "whiten_eps": WHITEN_EPS, "rest_weight": rest_weight if rest else 0.0,
                               "rest_range": REST_RANGE, "rest_dlnl": REST_DLNL,
                               "consistency_weight": consistency_weight, "consistency_batch": CONSISTENCY_BATCH,
+                              **({"noise_weight": noise_weight, "noise_snr_range": list(NOISE_SNR_RANGE)} if noise_weight > 0 else {}),
                               "consistency_dloglams": list(CONSISTENCY_DLOGLAMS), "snr_directions": removed,
                               "grid_noise_weight": GRID_NOISE_WEIGHT, "grid_noise_dloglam": GRID_NOISE_DLOGLAM}}
 

@@ -134,7 +134,7 @@ def _load_models(ard_dir: Path) -> tuple[Any, Any]:
 
 
 #: Bumped when the training recipe or the embedding head changes: cached weights are then retrained.
-RECIPE = ("12: a step budget (DEFAULT_STEPS) instead of 300 s, emb_astro's head fitted on galaxies of every S/N; "
+RECIPE = ("13: emb_shen's noise-consistency term (shen.NOISE_WEIGHT); 12: a step budget (DEFAULT_STEPS) instead of 300 s, emb_astro's head fitted on galaxies of every S/N; "
           "11: emb_astro's head adds twelve rest-frame line windows of +-0.2 % (specformer.LINE_WINDOWS; mean and max), "
           "training unchanged; 10: emb_astro's head pools tokens in rest-frame regions (catalogue Z; mean and max), training unchanged; 9: crops + warmup lr 1e-3, 6-region pooling, PCA whitening eps 0.01, rest-frame term for both encoders, "
           "emb_shen grid-noise damping and grid-consistency term, S/N directions projected out (emb_astro 1, emb_shen 3; "
