@@ -1,7 +1,8 @@
 """Train the embed layer's two encoders on a GPU, with snapshots of the weights along the way.
 
-How far does longer training take emb_shen and emb_astro? A CPU build trains
-each encoder for 300 s; a GPU does many times more steps in that time. This
+How far does longer training take emb_shen and emb_astro, and what does a
+change to the recipe do at the layer's step budget? A GPU does in minutes what
+takes a 2-core CPU half an hour or more. This
 script runs the layer's own training code (``science.shen.train``,
 ``science.specformer.train``: same recipe, same seed) on a machine with a GPU,
 which has torch but none of the build's other dependencies, and saves the
