@@ -16,8 +16,8 @@ Three steps, in the orchestrator's hooks:
     evenly from every partition (GALAXY targets with S/N > ``train_min_snr``);
     each encoder trains for ``steps`` optimizer steps (default
     ``DEFAULT_STEPS`` = 2000): a step budget, so the weights do not depend on
-    how fast the building machine is (about 13 + 21 minutes on a 2-core CPU,
-    2-3 minutes on a GPU). ``max_seconds`` (no default) caps the time per
+    how fast the building machine is (about 40 minutes for the two on a 2-core
+    CPU, under 4 minutes on a GPU). ``max_seconds`` (no default) caps the time per
     encoder as well; the training log and ``ard_meta`` then say whether it
     stopped training, and the columns depend on the machine again. Training runs on ``device`` (default ``auto``: a CUDA GPU
     when torch sees one, else the CPU; the device is logged). The recipe (``RECIPE``) and the embedding heads (region
