@@ -261,15 +261,6 @@ def refit_heads(ard: Path, data: dict, rows: np.ndarray, eps: float, samples: di
             for kind, name in (("astro", ASTRO_CKPT), ("shen", SHEN_CKPT))}
 
 
-def head_sample(ard: Path, opts: dict, encoder: str = "shen") -> tuple:
-    """(wave, flux, ivar, z) of ``ard`` that the build fits ``encoder``'s head on: emb_shen's on the training
-    sample, emb_astro's on galaxies of every S/N (recipe 12)."""
-    from ard_sql.build.layers.embed import training_sample
-
-    cut = opts.get("train_min_snr", 2.0) if encoder == "shen" else None
-    return training_sample(ard, opts.get("train_max", 4000), cut, opts.get("seed", 0))
-
-
 def embed_rows(model, data: dict, rows: np.ndarray) -> np.ndarray:
     """The column vectors of spectra ``rows`` from an emb_astro (SpecFormer) or emb_shen model."""
     from ard_sql import contract
@@ -401,6 +392,8 @@ def main() -> None:
     for name, col in (("astro", "emb_astro"), ("shen", "emb_shen")):
         if col in emb:
             feats[col] = emb[col][gal]
+    from ard_sql.build.layers.embed import head_sample
+
     samples = {kind: head_sample(args.ard, opts, kind) for kind in ("astro", "shen")} if args.head_eps or args.checkpoints else {}
     for eps in args.head_eps:
         for col, X in refit_heads(args.ard, data, np.flatnonzero(gal), eps, samples, opts.get("seed", 0)).items():

@@ -24,7 +24,7 @@ Three steps, in the orchestrator's hooks:
     pooling + PCA whitening; also fitted for published AstroCLIP weights) are
     described in ``science.specformer`` / ``science.shen``: emb_shen's head is
     fitted on the training sample, emb_astro's on galaxies of every S/N
-    (``_fit_astro_head``). The checkpoints go to ``artifacts/embed/`` and are reused
+    (``head_sample``). The checkpoints go to ``artifacts/embed/`` and are reused
     while the options and the core are unchanged; which weights were used,
     their sizes and training logs go to ``ard_meta``.
 ``run`` (per partition, on the workers)
@@ -150,7 +150,7 @@ def train_encoders(ard_dir: Path, opts: dict[str, Any]) -> tuple[Any, Any, dict[
     except (ValueError, RuntimeError) as exc:
         raise ValueError(f"embed layer option device={opts['device']!r}: {exc}") from exc
     seed = opts.get("seed", 0)
-    wave, flux, ivar, z = training_sample(ard_dir, opts.get("train_max", 4000), opts.get("train_min_snr", 2.0), seed)
+    wave, flux, ivar, z = head_sample(ard_dir, opts, "shen")  # emb_shen's head sample is the training sample
     log: dict[str, Any] = {"recipe": RECIPE}
     kw = {"steps": opts.get("steps", DEFAULT_STEPS), "max_seconds": opts.get("max_seconds"), "seed": seed,
           "device": opts.get("device", "auto")}
@@ -161,28 +161,37 @@ def train_encoders(ard_dir: Path, opts: dict[str, Any]) -> tuple[Any, Any, dict[
     else:
         model, tlog = specformer.train(flux, ivar, wave=wave, z=z, out_dim=contract.EMB_ASTRO_DIM, fit_head=False, **kw)
         log["astro"] = {"source": _trained_source(tlog), **tlog}
-    log["astro"].update(_fit_astro_head(model, ard_dir, opts.get("train_max", 4000), seed))
+    log["astro"].update(_fit_astro_head(model, ard_dir, opts))
     smodel, slog = shen.train(wave, flux, ivar, z=z, **kw)
     log["shen"] = {"source": _trained_source(slog), **slog}
     return model, smodel, log
 
 
-def _fit_astro_head(model: Any, ard_dir: Path, n_max: int, seed: int) -> dict[str, Any]:
-    """Fit emb_astro's head on galaxies of every S/N (recipe 12); returns what the training log records of it.
+def head_sample(ard_dir: Path, opts: dict[str, Any], encoder: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(wave, flux, ivar, z) that ``encoder``'s head is fitted on (``opts``: the layer's options): for ``shen``
+    the training sample (GALAXY spectra with SNR_Median > ``train_min_snr``), for ``astro`` galaxies of every S/N
+    (recipe 12).
 
-    The encoder trains on bright spectra (``train_min_snr``), but its head
-    (centre, whitening, the S/N direction projected out) must describe the
-    population it embeds: fitted on the bright ones only, the faintest
-    galaxies all fell along one unfitted direction and found each other
-    rather than their own kind (bench/RESULTS.md, "emb_astro's head on every S/N").
+    The encoders train on bright spectra, but emb_astro's head (centre, whitening,
+    the S/N direction projected out) must describe the population it embeds:
+    fitted on the bright ones only, the faintest galaxies all fell along one
+    unfitted direction and found each other rather than their own kind
+    (bench/RESULTS.md, "A step budget, emb_astro's head on every S/N, and noise
+    consistency"). The same for emb_shen's head cost its resampling check.
     """
+    cut = opts.get("train_min_snr", 2.0) if encoder == "shen" else None
+    return training_sample(ard_dir, opts.get("train_max", 4000), cut, opts.get("seed", 0))
+
+
+def _fit_astro_head(model: Any, ard_dir: Path, opts: dict[str, Any]) -> dict[str, Any]:
+    """Fit emb_astro's head on its ``head_sample``; returns what the training log records of it."""
     import time
 
     from ard_sql.science import specformer
 
     t0 = time.perf_counter()
-    wave, flux, ivar, z = training_sample(ard_dir, n_max, None, seed)
-    specformer.fit_embedding_head(model, wave, flux, ivar, z, out_dim=contract.EMB_ASTRO_DIM, seed=seed)
+    wave, flux, ivar, z = head_sample(ard_dir, opts, "astro")
+    specformer.fit_embedding_head(model, wave, flux, ivar, z, out_dim=contract.EMB_ASTRO_DIM, seed=opts.get("seed", 0))
     return {"head_seconds": time.perf_counter() - t0, "head_sample": "GALAXY spectra of every S/N",
             **specformer.head_summary(model)}
 
