@@ -899,6 +899,30 @@ def test_a_step_budget_takes_that_many_steps_whatever_the_passes():
     assert slog["steps"] == 5 and len(slog["epoch_loss"]) == 2 and slog["recipe"]["step_budget"] == 5
 
 
+def test_each_encoder_trains_its_own_default_steps_unless_steps_sets_both(embed_ard, monkeypatch):
+    """Recipe 14: emb_astro trains DEFAULT_STEPS["astro"] (1000) steps and emb_shen DEFAULT_STEPS["shen"] (2000); the
+    option ``steps`` sets both. Checked on what the layer hands each trainer, without training for that long."""
+    from ard_sql.build.layers import embed as layer
+    from ard_sql.science import shen, specformer
+
+    assert layer.DEFAULT_STEPS == {"astro": 1000, "shen": 2000} and "14:" in layer.RECIPE
+    seen: dict[str, int] = {}
+
+    def fake(encoder: str):
+        def train(*args, **kw):
+            seen[encoder] = kw["steps"]
+            return object(), {"steps": kw["steps"], "recipe": {}}
+        return train
+
+    monkeypatch.setattr(specformer, "train", fake("astro"))
+    monkeypatch.setattr(shen, "train", fake("shen"))
+    monkeypatch.setattr(layer, "_fit_astro_head", lambda model, ard_dir, opts: {})
+    layer.train_encoders(embed_ard, {"train_min_snr": 0.0})
+    assert seen == {"astro": 1000, "shen": 2000}
+    layer.train_encoders(embed_ard, {"train_min_snr": 0.0, "steps": 7})
+    assert seen == {"astro": 7, "shen": 7}
+
+
 def test_shen_noise_consistency_term_changes_training_and_is_logged():
     """The noise-consistency term (recipe 13, on by default) changes training and is recorded; ``noise_weight=0``
     turns it off."""

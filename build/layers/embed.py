@@ -14,10 +14,11 @@ Three steps, in the orchestrator's hooks:
     catalogue Z as a training target, never as an input to the encoder (``science.restframe``;
     for published AstroCLIP weights nothing is trained). The sample is ``train_max`` spectra (default 4000) drawn
     evenly from every partition (GALAXY targets with S/N > ``train_min_snr``);
-    each encoder trains for ``steps`` optimizer steps (default
-    ``DEFAULT_STEPS`` = 2000): a step budget, so the weights do not depend on
-    how fast the building machine is (about 40 minutes for the two on a 2-core
-    CPU, under 4 minutes on a GPU). ``max_seconds`` (no default) caps the time per
+    each encoder trains for a fixed number of optimizer steps
+    (``DEFAULT_STEPS``: emb_astro 1000, emb_shen 2000; option ``steps`` sets
+    both): a step budget, so the weights do not depend on how fast the
+    building machine is (about 30 minutes for the two on a 2-core CPU, under
+    4 minutes on a GPU). ``max_seconds`` (no default) caps the time per
     encoder as well; the training log and ``ard_meta`` then say whether it
     stopped training, and the columns depend on the machine again. Training runs on ``device`` (default ``auto``: a CUDA GPU
     when torch sees one, else the CPU; the device is logged). The recipe (``RECIPE``) and the embedding heads (region
@@ -57,9 +58,12 @@ from ard_sql.build.layers.base import Partition, count, number, parse_options, p
 
 _OPTIONS = {"astroclip_checkpoint": str, "train_max": positive_integer, "train_min_snr": number(), "steps": positive_integer,
             "max_seconds": positive, "seed": count, "batch_size": positive_integer, "device": str}
-#: Optimizer steps per encoder unless ``steps`` says otherwise: a step budget, not a time budget, so that the
-#: columns do not depend on how fast the building machine is (bench/RESULTS.md, "A step budget").
-DEFAULT_STEPS = 2000
+#: Optimizer steps of each encoder unless option ``steps`` sets both: a step budget, not a time budget, so that the
+#: columns do not depend on how fast the building machine is (bench/RESULTS.md, "A step budget"). emb_astro stops
+#: at half emb_shen's budget (recipe 14): at 1000 steps its green peas found all their kind on both mocks and its
+#: post-starbursts did better, at 2000 steps mk3's faint green pea lost 2-3 of 10 (bench/RESULTS.md, "emb_astro at
+#: 1000 steps").
+DEFAULT_STEPS = {"astro": 1000, "shen": 2000}
 ASTRO_CKPT, SHEN_CKPT, TRAIN_LOG = "specformer.ckpt", "shen.ckpt", "training.json"
 _MODELS: dict[str, Any] = {}
 
@@ -134,7 +138,7 @@ def _load_models(ard_dir: Path) -> tuple[Any, Any]:
 
 
 #: Bumped when the training recipe or the embedding head changes: cached weights are then retrained.
-RECIPE = ("13: emb_shen's noise-consistency term (shen.NOISE_WEIGHT); 12: a step budget (DEFAULT_STEPS) instead of 300 s, emb_astro's head fitted on galaxies of every S/N; "
+RECIPE = ("14: emb_astro trains 1000 steps, emb_shen 2000 (DEFAULT_STEPS); 13: emb_shen's noise-consistency term (shen.NOISE_WEIGHT); 12: a step budget (DEFAULT_STEPS) instead of 300 s, emb_astro's head fitted on galaxies of every S/N; "
           "11: emb_astro's head adds twelve rest-frame line windows of +-0.2 % (specformer.LINE_WINDOWS; mean and max), "
           "training unchanged; 10: emb_astro's head pools tokens in rest-frame regions (catalogue Z; mean and max), training unchanged; 9: crops + warmup lr 1e-3, 6-region pooling, PCA whitening eps 0.01, rest-frame term for both encoders, "
           "emb_shen grid-noise damping and grid-consistency term, S/N directions projected out (emb_astro 1, emb_shen 3; "
@@ -152,19 +156,25 @@ def train_encoders(ard_dir: Path, opts: dict[str, Any]) -> tuple[Any, Any, dict[
     seed = opts.get("seed", 0)
     wave, flux, ivar, z = head_sample(ard_dir, opts, "shen")  # emb_shen's head sample is the training sample
     log: dict[str, Any] = {"recipe": RECIPE}
-    kw = {"steps": opts.get("steps", DEFAULT_STEPS), "max_seconds": opts.get("max_seconds"), "seed": seed,
-          "device": opts.get("device", "auto")}
+    kw = {"max_seconds": opts.get("max_seconds"), "seed": seed, "device": opts.get("device", "auto")}
     if "astroclip_checkpoint" in opts:
         model = specformer.load_checkpoint(opts["astroclip_checkpoint"])
         log["astro"] = {"source": "published AstroCLIP weights", "path": opts["astroclip_checkpoint"],
                         "config": model.config.__dict__}
     else:
-        model, tlog = specformer.train(flux, ivar, wave=wave, z=z, out_dim=contract.EMB_ASTRO_DIM, fit_head=False, **kw)
+        model, tlog = specformer.train(flux, ivar, wave=wave, z=z, out_dim=contract.EMB_ASTRO_DIM, fit_head=False,
+                                       steps=encoder_steps(opts, "astro"), **kw)
         log["astro"] = {"source": _trained_source(tlog), **tlog}
     log["astro"].update(_fit_astro_head(model, ard_dir, opts))
-    smodel, slog = shen.train(wave, flux, ivar, z=z, **kw)
+    smodel, slog = shen.train(wave, flux, ivar, z=z, steps=encoder_steps(opts, "shen"), **kw)
     log["shen"] = {"source": _trained_source(slog), **slog}
     return model, smodel, log
+
+
+def encoder_steps(opts: dict[str, Any], encoder: str) -> int:
+    """Optimizer steps ``encoder`` (``astro`` or ``shen``) trains for: option ``steps`` where given, else its
+    :data:`DEFAULT_STEPS`."""
+    return int(opts.get("steps", DEFAULT_STEPS[encoder]))
 
 
 def head_sample(ard_dir: Path, opts: dict[str, Any], encoder: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
